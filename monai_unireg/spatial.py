@@ -1,0 +1,391 @@
+"""Spatial operations on images and displacement fields: the one module every method uses.
+
+Convention (MONAI ``Warp``): a displacement field ``ddf`` of shape ``[B, n, *S]`` (``n`` = number of
+spatial axes, channel ``i`` = displacement along spatial axis ``i`` of the tensor) in **voxels** defines
+the map ``phi(x) = x + ddf(x)`` from the fixed grid into the moving image, and
+
+    warped(x) = moving(phi(x)) = moving(x + ddf(x)).
+
+Grids are corner-aligned: voxel index ``i`` on an axis of ``N`` voxels has the normalised coordinate
+``2 i / (N - 1) - 1`` in [-1, 1] (``align_corners=True`` in PyTorch), exactly as ``monai.networks.blocks.Warp``.
+
+Composition order: ``compose(outer, inner)`` is the field of ``x -> phi_outer(phi_inner(x))``, i.e.
+
+    compose(outer, inner)(x) = inner(x) + outer(x + inner(x)),
+
+so warping by ``outer`` first and then warping the result by ``inner`` equals one warp by the composition:
+``warp(warp(image, outer), inner) == warp(image, compose(outer, inner))``. In a coarse-to-fine or cascaded
+network, the field found so far is ``outer`` and the new increment, estimated on the already-warped
+image, is ``inner``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from monai_unireg.validation import (
+    check_affine,
+    check_ddf,
+    check_image,
+    check_labels,
+    check_option,
+    check_same_spatial_shape,
+)
+
+__all__ = [
+    "identity_grid",
+    "sample",
+    "warp",
+    "warp_labels",
+    "compose",
+    "integrate_velocity",
+    "resize_ddf",
+    "resize_image",
+    "ddf_voxel_to_normalized",
+    "ddf_normalized_to_voxel",
+    "ddf_voxel_to_mm",
+    "ddf_mm_to_voxel",
+    "jacobian_determinant",
+]
+
+INTERPOLATION_MODES = ("bilinear", "nearest")
+PADDING_MODES = ("border", "zeros", "reflection")
+NORMALIZED_RANGES = ("[-1,1]", "[0,1]")
+
+
+def identity_grid(
+    shape: Sequence[int], *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Voxel-index coordinates of every grid point.
+
+    Args:
+        shape: spatial shape ``S`` (2 or 3 axes).
+        device: device of the result.
+        dtype: floating dtype of the result.
+
+    Returns:
+        ``[n, *S]`` tensor whose channel ``i`` holds the index along axis ``i``.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise ValueError(f"shape must list 2 or 3 positive sizes, got {shape}.")
+    axes = [torch.arange(s, device=device, dtype=dtype) for s in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+
+
+def _to_grid_sample_coordinates(coords: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Voxel coordinates ``[B, n, *S_out]`` -> ``grid_sample`` grid ``[B, *S_out, n]`` (normalised, axes reversed)."""
+    scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape], device=coords.device, dtype=coords.dtype)
+    normalised = coords * scale.view(1, -1, *([1] * (coords.ndim - 2))) - 1.0
+    return normalised.flip(1).movedim(1, -1)
+
+
+def sample(
+    image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
+) -> torch.Tensor:
+    """Sample an image at arbitrary voxel coordinates.
+
+    Args:
+        image: ``[B, C, *S_in]`` image.
+        coords: ``[B, n, *S_out]`` voxel coordinates into ``image`` (channel ``i`` = index along axis ``i``).
+        mode: ``"bilinear"`` (trilinear in 3D) or ``"nearest"``.
+        padding_mode: value outside the image: ``"border"``, ``"zeros"`` or ``"reflection"``.
+
+    Returns:
+        ``[B, C, *S_out]`` sampled values in the dtype of ``image`` (coordinates are handled in at least
+        float32, so float16 images keep sub-voxel accuracy).
+    """
+    spatial_dims = image.ndim - 2
+    check_image(image, "image", spatial_dims)
+    check_image(coords, "coords", spatial_dims)
+    if coords.shape[0] != image.shape[0] or coords.shape[1] != spatial_dims:
+        raise ValueError(
+            f"coords must have shape [B={image.shape[0]}, {spatial_dims}, ...] to sample image of shape "
+            f"{tuple(image.shape)}, got {tuple(coords.shape)}."
+        )
+    check_option(mode, "mode", INTERPOLATION_MODES)
+    check_option(padding_mode, "padding_mode", PADDING_MODES)
+    compute_dtype = torch.promote_types(torch.promote_types(image.dtype, coords.dtype), torch.float32)
+    grid = _to_grid_sample_coordinates(coords.to(compute_dtype), image.shape[2:])
+    sampled = F.grid_sample(
+        image.to(compute_dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=True
+    )
+    return sampled.to(image.dtype)
+
+
+def warp(
+    image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
+) -> torch.Tensor:
+    """Warp an image with a displacement field: ``warped(x) = image(x + ddf(x))``.
+
+    Gives the same result as ``monai.networks.blocks.Warp(mode, padding_mode)`` (tested), and also works
+    for float16 on the CPU and for a field of another floating dtype than the image.
+
+    Args:
+        image: ``[B, C, *S]`` floating image.
+        ddf: ``[B, n, *S]`` displacement in voxels.
+        mode: ``"bilinear"`` or ``"nearest"``.
+        padding_mode: ``"border"`` (MONAI ``Warp`` default), ``"zeros"`` or ``"reflection"``.
+
+    Returns:
+        ``[B, C, *S]`` warped image.
+    """
+    spatial_dims = image.ndim - 2
+    check_image(image, "image", spatial_dims)
+    check_ddf(ddf, "ddf", spatial_dims)
+    check_same_spatial_shape(image, ddf, "image", "ddf")
+    if not image.is_floating_point():
+        raise ValueError(f"image must be a floating point tensor, got dtype {image.dtype}; use warp_labels for labels.")
+    coordinate_dtype = torch.promote_types(ddf.dtype, torch.float32)
+    grid = identity_grid(ddf.shape[2:], device=ddf.device, dtype=coordinate_dtype).unsqueeze(0)
+    return sample(image, grid + ddf.to(coordinate_dtype), mode=mode, padding_mode=padding_mode)
+
+
+def warp_labels(
+    labels: torch.Tensor, ddf: torch.Tensor, method: str = "onehot", padding_mode: str = "border"
+) -> torch.Tensor:
+    """Warp an integer label map without interpolation artefacts.
+
+    ``"onehot"`` warps each label's indicator with linear interpolation and keeps, per voxel, the label of
+    the largest interpolated indicator (smooth boundaries; ties go to the smaller label value). Memory stays
+    at a few volumes whatever the number of labels (one label at a time). ``"nearest"`` takes the nearest
+    voxel's label. Either way the output holds only label values present in the input.
+
+    Args:
+        labels: ``[B, 1, *S]`` integer-valued label map (any integer or floating dtype).
+        ddf: ``[B, n, *S]`` displacement in voxels.
+        method: ``"onehot"`` or ``"nearest"``.
+        padding_mode: ``"border"``, ``"zeros"`` (outside is label 0) or ``"reflection"``.
+
+    Returns:
+        ``[B, 1, *S]`` warped labels, same dtype as ``labels``.
+    """
+    spatial_dims = labels.ndim - 2
+    check_image(labels, "labels", spatial_dims)
+    if labels.shape[1] != 1:
+        raise ValueError(f"labels must have one channel [B, 1, ...], got shape {tuple(labels.shape)}.")
+    check_labels(labels, "labels", allow_empty=True)
+    check_ddf(ddf, "ddf", spatial_dims)
+    check_same_spatial_shape(labels, ddf, "labels", "ddf")
+    check_option(method, "method", ("onehot", "nearest"))
+    dtype = torch.promote_types(ddf.dtype, torch.float32)
+    if method == "nearest":
+        warped = warp(labels.to(dtype), ddf.to(dtype), mode="nearest", padding_mode=padding_mode)
+        return torch.round(warped).to(labels.dtype)
+    coords = identity_grid(ddf.shape[2:], device=ddf.device, dtype=dtype).unsqueeze(0) + ddf.to(dtype)
+    best_score = torch.full_like(labels, -1.0, dtype=dtype)
+    best_label = torch.zeros_like(labels)
+    for value in torch.unique(labels):
+        indicator = (labels == value).to(dtype)
+        score = sample(indicator, coords, mode="bilinear", padding_mode=padding_mode)
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
+        best_label = torch.where(better, value, best_label)
+    return best_label
+
+
+def compose(outer: torch.Tensor, inner: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
+    """Field of the composed map ``x -> phi_outer(phi_inner(x))`` (see the module docstring for the order).
+
+    ``compose(outer, inner)(x) = inner(x) + outer(x + inner(x))``, so that
+    ``warp(warp(image, outer), inner) == warp(image, compose(outer, inner))``.
+
+    Args:
+        outer: ``[B, n, *S]`` field applied to the image first (e.g. the field found so far).
+        inner: ``[B, n, *S]`` field applied second (e.g. the increment estimated on the warped image).
+        padding_mode: how ``outer`` is extended outside its grid (``"border"`` keeps the edge displacement).
+
+    Returns:
+        ``[B, n, *S]`` composed displacement in voxels.
+    """
+    check_ddf(outer, "outer", outer.ndim - 2)
+    check_ddf(inner, "inner", outer.ndim - 2)
+    if outer.shape != inner.shape:
+        raise ValueError(f"outer and inner must have the same shape, got {tuple(outer.shape)} and {tuple(inner.shape)}.")
+    return inner + warp(outer, inner, padding_mode=padding_mode)
+
+
+def integrate_velocity(svf: torch.Tensor, num_steps: int = 7, padding_mode: str = "border") -> torch.Tensor:
+    """Integrate a stationary velocity field by scaling and squaring (Arsigny et al. 2006).
+
+    ``u_0 = v / 2^K``, ``u_{k+1} = compose(u_k, u_k)``; returns ``u_K``, the displacement of ``exp(v)``.
+    Same scheme as ``monai.networks.blocks.DVF2DDF``, here with a selectable padding (default ``"border"``:
+    a constant velocity integrates to exactly that shift everywhere).
+
+    Args:
+        svf: ``[B, n, *S]`` velocity in voxels.
+        num_steps: number of squarings ``K`` (0 returns ``svf`` itself).
+        padding_mode: padding used when sampling the field outside its grid.
+
+    Returns:
+        ``[B, n, *S]`` displacement in voxels.
+    """
+    check_ddf(svf, "svf", svf.ndim - 2)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+        raise ValueError(f"num_steps must be an integer >= 0, got {num_steps!r}.")
+    ddf = svf / (2**num_steps)
+    for _ in range(num_steps):
+        ddf = compose(ddf, ddf, padding_mode=padding_mode)
+    return ddf
+
+
+def _resize_scale(old: Sequence[int], new: Sequence[int], align_corners: bool) -> list[float]:
+    """Per-axis factor from voxels of the ``old`` grid to voxels of the ``new`` grid (a singleton axis keeps 1)."""
+    if align_corners:
+        return [(n - 1) / (o - 1) if o > 1 else 1.0 for o, n in zip(old, new)]
+    return [n / o for o, n in zip(old, new)]
+
+
+def resize_image(
+    image: torch.Tensor, size: Sequence[int], mode: str = "trilinear", align_corners: bool = True
+) -> torch.Tensor:
+    """Resize an image ``[B, C, *S]`` to ``size`` on the same field of view.
+
+    With ``align_corners=True`` (the package default) the first and last voxel centres of both grids
+    coincide, the convention :func:`resize_ddf` uses to bring a field computed at a network size back.
+
+    Args:
+        image: ``[B, C, *S]`` floating image.
+        size: new spatial shape.
+        mode: ``"trilinear"``/``"bilinear"`` (by rank) or ``"nearest"`` (use for labels).
+        align_corners: corner-aligned (True) or half-voxel (False) grid correspondence.
+
+    Returns:
+        ``[B, C, *size]`` resized image.
+    """
+    spatial_dims = image.ndim - 2
+    check_image(image, "image", spatial_dims)
+    size = _check_size(size, spatial_dims)
+    check_option(mode, "mode", ("trilinear", "bilinear", "nearest"))
+    if mode == "nearest":
+        return F.interpolate(image, size=size, mode="nearest-exact")
+    linear = "trilinear" if spatial_dims == 3 else "bilinear"
+    return F.interpolate(image, size=size, mode=linear, align_corners=align_corners)
+
+
+def _check_size(size: Sequence[int], spatial_dims: int) -> tuple[int, ...]:
+    size = tuple(size)
+    if len(size) != spatial_dims or any(isinstance(s, bool) or int(s) != s or s < 1 for s in size):
+        raise ValueError(f"size must list {spatial_dims} positive integers, got {size}.")
+    return tuple(int(s) for s in size)
+
+
+def resize_ddf(ddf: torch.Tensor, size: Sequence[int], align_corners: bool = True) -> torch.Tensor:
+    """Resample a displacement field to another grid over the same field of view, rescaling its values.
+
+    Each component is interpolated (trilinear) and multiplied by the ratio of voxel sizes along its axis,
+    ``(N_new - 1) / (N_old - 1)`` for corner-aligned grids, ``N_new / N_old`` otherwise, so the displacement
+    in millimetres is unchanged.
+
+    Args:
+        ddf: ``[B, n, *S_old]`` displacement in voxels of the old grid.
+        size: new spatial shape ``S_new``.
+        align_corners: grid correspondence used when the images were resized (see :func:`resize_image`).
+
+    Returns:
+        ``[B, n, *S_new]`` displacement in voxels of the new grid.
+    """
+    spatial_dims = ddf.ndim - 2
+    check_ddf(ddf, "ddf", spatial_dims)
+    size = _check_size(size, spatial_dims)
+    resized = resize_image(ddf, size, align_corners=align_corners)
+    scale = torch.tensor(_resize_scale(ddf.shape[2:], size, align_corners), device=ddf.device, dtype=ddf.dtype)
+    return resized * scale.view(1, -1, *([1] * spatial_dims))
+
+
+def ddf_voxel_to_normalized(ddf: torch.Tensor, value_range: str = "[-1,1]") -> torch.Tensor:
+    """Voxel displacement -> displacement in normalised coordinates of a corner-aligned grid.
+
+    ``"[-1,1]"``: ``d * 2 / (N - 1)`` (PyTorch ``grid_sample``, ``align_corners=True``);
+    ``"[0,1]"``: ``d / (N - 1)`` (icon_registration / uniGradICON). Channel order stays the spatial-axis order
+    (``grid_sample`` wants it reversed; :func:`sample` does that internally).
+
+    Args:
+        ddf: ``[B, n, *S]`` displacement in voxels.
+        value_range: ``"[-1,1]"`` or ``"[0,1]"``.
+
+    Returns:
+        ``[B, n, *S]`` displacement in normalised units.
+    """
+    return ddf * _normalized_units_per_voxel(ddf, value_range)
+
+
+def ddf_normalized_to_voxel(ddf: torch.Tensor, value_range: str = "[-1,1]") -> torch.Tensor:
+    """Inverse of :func:`ddf_voxel_to_normalized`: ``[B, n, *S]`` normalised displacement -> voxels."""
+    return ddf / _normalized_units_per_voxel(ddf, value_range)
+
+
+def _normalized_units_per_voxel(ddf: torch.Tensor, value_range: str) -> torch.Tensor:
+    spatial_dims = ddf.ndim - 2
+    check_ddf(ddf, "ddf", spatial_dims)
+    check_option(value_range, "value_range", NORMALIZED_RANGES)
+    extent = 2.0 if value_range == "[-1,1]" else 1.0
+    per_voxel = [extent / max(s - 1, 1) for s in ddf.shape[2:]]
+    return torch.tensor(per_voxel, device=ddf.device, dtype=ddf.dtype).view(1, -1, *([1] * spatial_dims))
+
+
+def _linear_part(affine: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+    """``[B, n, n]`` linear part of an affine ``[n+1, n+1]`` or ``[B, n+1, n+1]``, matched to ``ddf``."""
+    spatial_dims = ddf.shape[1]
+    affine = check_affine(affine, "affine", spatial_dims)
+    linear = affine[..., :spatial_dims, :spatial_dims]
+    if linear.ndim == 2:
+        linear = linear.expand(ddf.shape[0], -1, -1)
+    elif linear.shape[0] != ddf.shape[0]:
+        raise ValueError(f"affine has batch size {linear.shape[0]} but ddf has batch size {ddf.shape[0]}.")
+    return linear
+
+
+def ddf_voxel_to_mm(ddf: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Voxel displacement -> physical displacement in millimetres (world axes of the affine).
+
+    ``d_mm(x) = A d_vox(x)`` with ``A`` the linear part of the voxel-to-world ``affine`` (e.g. a NIfTI
+    affine: world axes RAS+). The result is a vector per voxel of the same grid, channel ``j`` = world axis ``j``.
+
+    Args:
+        ddf: ``[B, n, *S]`` displacement in voxels.
+        affine: ``[n+1, n+1]`` or ``[B, n+1, n+1]`` voxel-to-world affine of the grid.
+
+    Returns:
+        ``[B, n, *S]`` displacement in mm.
+    """
+    check_ddf(ddf, "ddf", ddf.ndim - 2)
+    linear = _linear_part(affine, ddf).to(device=ddf.device, dtype=torch.float64)
+    return torch.einsum("bij,bj...->bi...", linear, ddf.to(torch.float64)).to(ddf.dtype)
+
+
+def ddf_mm_to_voxel(ddf_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Physical displacement in mm (world axes) -> voxel displacement: ``d_vox = A^-1 d_mm`` (see :func:`ddf_voxel_to_mm`)."""
+    check_ddf(ddf_mm, "ddf_mm", ddf_mm.ndim - 2)
+    inverse = torch.linalg.inv(_linear_part(affine, ddf_mm)).to(device=ddf_mm.device)
+    return torch.einsum("bij,bj...->bi...", inverse, ddf_mm.to(torch.float64)).to(ddf_mm.dtype)
+
+
+def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
+    """Jacobian determinant of ``phi(x) = x + ddf(x)``: ``det(I + grad u)``.
+
+    Derivatives are finite differences in voxel units (``torch.gradient``: central differences
+    ``(u[i+1] - u[i-1]) / 2`` inside, one-sided at the borders). In the interior this equals the Learn2Reg
+    evaluation's kernel ``[-0.5, 0, 0.5]``. Computed in float32 at least (float64 stays float64).
+
+    Args:
+        ddf: ``[B, n, *S]`` displacement in voxels, every spatial size >= 2.
+
+    Returns:
+        ``[B, 1, *S]`` determinant; values <= 0 mark folding.
+    """
+    spatial_dims = ddf.ndim - 2
+    check_ddf(ddf, "ddf", spatial_dims)
+    if min(ddf.shape[2:]) < 2:
+        raise ValueError(f"ddf needs at least 2 voxels along every spatial axis, got shape {tuple(ddf.shape)}.")
+    field = ddf if ddf.dtype == torch.float64 else ddf.to(torch.float32)
+    gradients = torch.gradient(field, dim=tuple(range(2, 2 + spatial_dims)))
+    jacobian = torch.stack(gradients, dim=2)
+    jacobian = jacobian + torch.eye(spatial_dims, device=ddf.device, dtype=field.dtype).view(
+        1, spatial_dims, spatial_dims, *([1] * spatial_dims)
+    )
+    return torch.linalg.det(jacobian.movedim((1, 2), (-2, -1))).unsqueeze(1)
+
