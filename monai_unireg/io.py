@@ -1,0 +1,114 @@
+"""Reading and writing images and displacement fields, atomically and with their physical geometry.
+
+Displacement fields on disk follow the ITK / ANTs convention for NIfTI displacement fields, so that
+``antsApplyTransforms -t ddf.nii.gz`` or ``sitk.DisplacementFieldTransform`` apply them directly:
+
+- a 5-D array ``[X, Y, Z, 1, 3]`` with NIfTI intent ``vector`` on the fixed image's grid and affine;
+- each vector is the physical displacement in **mm in LPS world coordinates** (ITK's frame; NIfTI
+  affines are RAS, so the first two components are negated);
+- the vector at fixed point ``p`` maps it to the moving point ``p + d(p)``, the same pull-back direction
+  as our voxel fields (``warped(x) = moving(x + ddf(x))``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from monai_unireg.spatial import ddf_mm_to_voxel, ddf_voxel_to_mm
+from monai_unireg.validation import check_affine, check_ddf
+
+__all__ = ["atomic_path", "load_nifti", "save_nifti", "save_ddf", "load_ddf"]
+
+RAS_TO_LPS = torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64).view(1, 3, 1, 1, 1)
+NIFTI_INTENT_VECTOR = "vector"
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
+
+    Readers never see a half-written file, and a failure leaves no partial output behind.
+    The temporary name keeps the target's suffixes (``.nii.gz``) so format detection still works.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(target.suffixes)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".partial{suffix}", dir=target.parent)
+    os.close(handle)
+    temporary_path = Path(temporary)
+    try:
+        yield temporary_path
+        os.replace(temporary_path, target)
+    finally:
+        temporary_path.unlink(missing_ok=True)
+
+
+def _write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    with atomic_path(path) as temporary:
+        write(temporary)
+    return Path(path)
+
+
+def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI file; return ``(array, affine)`` with the voxel-to-RAS-mm ``affine`` ``[4, 4]``.
+
+    Raises ``ValueError`` naming the path when it is missing or not a readable NIfTI file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"path {str(path)!r} does not exist or is not a file.")
+    try:
+        image = nib.load(str(path))
+        return np.asanyarray(image.dataobj), image.affine
+    except Exception as error:
+        raise ValueError(f"path {str(path)!r} is not a readable NIfTI file: {error}") from error
+
+
+def save_nifti(array: np.ndarray | torch.Tensor, affine: np.ndarray | torch.Tensor, path: str | os.PathLike) -> Path:
+    """Write ``array`` (spatial axes first) with ``affine`` to ``path`` atomically."""
+    data = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    affine_array = check_affine(affine).numpy()
+    image = nib.Nifti1Image(data, affine_array)
+    image.set_qform(affine_array, code=1)
+    image.set_sform(affine_array, code=1)
+    return _write(path, lambda temporary: nib.save(image, str(temporary)))
+
+
+def save_ddf(ddf: torch.Tensor, affine: np.ndarray | torch.Tensor, path: str | os.PathLike) -> Path:
+    """Save a voxel displacement field as an ITK/ANTs-readable NIfTI displacement field (see module docstring).
+
+    Args:
+        ddf: ``[3, X, Y, Z]`` or ``[1, 3, X, Y, Z]`` displacement in voxels of the fixed grid.
+        affine: ``[4, 4]`` voxel-to-RAS-mm affine of the fixed image.
+        path: output file (``.nii.gz``), written atomically.
+    """
+    field = ddf.unsqueeze(0) if ddf.ndim == 4 else ddf
+    check_ddf(field, "ddf")
+    if field.shape[0] != 1:
+        raise ValueError(f"ddf must hold a single field [3, X, Y, Z] or [1, 3, X, Y, Z], got {tuple(ddf.shape)}.")
+    affine = check_affine(affine)
+    lps_mm = ddf_voxel_to_mm(field.to(torch.float64), affine) * RAS_TO_LPS
+    vectors = lps_mm[0].permute(1, 2, 3, 0).unsqueeze(3).to(torch.float32).cpu().numpy()
+    image = nib.Nifti1Image(vectors, affine.numpy())
+    image.set_qform(affine.numpy(), code=1)
+    image.set_sform(affine.numpy(), code=1)
+    image.header.set_intent(NIFTI_INTENT_VECTOR)
+    return _write(path, lambda temporary: nib.save(image, str(temporary)))
+
+
+def load_ddf(path: str | os.PathLike) -> tuple[torch.Tensor, np.ndarray]:
+    """Read a field written by :func:`save_ddf` (or by ITK/ANTs); return ``(ddf [1, 3, X, Y, Z] voxels, affine)``."""
+    vectors, affine = load_nifti(path)
+    if vectors.ndim != 5 or vectors.shape[3] != 1 or vectors.shape[4] != 3:
+        raise ValueError(f"path {str(path)!r} must hold a displacement field of shape [X, Y, Z, 1, 3], got {vectors.shape}.")
+    lps_mm = torch.from_numpy(np.asarray(vectors[:, :, :, 0, :], dtype=np.float64)).permute(3, 0, 1, 2).unsqueeze(0)
+    ddf = ddf_mm_to_voxel(lps_mm * RAS_TO_LPS, torch.from_numpy(affine))
+    return ddf.to(torch.float32), affine
