@@ -149,16 +149,18 @@ def warp_labels(
 ) -> torch.Tensor:
     """Warp an integer label map without interpolation artefacts.
 
-    ``"onehot"`` warps each label's indicator with linear interpolation and keeps, per voxel, the label of
-    the largest interpolated indicator (smooth boundaries; ties go to the smaller label value). Memory stays
-    at a few volumes whatever the number of labels (one label at a time). ``"nearest"`` takes the nearest
-    voxel's label. Either way the output holds only label values present in the input.
+    ``"onehot"`` gives, per voxel, the label whose indicator map has the largest trilinearly interpolated
+    value at ``x + ddf(x)`` (smooth boundaries; ties go to the smaller label value). It is computed exactly
+    from the 8 grid corners around each sample point: a label's interpolated indicator is the summed
+    trilinear weight of the corners carrying it, so the cost does not grow with the number of labels.
+    ``"nearest"`` takes the nearest voxel's label. Either way the output holds only label values present
+    in the input. With ``padding_mode="zeros"`` everything outside the grid is label 0.
 
     Args:
         labels: ``[B, 1, *S]`` integer-valued label map (any integer or floating dtype).
         ddf: ``[B, n, *S]`` displacement in voxels.
         method: ``"onehot"`` or ``"nearest"``.
-        padding_mode: ``"border"``, ``"zeros"`` (outside is label 0) or ``"reflection"``.
+        padding_mode: ``"border"``, ``"zeros"`` or ``"reflection"``.
 
     Returns:
         ``[B, 1, *S]`` warped labels, same dtype as ``labels``.
@@ -171,20 +173,75 @@ def warp_labels(
     check_ddf(ddf, "ddf", spatial_dims)
     check_same_spatial_shape(labels, ddf, "labels", "ddf")
     check_option(method, "method", ("onehot", "nearest"))
+    check_option(padding_mode, "padding_mode", PADDING_MODES)
     dtype = torch.promote_types(ddf.dtype, torch.float32)
     if method == "nearest":
         warped = warp(labels.to(dtype), ddf.to(dtype), mode="nearest", padding_mode=padding_mode)
         return torch.round(warped).to(labels.dtype)
     coords = identity_grid(ddf.shape[2:], device=ddf.device, dtype=dtype).unsqueeze(0) + ddf.to(dtype)
-    best_score = torch.full_like(labels, -1.0, dtype=dtype)
-    best_label = torch.zeros_like(labels)
-    for value in torch.unique(labels):
-        indicator = (labels == value).to(dtype)
-        score = sample(indicator, coords, mode="bilinear", padding_mode=padding_mode)
-        better = score > best_score
-        best_score = torch.where(better, score, best_score)
-        best_label = torch.where(better, value, best_label)
-    return best_label
+    if padding_mode == "reflection":
+        coords = _reflect(coords, labels.shape[2:])
+    flat_coords = coords.flatten(2)
+    flat_labels = labels.flatten(1)
+    warped = torch.empty_like(flat_labels)
+    for start in range(0, flat_coords.shape[-1], LABEL_WARP_CHUNK):
+        chunk = slice(start, start + LABEL_WARP_CHUNK)
+        warped[:, chunk] = _majority_of_corners(flat_labels, flat_coords[..., chunk], labels.shape[2:], padding_mode)
+    return warped.view_as(labels)
+
+
+LABEL_WARP_CHUNK = 2**18
+
+
+def _reflect(coords: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Reflect voxel coordinates ``[B, n, ...]`` into ``[0, N - 1]`` (corner-aligned ``grid_sample`` rule)."""
+    size = torch.tensor([max(s - 1, 1) for s in shape], device=coords.device, dtype=coords.dtype)
+    size = size.view(1, -1, *([1] * (coords.ndim - 2)))
+    folded = torch.remainder(coords, 2 * size)
+    return torch.where(folded > size, 2 * size - folded, folded)
+
+
+def _majority_of_corners(
+    flat_labels: torch.Tensor, coords: torch.Tensor, shape: Sequence[int], padding_mode: str
+) -> torch.Tensor:
+    """Label of largest summed trilinear weight among the 2^n corners around each point.
+
+    Args:
+        flat_labels: ``[B, prod(S)]`` label map, flattened.
+        coords: ``[B, n, P]`` voxel coordinates of ``P`` sample points.
+
+    Returns:
+        ``[B, P]`` labels.
+    """
+    spatial_dims = coords.shape[1]
+    sizes = torch.tensor(list(shape), device=coords.device)
+    lower = torch.floor(coords)
+    fraction = coords - lower
+    lower = lower.long()
+    strides = [int(torch.tensor(shape[a + 1 :]).prod()) for a in range(spatial_dims)]
+    corner_labels, corner_weights = [], []
+    for corner in torch.cartesian_prod(*[torch.tensor([0, 1])] * spatial_dims).view(-1, spatial_dims).tolist():
+        index = lower + torch.tensor(corner, device=coords.device).view(1, -1, 1)
+        weight = torch.ones_like(fraction[:, 0])
+        for axis, offset in enumerate(corner):
+            weight = weight * (fraction[:, axis] if offset else 1 - fraction[:, axis])
+        inside = ((index >= 0) & (index < sizes.view(1, -1, 1))).all(1)
+        index = torch.minimum(index.clamp(min=0), (sizes - 1).view(1, -1, 1))
+        flat_index = sum(index[:, axis] * strides[axis] for axis in range(spatial_dims))
+        label = torch.gather(flat_labels, 1, flat_index)
+        if padding_mode == "zeros":
+            label = torch.where(inside, label, torch.zeros_like(label))
+        corner_labels.append(label)
+        corner_weights.append(weight)
+    corner_labels_t = torch.stack(corner_labels, 1)
+    corner_weights_t = torch.stack(corner_weights, 1)
+    same = corner_labels_t.unsqueeze(1) == corner_labels_t.unsqueeze(2)
+    scores = (same * corner_weights_t.unsqueeze(1)).sum(2)
+    best = scores.max(1, keepdim=True).values
+    candidates = scores >= best - 1e-6
+    largest = torch.iinfo(torch.int64).max
+    winner = torch.where(candidates, corner_labels_t.long(), torch.full_like(corner_labels_t.long(), largest))
+    return winner.min(1).values.to(flat_labels.dtype)
 
 
 def compose(outer: torch.Tensor, inner: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
@@ -250,7 +307,7 @@ def resize_image(
     Args:
         image: ``[B, C, *S]`` floating image.
         size: new spatial shape.
-        mode: ``"trilinear"``/``"bilinear"`` (by rank) or ``"nearest"`` (use for labels).
+        mode: ``"trilinear"``/``"bilinear"`` (by rank) or ``"nearest"`` (use for labels; any dtype).
         align_corners: corner-aligned (True) or half-voxel (False) grid correspondence.
 
     Returns:
@@ -261,9 +318,25 @@ def resize_image(
     size = _check_size(size, spatial_dims)
     check_option(mode, "mode", ("trilinear", "bilinear", "nearest"))
     if mode == "nearest":
-        return F.interpolate(image, size=size, mode="nearest-exact")
+        return _resize_nearest(image, size, align_corners)
     linear = "trilinear" if spatial_dims == 3 else "bilinear"
     return F.interpolate(image, size=size, mode=linear, align_corners=align_corners)
+
+
+def _resize_nearest(image: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
+    """Nearest-neighbour resize on the same grid correspondence as the linear modes.
+
+    Corner-aligned: new index ``i`` takes old index ``round(i (N - 1) / (n - 1))``; otherwise PyTorch's
+    half-voxel ``"nearest-exact"`` rule.
+    """
+    if not align_corners:
+        return F.interpolate(image, size=size, mode="nearest-exact")
+    resized = image
+    for axis, (old, new) in enumerate(zip(image.shape[2:], size)):
+        step = (old - 1) / (new - 1) if new > 1 else 0.0
+        index = torch.round(torch.arange(new, device=image.device, dtype=torch.float64) * step).long()
+        resized = resized.index_select(axis + 2, index)
+    return resized
 
 
 def _check_size(size: Sequence[int], spatial_dims: int) -> tuple[int, ...]:

@@ -213,6 +213,33 @@ def test_warp_labels_keeps_label_values_and_dtype(generator, method):
     assert set(torch.unique(warped).tolist()) <= set(torch.unique(labels).tolist())
 
 
+def onehot_reference(labels: torch.Tensor, ddf: torch.Tensor, padding_mode: str) -> torch.Tensor:
+    """Definition of one-hot label warping: trilinear warp of every label's indicator, then argmax."""
+    values = torch.unique(labels)
+    indicators = torch.cat([(labels == v).double() for v in values], 1)
+    scores = spatial.warp(indicators, ddf.double(), padding_mode=padding_mode)
+    if padding_mode == "zeros":  # outside the grid counts as background
+        outside = 1 - spatial.warp(torch.ones_like(labels, dtype=torch.float64), ddf.double(), padding_mode="zeros")
+        scores[:, values.tolist().index(0)] += outside[:, 0]
+    return values[scores.argmax(1, keepdim=True)]
+
+
+@pytest.mark.parametrize("padding_mode", ["border", "zeros", "reflection"])
+def test_warp_labels_onehot_equals_its_definition(generator, padding_mode):
+    labels = torch.randint(0, 6, (2, 1, *SHAPE), generator=generator) * 3
+    ddf = torch.cat([smooth_field(generator, amplitude=3.0) for _ in range(2)]).float()
+    expected = onehot_reference(labels, ddf, padding_mode)
+    warped = spatial.warp_labels(labels, ddf, padding_mode=padding_mode)
+    assert (warped == expected).double().mean() > 0.999  # only exact ties may differ
+
+
+def test_resize_image_nearest_is_corner_aligned():
+    volume = torch.arange(17.0).view(1, 1, 17, 1, 1).expand(1, 1, 17, 2, 2)
+    resized = spatial.resize_image(volume.to(torch.int16), (8, 2, 2), mode="nearest")
+    expected = torch.round(torch.arange(8) * 16 / 7)
+    assert resized.dtype == torch.int16 and resized[0, 0, :, 0, 0].tolist() == expected.tolist()
+
+
 def test_warp_labels_integer_shift_is_exact(generator):
     labels = torch.randint(0, 5, (1, 1, *SHAPE), generator=generator)
     ddf = torch.zeros(1, 3, *SHAPE)

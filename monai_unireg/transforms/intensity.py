@@ -1,0 +1,248 @@
+"""Intensity normalisation presets of the registration methods: CT windowing and MRI percentile scaling.
+
+Both work on channel-first images of any spatial rank (``[C, *spatial]``) given as ``torch.Tensor``,
+``monai.data.MetaTensor`` (metadata kept) or ``numpy.ndarray``; like MONAI's ``ScaleIntensityRange``,
+the result is a tensor (a ``MetaTensor`` when metadata tracking is on), ``float32`` by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import DtypeLike, KeysCollection, NdarrayOrTensor
+from monai.data import MetaTensor, get_track_meta
+from monai.transforms import MapTransform, ScaleIntensityRange, Transform
+from monai.transforms.utils_pytorch_numpy_unification import percentile as array_percentile
+from monai.utils import TransformBackends, convert_to_tensor, get_equivalent_dtype
+
+from monai_unireg.validation import check_option, check_tensor
+
+__all__ = [
+    "CT_WINDOW_PRESETS",
+    "CTWindow",
+    "CTWindowd",
+    "MRIPercentile",
+    "MRIPercentiled",
+]
+
+#: HU window ``(a_min, a_max)`` and output range ``(b_min, b_max)`` of each method (METHODS.md).
+CT_WINDOW_PRESETS: dict[str, tuple[float, float, float, float]] = {
+    "unigradicon": (-1000.0, 1000.0, 0.0, 1.0),
+    "promptreg": (-1000.0, 1000.0, 0.0, 1.0),
+    "sacbnet": (-1000.0, 1000.0, 0.0, 1.0),
+    "voxelopt": (-800.0, 500.0, 0.0, 1.0),
+    "unireg": (-800.0, 400.0, -1.0, 1.0),
+}
+
+
+def _check_number(value: Any, name: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite real number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}.")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}.")
+
+
+def _check_range(low: float, high: float, name_low: str, name_high: str) -> None:
+    """Raise ``ValueError`` unless ``low < high`` and both are finite numbers."""
+    _check_number(low, name_low)
+    _check_number(high, name_high)
+    if low >= high:
+        raise ValueError(f"{name_low} must be smaller than {name_high}, got {name_low}={low}, {name_high}={high}.")
+
+
+def _as_checked_tensor(img: NdarrayOrTensor, name: str = "img") -> torch.Tensor:
+    """Convert ``img`` to a (Meta)Tensor and check that it is non-empty and finite."""
+    if not isinstance(img, (torch.Tensor, np.ndarray)):
+        raise ValueError(f"{name} must be a torch.Tensor or numpy array, got {type(img).__name__}.")
+    tensor = convert_to_tensor(img, track_meta=get_track_meta())
+    if tensor.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(tensor.shape)}.")
+    return check_tensor(tensor, name)
+
+
+class CTWindow(ScaleIntensityRange):
+    """Clip CT intensities (HU) to ``[a_min, a_max]`` and map that window linearly onto ``[b_min, b_max]``.
+
+    ``a_min -> b_min``, ``a_max -> b_max``; values outside the window are clipped. Presets
+    (:data:`CT_WINDOW_PRESETS`, see :meth:`from_preset`): uniGradICON, PromptReg and SACB-Net use
+    ``[-1000, 1000] -> [0, 1]``, VoxelOpt ``[-800, 500] -> [0, 1]``, UniReg ``[-800, 400] -> [-1, 1]``.
+
+    Args:
+        a_min: lower end of the HU window.
+        a_max: upper end of the HU window, ``> a_min``.
+        b_min: output value of ``a_min``.
+        b_max: output value of ``a_max``, ``> b_min``.
+        dtype: output dtype (``float32`` by default, so ``int16`` CT becomes floating point).
+
+    Input ``[C, *spatial]`` (any rank), output of the same shape.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(
+        self,
+        a_min: float = -1000.0,
+        a_max: float = 1000.0,
+        b_min: float = 0.0,
+        b_max: float = 1.0,
+        dtype: DtypeLike = torch.float32,
+    ) -> None:
+        _check_range(a_min, a_max, "a_min", "a_max")
+        _check_range(b_min, b_max, "b_min", "b_max")
+        super().__init__(a_min=a_min, a_max=a_max, b_min=b_min, b_max=b_max, clip=True, dtype=dtype)
+
+    @classmethod
+    def from_preset(cls, method: str, dtype: DtypeLike = torch.float32) -> CTWindow:
+        """The CT window of ``method`` (a key of :data:`CT_WINDOW_PRESETS`, e.g. ``"unireg"``)."""
+        check_option(method, "method", CT_WINDOW_PRESETS)
+        a_min, a_max, b_min, b_max = CT_WINDOW_PRESETS[method]
+        return cls(a_min=a_min, a_max=a_max, b_min=b_min, b_max=b_max, dtype=dtype)
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        """Window ``img`` ``[C, *spatial]``; raises ``ValueError`` for NaN/Inf values."""
+        return super().__call__(_as_checked_tensor(img))
+
+
+class MRIPercentile(Transform):
+    """Clip an MR image at ``[min, percentile-th percentile]`` and map that range linearly onto ``[b_min, b_max]``.
+
+    The uniGradICON / PromptReg MRI normalisation (``percentile=99``, output ``[0, 1]``): the image
+    minimum maps to ``b_min``, the percentile value to ``b_max`` and brighter voxels are clipped to ``b_max``.
+    A constant image (or one whose percentile equals its minimum) maps to ``b_min`` everywhere.
+    Percentiles use linear interpolation (``numpy.percentile`` / ``torch.quantile`` default).
+
+    Args:
+        percentile: upper percentile in ``(0, 100]``.
+        b_min: output value of the image minimum.
+        b_max: output value of the percentile, ``> b_min``.
+        channel_wise: compute minimum and percentile per channel instead of over the whole image.
+        dtype: output dtype.
+
+    Input ``[C, *spatial]`` (any rank), output of the same shape.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(
+        self,
+        percentile: float = 99.0,
+        b_min: float = 0.0,
+        b_max: float = 1.0,
+        channel_wise: bool = False,
+        dtype: DtypeLike = torch.float32,
+    ) -> None:
+        _check_number(percentile, "percentile")
+        if not 0.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile}.")
+        _check_range(b_min, b_max, "b_min", "b_max")
+        self.percentile = float(percentile)
+        self.b_min = float(b_min)
+        self.b_max = float(b_max)
+        self.channel_wise = channel_wise
+        self.dtype = get_equivalent_dtype(dtype, torch.Tensor)
+
+    def _bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Minimum and percentile of ``x`` (per channel, shaped to broadcast, when ``channel_wise``)."""
+        values = x.as_tensor() if isinstance(x, MetaTensor) else x
+        if not self.channel_wise:
+            return values.min(), torch.as_tensor(array_percentile(values, self.percentile), dtype=values.dtype)
+        if values.ndim < 2:
+            raise ValueError(f"img must be channel-first [C, *spatial] for channel_wise=True, got {tuple(x.shape)}.")
+        flat = values.reshape(values.shape[0], -1)
+        view = (-1,) + (1,) * (values.ndim - 1)
+        high = torch.as_tensor(array_percentile(flat, self.percentile, dim=1), dtype=values.dtype)
+        return flat.min(dim=1).values.reshape(view), high.reshape(view)
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        """Normalise ``img`` ``[C, *spatial]``; raises ``ValueError`` for NaN/Inf values."""
+        tensor = _as_checked_tensor(img)
+        x = tensor if tensor.is_floating_point() else tensor.to(torch.float32)
+        low, high = self._bounds(x)
+        span = high - low
+        unit = torch.where(span > 0, (x - low) / torch.where(span > 0, span, 1.0), 0.0).clamp(0.0, 1.0)
+        return (unit * (self.b_max - self.b_min) + self.b_min).to(self.dtype)
+
+
+class CTWindowd(MapTransform):
+    """Dictionary version of :class:`CTWindow`: window every image under ``keys``.
+
+    Args:
+        keys: image keys, e.g. ``("fixed_image", "moving_image")``.
+        a_min, a_max, b_min, b_max, dtype: see :class:`CTWindow`.
+        allow_missing_keys: skip keys absent from the dictionary instead of raising ``KeyError``.
+    """
+
+    backend = CTWindow.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        a_min: float = -1000.0,
+        a_max: float = 1000.0,
+        b_min: float = 0.0,
+        b_max: float = 1.0,
+        dtype: DtypeLike = torch.float32,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.window = CTWindow(a_min=a_min, a_max=a_max, b_min=b_min, b_max=b_max, dtype=dtype)
+
+    @classmethod
+    def from_preset(
+        cls, keys: KeysCollection, method: str, dtype: DtypeLike = torch.float32, allow_missing_keys: bool = False
+    ) -> CTWindowd:
+        """The CT window of ``method`` (a key of :data:`CT_WINDOW_PRESETS`) applied to ``keys``."""
+        check_option(method, "method", CT_WINDOW_PRESETS)
+        a_min, a_max, b_min, b_max = CT_WINDOW_PRESETS[method]
+        return cls(keys, a_min, a_max, b_min, b_max, dtype=dtype, allow_missing_keys=allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Window ``data[key]`` for every key in ``keys``."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = _apply_named(self.window, d[key], key)
+        return d
+
+
+class MRIPercentiled(MapTransform):
+    """Dictionary version of :class:`MRIPercentile`: normalise every image under ``keys``.
+
+    Args:
+        keys: image keys, e.g. ``("fixed_image", "moving_image")``.
+        percentile, b_min, b_max, channel_wise, dtype: see :class:`MRIPercentile`.
+        allow_missing_keys: skip keys absent from the dictionary instead of raising ``KeyError``.
+    """
+
+    backend = MRIPercentile.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        percentile: float = 99.0,
+        b_min: float = 0.0,
+        b_max: float = 1.0,
+        channel_wise: bool = False,
+        dtype: DtypeLike = torch.float32,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.normalise = MRIPercentile(percentile, b_min, b_max, channel_wise=channel_wise, dtype=dtype)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Normalise ``data[key]`` for every key in ``keys``."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = _apply_named(self.normalise, d[key], key)
+        return d
+
+
+def _apply_named(transform: Transform, img: NdarrayOrTensor, key: Hashable) -> NdarrayOrTensor:
+    """Apply ``transform`` to ``img``, naming the dictionary key in a ``ValueError`` about the image."""
+    try:
+        return transform(img)
+    except ValueError as err:
+        raise ValueError(f"data[{key!r}]: {err}") from err
