@@ -1,0 +1,144 @@
+"""Gradient inverse consistency (GradICON) regulariser of a forward/backward pair of displacement fields."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.modules.loss import _Loss
+
+from monai.utils import LossReduction
+from monai_unireg.spatial import identity_grid, sample
+from monai_unireg.validation import check_ddf, check_option, check_positive, check_tensor
+
+__all__ = ["GradICONLoss"]
+
+REDUCTIONS = tuple(r.value for r in LossReduction)
+
+
+class GradICONLoss(_Loss):
+    r"""Gradient inverse consistency loss (Tian et al., "GradICON: Approximate Diffeomorphisms via Gradient
+    Inverse Consistency", CVPR 2023), the regulariser of uniGradICON (weight ``lambda = 1.5``).
+
+    Fields follow the MONAI ``Warp`` convention in voxels: ``warp(image_A, ddf_ab) ~ image_B``, so
+    ``phi_AB(x) = x + ddf_ab(x)`` maps points of B's grid to A's grid and ``phi_BA(x) = x + ddf_ba(x)``
+    maps A's grid to B's grid (both images share one grid shape ``S``, as after uniGradICON's resizing). With a
+    registration network ``net(moving, fixed) -> ddf``: ``ddf_ab = net(A, B)`` and ``ddf_ba = net(B, A)``.
+    The inverse consistency error at a point ``x`` is
+
+    .. math::
+
+        e(x) = x - \phi_{AB}(\phi_{BA}(x)) = -\left(u_{BA}(x) + u_{AB}(x + u_{BA}(x))\right),
+
+    with the fields sampled off-grid by (tri)linear interpolation, ``align_corners=True`` and border padding
+    (as ``icon_registration``, whose fields extend by their edge values). Everything is measured in the
+    normalised units of the reference code, ``[0, 1]`` per axis (one voxel along axis ``d`` is ``1 / (N_d - 1)``),
+    so ``delta`` and the published weight keep their meaning at any grid size:
+
+    .. math::
+
+        L = \sum_{d} \operatorname{mean}_{c, x}
+            \left(\frac{e_c(x) - e_c(x + \delta\,u_d)}{\delta}\right)^2,
+
+    where ``u_d`` is the unit vector of axis ``d`` and the mean runs over the ``n`` components ``c`` and the
+    sample points ``x``: the voxel grid taken every ``subsample`` voxels along each axis, each point moved by
+    an independent jitter ``jitter_scale * randn / N_d`` (normalised units) per axis and batch sample.
+    ``L = 0`` exactly when ``phi_AB`` inverts ``phi_BA`` at every sample point, whatever its size.
+
+    Args:
+        delta: finite-difference step in normalised units (reference: 0.001).
+        subsample: keep every ``subsample``-th grid point per axis (reference: 2).
+        jitter: add the random jitter to the sample points (reference: on).
+        jitter_scale: jitter standard deviation times ``N_d`` in normalised units (reference: 2).
+        seed: seed of a private CPU random generator for the jitter (reproducible sequence of losses);
+            ``None`` uses PyTorch's global generator on the fields' device.
+        reduction: ``"mean"`` (over the batch), ``"sum"`` (over the batch) or ``"none"`` (``[B]``, one value
+            per sample).
+    """
+
+    def __init__(
+        self,
+        delta: float = 0.001,
+        subsample: int = 2,
+        jitter: bool = True,
+        jitter_scale: float = 2.0,
+        seed: int | None = None,
+        reduction: LossReduction | str = LossReduction.MEAN,
+    ) -> None:
+        check_option(reduction, "reduction", REDUCTIONS)
+        super().__init__(reduction=LossReduction(reduction).value)
+        self.delta = float(check_positive(delta, "delta"))
+        if isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1:
+            raise ValueError(f"subsample must be an integer >= 1, got {subsample!r}.")
+        self.subsample = subsample
+        if not isinstance(jitter, bool):
+            raise ValueError(f"jitter must be a bool, got {jitter!r}.")
+        self.jitter = jitter
+        self.jitter_scale = float(check_positive(jitter_scale, "jitter_scale"))
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}.")
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def forward(self, ddf_ab: torch.Tensor, ddf_ba: torch.Tensor) -> torch.Tensor:
+        """Compute the loss.
+
+        Args:
+            ddf_ab: ``[B, n, *S]`` field registering A onto B (``warp(A, ddf_ab) ~ B``), in voxels, ``n`` = 2 or 3.
+            ddf_ba: ``[B, n, *S]`` field registering B onto A, same shape.
+
+        Returns:
+            the reduced loss, or ``[B]`` for ``reduction="none"``; float32 at least (float64 stays float64).
+        """
+        check_tensor(ddf_ab, "ddf_ab", finite=False)
+        if ddf_ab.ndim not in (4, 5):
+            raise ValueError(
+                f"ddf_ab must be a field [B, 2, H, W] or [B, 3, D, H, W], got shape {tuple(ddf_ab.shape)}."
+            )
+        spatial_dims = ddf_ab.ndim - 2
+        check_ddf(ddf_ab, "ddf_ab", spatial_dims)
+        check_ddf(ddf_ba, "ddf_ba", spatial_dims)
+        if ddf_ab.shape != ddf_ba.shape:
+            raise ValueError(
+                f"ddf_ab and ddf_ba must have the same shape, got {tuple(ddf_ab.shape)} and {tuple(ddf_ba.shape)}."
+            )
+        if min(ddf_ab.shape[2:]) < 2:
+            raise ValueError(f"ddf_ab needs at least 2 voxels along every spatial axis, got {tuple(ddf_ab.shape)}.")
+        dtype = torch.promote_types(torch.promote_types(ddf_ab.dtype, ddf_ba.dtype), torch.float32)
+        ddf_ab, ddf_ba = ddf_ab.to(dtype), ddf_ba.to(dtype)
+        shape = ddf_ab.shape[2:]
+        voxel = torch.tensor([1.0 / (s - 1) for s in shape], device=ddf_ab.device, dtype=dtype)
+        voxel = voxel.view(1, -1, *([1] * spatial_dims))
+        points = self._sample_points(ddf_ab.shape[0], shape, voxel)
+        probes = [points] + [points + self._step(d, voxel) for d in range(spatial_dims)]
+        errors = self._inverse_consistency_error(ddf_ab, ddf_ba, torch.cat(probes, dim=2)) * voxel
+        errors = errors.chunk(spatial_dims + 1, dim=2)
+        per_sample = sum(
+            (((errors[0] - moved) / self.delta) ** 2).flatten(1).mean(dim=1) for moved in errors[1:]
+        )
+        if self.reduction == LossReduction.MEAN.value:
+            return per_sample.mean()
+        if self.reduction == LossReduction.SUM.value:
+            return per_sample.sum()
+        return per_sample
+
+    def _sample_points(self, batch: int, shape: torch.Size, voxel: torch.Tensor) -> torch.Tensor:
+        """``[B, n, *P]`` voxel coordinates: the subsampled identity grid plus the jitter."""
+        grid = identity_grid(shape, device=voxel.device, dtype=voxel.dtype)
+        grid = grid[(slice(None),) + (slice(None, None, self.subsample),) * len(shape)]
+        points = grid.unsqueeze(0).expand(batch, *grid.shape)
+        if not self.jitter:
+            return points
+        noise_device = voxel.device if self.generator is None else self.generator.device
+        noise = torch.randn(points.shape, generator=self.generator, device=noise_device, dtype=voxel.dtype)
+        size = torch.tensor(list(shape), device=voxel.device, dtype=voxel.dtype).view_as(voxel)
+        return points + noise.to(voxel.device) * self.jitter_scale / size / voxel
+
+    def _step(self, axis: int, voxel: torch.Tensor) -> torch.Tensor:
+        """``[1, n, 1, ...]`` displacement of ``delta`` normalised units along ``axis``, in voxels."""
+        step = torch.zeros_like(voxel)
+        step[:, axis] = self.delta / voxel[:, axis]
+        return step
+
+    @staticmethod
+    def _inverse_consistency_error(ddf_ab: torch.Tensor, ddf_ba: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """``x - phi_AB(phi_BA(x))`` in voxels at the voxel coordinates ``points`` ``[B, n, *P]``."""
+        backward = sample(ddf_ba, points)
+        return -(backward + sample(ddf_ab, points + backward))
