@@ -34,9 +34,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from monai.losses import LocalNormalizedCrossCorrelationLoss
 from torch import nn
 
-from monai.losses import LocalNormalizedCrossCorrelationLoss
 from monai_unireg.losses import LNCCLoss, MINDSSCLoss
 
 CONFIGURATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -137,8 +137,10 @@ def main() -> None:
     timings = interleaved_timings(losses, pred, target, args.repeats)
     results = {name: (*timings[name], peak_memory(name, args.size, device)) for name in CONFIGURATIONS}
 
-    print(f"device {device}, {torch.get_num_threads()} threads, volumes 1x1x{args.size}^3, "
-          f"median of {args.repeats} forward+backward runs")
+    print(
+        f"device {device}, {torch.get_num_threads()} threads, volumes 1x1x{args.size}^3, "
+        f"median of {args.repeats} forward+backward runs"
+    )
     print(f"{'configuration':<52}{'time [s]':>10}{'peak extra [MiB]':>18}{'value':>14}")
     labels = {
         "lncc": "LNCCLoss gaussian sigma 5, 21 taps (uniGradICON)",

@@ -108,7 +108,9 @@ def load_ddf(path: str | os.PathLike) -> tuple[torch.Tensor, np.ndarray]:
     """Read a field written by :func:`save_ddf` (or by ITK/ANTs); return ``(ddf [1, 3, X, Y, Z] voxels, affine)``."""
     vectors, affine = load_nifti(path)
     if vectors.ndim != 5 or vectors.shape[3] != 1 or vectors.shape[4] != 3:
-        raise ValueError(f"path {str(path)!r} must hold a displacement field of shape [X, Y, Z, 1, 3], got {vectors.shape}.")
+        raise ValueError(
+            f"path {str(path)!r} must hold a displacement field of shape [X, Y, Z, 1, 3], got {vectors.shape}."
+        )
     lps_mm = torch.from_numpy(np.asarray(vectors[:, :, :, 0, :], dtype=np.float64)).permute(3, 0, 1, 2).unsqueeze(0)
     ddf = ddf_mm_to_voxel(lps_mm * RAS_TO_LPS, torch.from_numpy(affine))
     return ddf.to(torch.float32), affine

@@ -30,6 +30,7 @@ from monai_unireg.validation import (
     check_affine,
     check_ddf,
     check_image,
+    check_integer,
     check_labels,
     check_option,
     check_same_spatial_shape,
@@ -110,15 +111,11 @@ def sample(
     check_option(padding_mode, "padding_mode", PADDING_MODES)
     compute_dtype = torch.promote_types(torch.promote_types(image.dtype, coords.dtype), torch.float32)
     grid = _to_grid_sample_coordinates(coords.to(compute_dtype), image.shape[2:])
-    sampled = F.grid_sample(
-        image.to(compute_dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=True
-    )
+    sampled = F.grid_sample(image.to(compute_dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     return sampled.to(image.dtype)
 
 
-def warp(
-    image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
-) -> torch.Tensor:
+def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
     """Warp an image with a displacement field: ``warped(x) = image(x + ddf(x))``.
 
     Gives the same result as ``monai.networks.blocks.Warp(mode, padding_mode)`` (tested), and also works
@@ -261,7 +258,9 @@ def compose(outer: torch.Tensor, inner: torch.Tensor, padding_mode: str = "borde
     check_ddf(outer, "outer", outer.ndim - 2)
     check_ddf(inner, "inner", outer.ndim - 2)
     if outer.shape != inner.shape:
-        raise ValueError(f"outer and inner must have the same shape, got {tuple(outer.shape)} and {tuple(inner.shape)}.")
+        raise ValueError(
+            f"outer and inner must have the same shape, got {tuple(outer.shape)} and {tuple(inner.shape)}."
+        )
     return inner + warp(outer, inner, padding_mode=padding_mode)
 
 
@@ -281,8 +280,7 @@ def integrate_velocity(svf: torch.Tensor, num_steps: int = 7, padding_mode: str 
         ``[B, n, *S]`` displacement in voxels.
     """
     check_ddf(svf, "svf", svf.ndim - 2)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
-        raise ValueError(f"num_steps must be an integer >= 0, got {num_steps!r}.")
+    check_integer(num_steps, "num_steps", 0)
     ddf = svf / (2**num_steps)
     for _ in range(num_steps):
         ddf = compose(ddf, ddf, padding_mode=padding_mode)
@@ -431,7 +429,7 @@ def ddf_voxel_to_mm(ddf: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
 
 
 def ddf_mm_to_voxel(ddf_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
-    """Physical displacement in mm (world axes) -> voxel displacement: ``d_vox = A^-1 d_mm`` (see :func:`ddf_voxel_to_mm`)."""
+    """Physical displacement in mm (world axes) -> voxels: ``d_vox = A^-1 d_mm`` (see :func:`ddf_voxel_to_mm`)."""
     check_ddf(ddf_mm, "ddf_mm", ddf_mm.ndim - 2)
     inverse = torch.linalg.inv(_linear_part(affine, ddf_mm)).to(device=ddf_mm.device)
     return torch.einsum("bij,bj...->bi...", inverse, ddf_mm.to(torch.float64)).to(ddf_mm.dtype)
@@ -461,4 +459,3 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
         1, spatial_dims, spatial_dims, *([1] * spatial_dims)
     )
     return torch.linalg.det(jacobian.movedim((1, 2), (-2, -1))).unsqueeze(1)
-

@@ -22,6 +22,8 @@ __all__ = [
     "check_positive",
     "check_affine",
     "check_spacing",
+    "check_integer",
+    "check_bool",
 ]
 
 
@@ -154,3 +156,18 @@ def check_spacing(spacing: Any, name: str = "spacing", spatial_dims: int = 3) ->
         raise ValueError(f"{name} must list {spatial_dims} voxel sizes in mm, got {spacing!r}.")
     check_positive(list(spacing), name)
     return tuple(float(s) for s in spacing)
+
+
+def check_integer(value: Any, name: str, minimum: int | None = None) -> int:
+    """Check that ``value`` is an integer (not a bool), at least ``minimum`` when given; return it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name} must be an integer{bound}, got {value!r}.")
+    return int(value)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """Check that ``value`` is a bool; return it."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}.")
+    return value

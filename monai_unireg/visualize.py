@@ -110,13 +110,15 @@ def save_overview(
         the path written.
     """
     spacing = check_spacing(spacing)
-    fixed_v, moving_v, warped_v = (_as_volume(v, n) for v, n in ((fixed, "fixed"), (moving, "moving"), (warped, "warped")))
+    fixed_v, moving_v, warped_v = (
+        _as_volume(v, n) for v, n in ((fixed, "fixed"), (moving, "moving"), (warped, "warped"))
+    )
     field = ddf.detach().cpu() if isinstance(ddf, torch.Tensor) else torch.as_tensor(np.asarray(ddf))
     field = field.reshape(3, *field.shape[-3:]).to(torch.float64)
     if field.shape[1:] != fixed_v.shape:
         raise ValueError(f"ddf must have shape [3, {', '.join(map(str, fixed_v.shape))}], got {tuple(field.shape)}.")
-    labels = {k: None if v is None else _as_volume(v, k) for k, v in
-              (("fixed_label", fixed_label), ("moving_label", moving_label), ("warped_label", warped_label))}  # fmt: skip
+    given = {"fixed_label": fixed_label, "moving_label": moving_label, "warped_label": warped_label}
+    labels = {name: None if value is None else _as_volume(value, name) for name, value in given.items()}
     determinant = jacobian_determinant(field.unsqueeze(0))[0, 0].numpy()
     log_jacobian = np.where(determinant > 0, np.log(np.clip(determinant, 1e-9, None)), np.nan)
     field_np = field.numpy()

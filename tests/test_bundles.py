@@ -104,7 +104,9 @@ def run_inference(bundle: Path, dataset_json: Path, output_dir: Path) -> None:
     ]  # fmt: skip
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(bundle), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=bundle)
-    assert result.returncode == 0, f"bundle {bundle.name} inference failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"bundle {bundle.name} inference failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
 
 
 def check_outputs(dataset_json: Path, output_dir: Path) -> None:

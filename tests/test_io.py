@@ -47,7 +47,10 @@ def test_atomic_path_leaves_nothing_when_writing_fails(tmp_path):
     "call, match",
     [
         (lambda p: io.load_nifti(p / "missing.nii.gz"), "does not exist"),
-        (lambda p: io.load_nifti((p / "bad.nii.gz").write_bytes(b"garbage") and p / "bad.nii.gz"), "not a readable NIfTI"),
+        (
+            lambda p: io.load_nifti((p / "bad.nii.gz").write_bytes(b"garbage") and p / "bad.nii.gz"),
+            "not a readable NIfTI",
+        ),
         (lambda p: io.save_ddf(torch.zeros(2, 3, 4, 4, 4), np.eye(4), p / "d.nii.gz"), "single field"),
         (lambda p: io.save_ddf(torch.zeros(1, 2, 4, 4, 4), np.eye(4), p / "d.nii.gz"), "ddf"),
         (lambda p: io.save_ddf(torch.zeros(1, 3, 4, 4, 4), np.zeros((4, 4)), p / "d.nii.gz"), "affine"),
@@ -64,7 +67,9 @@ def test_itk_applies_the_saved_field_like_our_warp(tmp_path, generator):
     sitk = pytest.importorskip("SimpleITK")
     shape = (10, 12, 14)
     affine = oblique_affine()
-    moving = torch.nn.functional.interpolate(torch.rand(1, 1, 4, 4, 4, generator=generator), size=shape, mode="trilinear")
+    moving = torch.nn.functional.interpolate(
+        torch.rand(1, 1, 4, 4, 4, generator=generator), size=shape, mode="trilinear"
+    )
     ddf = torch.nn.functional.interpolate(torch.randn(1, 3, 3, 3, 3, generator=generator), size=shape, mode="trilinear")
     io.save_nifti(moving[0, 0], affine, tmp_path / "moving.nii.gz")
     io.save_ddf(ddf, affine, tmp_path / "ddf.nii.gz")

@@ -132,7 +132,9 @@ def test_resize_keeps_physical_displacement():
     physical_matrix = np.array([[0.1, 0.0, 0.05], [0.02, -0.1, 0.0], [0.0, 0.03, 0.08]])
 
     def field_mm(shape, affine):
-        points = torch.einsum("ij,j...->i...", torch.tensor(affine[:3, :3]), spatial.identity_grid(shape, dtype=torch.float64))
+        points = torch.einsum(
+            "ij,j...->i...", torch.tensor(affine[:3, :3]), spatial.identity_grid(shape, dtype=torch.float64)
+        )
         points = points + torch.tensor(affine[:3, 3]).view(3, 1, 1, 1)
         return torch.einsum("ij,j...->i...", torch.tensor(physical_matrix), points).unsqueeze(0) + 1.0
 
@@ -268,7 +270,10 @@ def test_warp_labels_onehot_follows_the_majority_at_half_voxel_shift():
         (lambda: spatial.warp(torch.full((1, 1, 8, 8, 8), float("nan")), torch.zeros(1, 3, 8, 8, 8)), "image"),
         (lambda: spatial.warp(torch.rand(1, 1, 8, 8, 8), torch.full((1, 3, 8, 8, 8), float("inf"))), "ddf"),
         (lambda: spatial.warp(torch.rand(1, 1, 8, 8, 8), torch.zeros(1, 3, 8, 8, 8), mode="cubic"), "mode"),
-        (lambda: spatial.warp(torch.rand(1, 1, 8, 8, 8), torch.zeros(1, 3, 8, 8, 8), padding_mode="wrap"), "padding_mode"),
+        (
+            lambda: spatial.warp(torch.rand(1, 1, 8, 8, 8), torch.zeros(1, 3, 8, 8, 8), padding_mode="wrap"),
+            "padding_mode",
+        ),
         (lambda: spatial.warp_labels(torch.rand(1, 1, 8, 8, 8), torch.zeros(1, 3, 8, 8, 8)), "labels"),
         (lambda: spatial.warp_labels(torch.ones(1, 2, 8, 8, 8), torch.zeros(1, 3, 8, 8, 8)), "labels"),
         (lambda: spatial.warp_labels(torch.ones(1, 1, 8, 8, 8), torch.zeros(1, 3, 8, 8, 8), method="linear"), "method"),

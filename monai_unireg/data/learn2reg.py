@@ -241,7 +241,9 @@ def _image_path(value: Any, key: str) -> str:
         return os.fspath(value)
     filename = getattr(value, "meta", {}).get("filename_or_obj")
     if not isinstance(filename, (str, os.PathLike)):
-        raise ValueError(f"pair[{key!r}] must be a path or a loaded MetaTensor with 'filename_or_obj', got {type(value).__name__}.")
+        raise ValueError(
+            f"pair[{key!r}] must be a path or a loaded MetaTensor with 'filename_or_obj', got {type(value).__name__}."
+        )
     return os.fspath(filename)
 
 

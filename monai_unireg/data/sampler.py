@@ -32,17 +32,11 @@ import numpy as np
 from monai.data import Dataset
 
 from monai_unireg.data.learn2reg import Learn2RegDataset, make_pair, read_learn2reg
+from monai_unireg.validation import check_bool, check_integer
 
 __all__ = ["PairSampler", "EpochPairDataset"]
 
 DatasetLike = Learn2RegDataset | str | os.PathLike
-
-
-def _check_count(value: Any, name: str, minimum: int) -> int:
-    """Check that ``value`` is an integer ``>= minimum``; return it as ``int``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
 
 
 def _pair_source(dataset: Learn2RegDataset) -> list[dict[str, str]] | tuple[dict[str, str], ...]:
@@ -99,9 +93,9 @@ class PairSampler:
     ) -> None:
         if isinstance(datasets, (str, os.PathLike)) or len(datasets) == 0:
             raise ValueError(f"datasets must be a non-empty sequence of datasets or JSON paths, got {datasets!r}.")
-        self.pairs_per_dataset = _check_count(pairs_per_dataset, "pairs_per_dataset", 1)
-        self.seed = _check_count(seed, "seed", 0)
-        self.shuffle = bool(shuffle)
+        self.pairs_per_dataset = check_integer(pairs_per_dataset, "pairs_per_dataset", 1)
+        self.seed = check_integer(seed, "seed", 0)
+        self.shuffle = check_bool(shuffle, "shuffle")
         self.epoch = 0
         self._names: list[str] = []
         self._sources: list[Sequence[dict[str, str]]] = []
@@ -137,7 +131,7 @@ class PairSampler:
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose pairs :meth:`__iter__` yields."""
-        self.epoch = _check_count(epoch, "epoch", 0)
+        self.epoch = check_integer(epoch, "epoch", 0)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Iterate over the pairs of the current epoch (see :meth:`set_epoch`)."""
@@ -145,7 +139,7 @@ class PairSampler:
 
     def pairs_for_epoch(self, epoch: int) -> list[dict[str, Any]]:
         """The ``len(self)`` pair dictionaries of ``epoch`` (a pure function of ``seed`` and ``epoch``)."""
-        epoch = _check_count(epoch, "epoch", 0)
+        epoch = check_integer(epoch, "epoch", 0)
         pairs: list[dict[str, Any]] = []
         for domain in range(len(self._names)):
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch], spawn_key=(0, domain)))
@@ -191,8 +185,8 @@ class PairSampler:
             raise ValueError(
                 f"state was saved for datasets {list(state['datasets'])}, but this sampler has {self._names}."
             )
-        self.seed = _check_count(state["seed"], "state['seed']", 0)
-        self.pairs_per_dataset = _check_count(state["pairs_per_dataset"], "state['pairs_per_dataset']", 1)
+        self.seed = check_integer(state["seed"], "state['seed']", 0)
+        self.pairs_per_dataset = check_integer(state["pairs_per_dataset"], "state['pairs_per_dataset']", 1)
         self.shuffle = bool(state["shuffle"])
         self.set_epoch(state["epoch"])
 

@@ -6,8 +6,8 @@ MONAI's ``DiffusionLoss``, ``BendingEnergyLoss`` and ``DiceLoss`` are re-exporte
 from monai.losses import BendingEnergyLoss, DiceLoss, DiffusionLoss
 
 from .gradicon import GradICONLoss
-from .lncc import LNCCLoss, separable_filter, window_kernel, window_matrix
-from .mind import SSC_EDGES, MINDSSC, MINDSSCLoss
+from .lncc import LNCCLoss, window_kernel
+from .mind import MINDSSC, SSC_EDGES, MINDSSCLoss
 from .prompt import PromptOrthogonalityLoss, TaskSimilarityLoss
 
 __all__ = [
@@ -21,7 +21,5 @@ __all__ = [
     "PromptOrthogonalityLoss",
     "SSC_EDGES",
     "TaskSimilarityLoss",
-    "separable_filter",
     "window_kernel",
-    "window_matrix",
 ]

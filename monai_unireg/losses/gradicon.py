@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from monai.utils import LossReduction
 from monai_unireg.spatial import identity_grid, sample
-from monai_unireg.validation import check_ddf, check_option, check_positive, check_tensor
+from monai_unireg.validation import check_bool, check_ddf, check_integer, check_option, check_positive, check_tensor
 
 __all__ = ["GradICONLoss"]
 
@@ -66,16 +66,10 @@ class GradICONLoss(_Loss):
         check_option(reduction, "reduction", REDUCTIONS)
         super().__init__(reduction=LossReduction(reduction).value)
         self.delta = float(check_positive(delta, "delta"))
-        if isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1:
-            raise ValueError(f"subsample must be an integer >= 1, got {subsample!r}.")
-        self.subsample = subsample
-        if not isinstance(jitter, bool):
-            raise ValueError(f"jitter must be a bool, got {jitter!r}.")
-        self.jitter = jitter
+        self.subsample = check_integer(subsample, "subsample", 1)
+        self.jitter = check_bool(jitter, "jitter")
         self.jitter_scale = float(check_positive(jitter_scale, "jitter_scale"))
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}.")
-        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.generator = None if seed is None else torch.Generator().manual_seed(check_integer(seed, "seed"))
 
     def forward(self, ddf_ab: torch.Tensor, ddf_ba: torch.Tensor) -> torch.Tensor:
         """Compute the loss.
@@ -110,9 +104,7 @@ class GradICONLoss(_Loss):
         probes = [points] + [points + self._step(d, voxel) for d in range(spatial_dims)]
         errors = self._inverse_consistency_error(ddf_ab, ddf_ba, torch.cat(probes, dim=2)) * voxel
         errors = errors.chunk(spatial_dims + 1, dim=2)
-        per_sample = sum(
-            (((errors[0] - moved) / self.delta) ** 2).flatten(1).mean(dim=1) for moved in errors[1:]
-        )
+        per_sample = sum((((errors[0] - moved) / self.delta) ** 2).flatten(1).mean(dim=1) for moved in errors[1:])
         if self.reduction == LossReduction.MEAN.value:
             return per_sample.mean()
         if self.reduction == LossReduction.SUM.value:

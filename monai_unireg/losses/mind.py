@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from monai.utils import LossReduction
 from torch import nn
 from torch.nn.modules.loss import _Loss
 
-from monai.utils import LossReduction
-from monai_unireg.losses.lncc import separable_filter
-from monai_unireg.validation import check_image, check_option
+from monai_unireg.filtering import separable_filter
+from monai_unireg.validation import check_image, check_integer, check_option
 
 __all__ = ["MINDSSC", "MINDSSCLoss", "SSC_EDGES"]
 
@@ -35,12 +35,6 @@ SSC_EDGES: tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...] = (
 )
 # Floor on the local variance (squared-intensity units): keeps a perfectly flat image finite (descriptor 1).
 _MIN_VARIANCE = 1e-12
-
-
-def _check_integer(value: int, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return value
 
 
 def _check_single_channel_volume(x: torch.Tensor, name: str) -> None:
@@ -100,8 +94,8 @@ class MINDSSC(nn.Module):
 
     def __init__(self, radius: int = 2, dilation: int = 2) -> None:
         super().__init__()
-        self.radius = _check_integer(radius, "radius", 0)
-        self.dilation = _check_integer(dilation, "dilation", 1)
+        self.radius = check_integer(radius, "radius", 0)
+        self.dilation = check_integer(dilation, "dilation", 1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Compute the descriptor.

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from monai.utils import LossReduction
-from monai_unireg.validation import check_option, check_tensor
+from monai_unireg.validation import check_bool, check_option, check_tensor
 
 __all__ = ["PromptOrthogonalityLoss", "TaskSimilarityLoss"]
 
@@ -46,9 +46,7 @@ class PromptOrthogonalityLoss(_Loss):
 
     def __init__(self, normalize: bool = False) -> None:
         super().__init__()
-        if not isinstance(normalize, bool):
-            raise ValueError(f"normalize must be a bool, got {normalize!r}.")
-        self.normalize = normalize
+        self.normalize = check_bool(normalize, "normalize")
 
     def forward(self, knowledge_base: torch.Tensor) -> torch.Tensor:
         """Compute the loss.

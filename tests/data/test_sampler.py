@@ -25,9 +25,16 @@ def _write_dataset(root: Path, name: str, n_cases: int, paired: bool = False) ->
             training.append({"image": image, "label": image.replace("imagesTr", "labelsTr")})
         if paired:
             pairs.append({"fixed": images[0], "moving": images[1]})
-    raw = {"name": name, "pairings": "paired" if paired else "unpaired", "numTraining": len(training),
-           "training": training, "numPairedTraining": len(pairs), "training_paired_images": pairs,
-           "registration_val": [], "registration_test": []}
+    raw = {
+        "name": name,
+        "pairings": "paired" if paired else "unpaired",
+        "numTraining": len(training),
+        "training": training,
+        "numPairedTraining": len(pairs),
+        "training_paired_images": pairs,
+        "registration_val": [],
+        "registration_test": [],
+    }
     json_path = root / name / f"{name}_dataset.json"
     json_path.write_text(json.dumps(raw))
     return json_path
@@ -140,8 +147,12 @@ def test_single_case_dataset_raises_or_is_skipped(toy):
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"pairs_per_dataset": 0}, "pairs_per_dataset"), ({"pairs_per_dataset": 2.5}, "pairs_per_dataset"),
-     ({"seed": -1}, "seed"), ({"seed": "0"}, "seed")],
+    [
+        ({"pairs_per_dataset": 0}, "pairs_per_dataset"),
+        ({"pairs_per_dataset": 2.5}, "pairs_per_dataset"),
+        ({"seed": -1}, "seed"),
+        ({"seed": "0"}, "seed"),
+    ],
 )
 def test_bad_arguments(toy, kwargs, name):
     with pytest.raises(ValueError, match=name):

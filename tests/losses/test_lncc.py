@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from monai.losses import LocalNormalizedCrossCorrelationLoss
 from scipy import ndimage
 
-from monai.losses import LocalNormalizedCrossCorrelationLoss
-from monai_unireg.losses import LNCCLoss, separable_filter, window_kernel
+from monai_unireg.filtering import separable_filter
+from monai_unireg.losses import LNCCLoss, window_kernel
 
 
 def reference_kernel(kernel_type: str, sigma: float, size: int) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from monai_unireg.losses import SSC_EDGES, MINDSSC, MINDSSCLoss
+from monai_unireg.losses import MINDSSC, SSC_EDGES, MINDSSCLoss
 
 
 def reference_mind(image: np.ndarray, radius: int, dilation: int) -> np.ndarray:

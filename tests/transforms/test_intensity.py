@@ -55,8 +55,13 @@ def test_ct_window_int16_numpy_and_metatensor():
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"a_min": 100, "a_max": 100}, "a_min"), ({"a_min": 500, "a_max": -500}, "a_min"),
-     ({"b_min": 1.0, "b_max": 0.0}, "b_min"), ({"a_min": float("nan")}, "a_min"), ({"a_max": "1000"}, "a_max")],
+    [
+        ({"a_min": 100, "a_max": 100}, "a_min"),
+        ({"a_min": 500, "a_max": -500}, "a_min"),
+        ({"b_min": 1.0, "b_max": 0.0}, "b_min"),
+        ({"a_min": float("nan")}, "a_min"),
+        ({"a_max": "1000"}, "a_max"),
+    ],
 )
 def test_ct_window_bad_range(kwargs, name):
     with pytest.raises(ValueError, match=name):

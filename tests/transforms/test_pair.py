@@ -38,8 +38,13 @@ def _labels(generator: torch.Generator, shape=ORIGINAL, dtype=torch.int16) -> to
 
 def _pair(generator: torch.Generator, meta: bool = False) -> dict:
     fixed, moving = torch.rand(2, 1, *ORIGINAL, generator=generator)
-    data = {"fixed_image": fixed, "moving_image": moving,
-            "fixed_label": _labels(generator), "moving_label": _labels(generator), "dataset": "toy"}
+    data = {
+        "fixed_image": fixed,
+        "moving_image": moving,
+        "fixed_label": _labels(generator),
+        "moving_label": _labels(generator),
+        "dataset": "toy",
+    }
     if meta:
         for key in ("fixed_image", "moving_image", "fixed_label", "moving_label"):
             data[key] = MetaTensor(data[key], affine=_affine(), meta={"filename_or_obj": f"{key}.nii.gz"})
@@ -120,9 +125,9 @@ def test_restore_smooth_field_agrees_with_sampling_at_original_resolution(genera
     truth = _analytic_displacement(_grid(ORIGINAL)).float()
     error = (restored - truth).abs().max()
     assert error < 0.05 * truth.abs().max(), float(error)
-    unscaled = torch.nn.functional.interpolate(
-        data["ddf"][None], size=ORIGINAL, mode="trilinear", align_corners=True
-    )[0]
+    unscaled = torch.nn.functional.interpolate(data["ddf"][None], size=ORIGINAL, mode="trilinear", align_corners=True)[
+        0
+    ]
     assert (unscaled - truth).abs().max() > 5 * error  # the value rescaling matters
 
 
@@ -218,23 +223,27 @@ def test_resize_restore_warp_chain_on_shared_pair(shared_data):
     }
     keys = tuple(data)
     full = ("fixed_image_full", "moving_image_full", "fixed_label_full", "moving_label_full")
-    pre = Compose([
-        LoadImaged(keys, ensure_channel_first=True),
-        MRIPercentiled(("fixed_image", "moving_image")),
-        CheckPaird(),
-        CopyItemsd(keys, names=full),
-        ResizePaird(32),
-    ])
+    pre = Compose(
+        [
+            LoadImaged(keys, ensure_channel_first=True),
+            MRIPercentiled(("fixed_image", "moving_image")),
+            CheckPaird(),
+            CopyItemsd(keys, names=full),
+            ResizePaird(32),
+        ]
+    )
     out = pre(data)
     assert out["fixed_image"].shape == (1, 32, 32, 32) and out["fixed_label"].shape == (1, 32, 32, 32)
     assert out["fixed_image_original_shape"].tolist() == [80, 96, 96]
     assert set(out["moving_label"].unique().tolist()) <= set(out["moving_label_full"].unique().tolist())
     out["ddf"] = torch.zeros(3, 32, 32, 32)
-    post = Compose([
-        RestoreDDFd("ddf"),
-        WarpImaged("moving_image_full", ref_key="fixed_image_full"),
-        WarpLabeld("moving_label_full", ref_key="fixed_label_full", method="nearest"),  # onehot: 52 labels, slow
-    ])
+    post = Compose(
+        [
+            RestoreDDFd("ddf"),
+            WarpImaged("moving_image_full", ref_key="fixed_image_full"),
+            WarpLabeld("moving_label_full", ref_key="fixed_label_full", method="nearest"),  # onehot: 52 labels, slow
+        ]
+    )
     result = post(out)
     assert result["ddf"].shape == (3, 80, 96, 96)
     torch.testing.assert_close(result["ddf"].affine, out["fixed_image_full"].affine)
