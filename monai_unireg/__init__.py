@@ -6,3 +6,7 @@ Conventions (see ``docs``/DESIGN): tensors are channel-first ``[B, C, D, H, W]``
 """
 
 __version__ = "0.1.0"
+
+from monai_unireg import data, io, losses, metrics, spatial, transforms, validation  # noqa: E402
+
+__all__ = ["data", "io", "losses", "metrics", "spatial", "transforms", "validation", "__version__"]

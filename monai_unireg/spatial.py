@@ -454,8 +454,14 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"ddf needs at least 2 voxels along every spatial axis, got shape {tuple(ddf.shape)}.")
     field = ddf if ddf.dtype == torch.float64 else ddf.to(torch.float32)
     gradients = torch.gradient(field, dim=tuple(range(2, 2 + spatial_dims)))
-    jacobian = torch.stack(gradients, dim=2)
-    jacobian = jacobian + torch.eye(spatial_dims, device=ddf.device, dtype=field.dtype).view(
-        1, spatial_dims, spatial_dims, *([1] * spatial_dims)
-    )
-    return torch.linalg.det(jacobian.movedim((1, 2), (-2, -1))).unsqueeze(1)
+    # j[i][d] = d phi_i / d x_d = delta_id + d u_i / d x_d, each [B, *S]
+    j = [[gradients[d][:, i] + (1.0 if i == d else 0.0) for d in range(spatial_dims)] for i in range(spatial_dims)]
+    if spatial_dims == 2:
+        determinant = j[0][0] * j[1][1] - j[0][1] * j[1][0]
+    else:
+        determinant = (
+            j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
+        )
+    return determinant.unsqueeze(1)
