@@ -1,0 +1,10 @@
+"""Registration networks: ``forward(moving, fixed, **conditions) -> ddf`` ``[B, 3, D, H, W]`` in voxels."""
+
+from monai_unireg.networks.nets.universal_model import (
+    UniversalModelFeatures,
+    load_universal_model_checkpoint,
+    map_universal_model_keys,
+)
+from monai_unireg.networks.nets.voxelopt import VoxelOpt
+
+__all__ = ["UniversalModelFeatures", "VoxelOpt", "load_universal_model_checkpoint", "map_universal_model_keys"]

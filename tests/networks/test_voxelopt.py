@@ -1,0 +1,158 @@
+"""VoxelOpt and its blocks: analytic cases, invariances, a real pair, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import pytest
+import torch
+
+from monai_unireg import spatial
+from monai_unireg.metrics import LabelDiceMetric
+from monai_unireg.networks.blocks import NEIGHBOUR_OFFSETS, adaptive_gaussian_filter, neighbour_cost_volume
+from monai_unireg.networks.nets import VoxelOpt
+
+SHAPE = (32, 32, 32)
+
+
+def smooth_volume(generator: torch.Generator, batch: int = 1, shape=SHAPE) -> torch.Tensor:
+    coarse = torch.rand(batch, 1, 6, 6, 6, generator=generator)
+    return torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
+
+
+def constant_shift(shift, shape=SHAPE) -> torch.Tensor:
+    field = torch.zeros(1, 3, *shape)
+    for axis, value in enumerate(shift):
+        field[:, axis] = value
+    return field
+
+
+def test_cost_volume_minimum_is_at_the_true_offset(generator):
+    fixed = torch.rand(2, 4, 10, 11, 12, generator=generator)
+    moving = torch.roll(fixed, shifts=(1, -1), dims=(2, 4))  # moving(x + o) = fixed(x) for o = (1, 0, -1)
+    cost = neighbour_cost_volume(fixed, moving)
+    assert cost.shape == (2, 27, 10, 11, 12)
+    best = NEIGHBOUR_OFFSETS[cost[..., 1:-1, 1:-1, 1:-1].argmin(1)]
+    assert (best == torch.tensor([1.0, 0.0, -1.0])).all()
+    assert torch.allclose(cost[:, 13], (fixed - moving).abs().mean(1))
+
+
+def test_adaptive_filter_limits_and_per_voxel_width(generator):
+    x = torch.rand(1, 2, 6, 7, 8, generator=generator)
+    assert torch.equal(adaptive_gaussian_filter(x, torch.zeros(1, 1, 6, 7, 8), passes=3), x)
+    constant = torch.full((1, 2, 6, 7, 8), 3.0)
+    torch.testing.assert_close(adaptive_gaussian_filter(constant, torch.rand(1, 1, 6, 7, 8), passes=2), constant)
+    # an impulse spreads only where sigma is large
+    impulse = torch.zeros(1, 1, 5, 5, 9)
+    impulse[..., 2, 2, 2] = impulse[..., 2, 2, 6] = 1.0
+    sigma = torch.zeros(1, 1, 5, 5, 9)
+    sigma[..., 5:] = 1.0
+    out = adaptive_gaussian_filter(impulse, sigma, passes=1)
+    weight = torch.exp(torch.tensor(-0.5)) / (1 + 2 * torch.exp(torch.tensor(-0.5)))
+    assert out[..., 2, 2, 3] == 0 and out[..., 2, 2, 1] == 0  # narrow voxels receive nothing
+    torch.testing.assert_close(out[0, 0, 2, 2, 5], weight * (1 - 2 * weight) ** 2)
+
+
+def test_identity_pair_gives_zero_field(generator):
+    image = smooth_volume(generator)
+    assert VoxelOpt(num_levels=3)(image, image).abs().max() == 0
+
+
+def test_shapes_batch_and_determinism(generator):
+    fixed, moving = smooth_volume(generator, 2), smooth_volume(generator, 2)
+    net = VoxelOpt(num_levels=3)
+    ddf = net(moving, fixed)
+    assert ddf.shape == (2, 3, *SHAPE) and ddf.dtype == torch.float32
+    assert torch.equal(ddf, net(moving, fixed))
+    torch.testing.assert_close(ddf[1:], net(moving[1:], fixed[1:]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "sigma_mapping, shift, tolerance",
+    [
+        ("reference", (1.5, 0.0, -2.0), 0.15),
+        ("reference", (2.0, 1.0, -1.0), 0.15),
+        ("paper", (2.0, 1.0, -1.0), 0.15),
+    ],
+)
+def test_known_shift_is_recovered(generator, sigma_mapping, shift, tolerance):
+    fixed = smooth_volume(generator, shape=(40, 40, 40))
+    true_field = constant_shift(shift, (40, 40, 40))
+    moving = spatial.warp(fixed, -true_field)  # warp(moving, true_field) = fixed away from the borders
+    ddf = VoxelOpt(num_levels=3, sigma_mapping=sigma_mapping)(moving, fixed)
+    inner = ddf[..., 10:-10, 10:-10, 10:-10].mean(dim=(2, 3, 4))[0]
+    torch.testing.assert_close(inner, torch.tensor(shift), atol=tolerance, rtol=0)
+    error_before = (moving - fixed)[..., 10:-10, 10:-10, 10:-10].abs().mean()
+    error_after = (spatial.warp(moving, ddf) - fixed)[..., 10:-10, 10:-10, 10:-10].abs().mean()
+    assert error_after < 0.25 * error_before
+
+
+def test_float16_and_custom_feature_module(generator):
+    fixed = smooth_volume(generator)
+    moving = spatial.warp(fixed, -constant_shift((1.0, 0.0, 0.0)))
+    reference = VoxelOpt(num_levels=3)(moving, fixed)
+    half = VoxelOpt(num_levels=3)(moving.half(), fixed.half())
+    assert half.dtype == torch.float16
+    assert (half.float() - reference).abs().mean() < 0.1
+    features = torch.nn.Conv3d(1, 4, 3, padding=1)
+    ddf = VoxelOpt(features=features, num_levels=3)(moving, fixed)
+    assert ddf.shape == (1, 3, *SHAPE) and not any(p.grad is not None for p in features.parameters())
+
+
+def test_non_adaptive_and_reference_coupling_options_change_the_result(generator):
+    fixed, moving = smooth_volume(generator), smooth_volume(generator)
+    default = VoxelOpt(num_levels=3)(moving, fixed)
+    assert not torch.equal(default, VoxelOpt(num_levels=3, adaptive=False)(moving, fixed))
+    assert not torch.equal(default, VoxelOpt(num_levels=3, prefilter_passes=0)(moving, fixed))
+
+
+def test_mind_features_beat_raw_intensity_on_a_real_pair(shared_data):
+    """BrainSynth pair 0001 <- 0002: Dice over the 30 largest structures (affine start: about 0.54)."""
+    root = shared_data / "BrainSynth"
+    labels = json.loads((root / "BrainSynth_dataset.json").read_text())["dice_top30_labels"]
+
+    def load(folder: str, case: str) -> torch.Tensor:
+        path = root / folder / f"BrainSynth_{case}_0000.nii.gz"
+        return torch.from_numpy(nib.load(str(path)).get_fdata()).float()[None, None]
+
+    fixed, moving = load("imagesTr", "0001"), load("imagesTr", "0002")
+    fixed_label, moving_label = load("labelsTr", "0001").long(), load("labelsTr", "0002").long()
+    dice = {}
+    for features in ("mind", "raw", None):
+        ddf = torch.zeros(1, 3, *fixed.shape[2:]) if features is None else VoxelOpt(features=features)(moving, fixed)
+        dice[features] = LabelDiceMetric(labels=labels)(spatial.warp_labels(moving_label, ddf), fixed_label).nanmean()
+    assert dice["mind"] > dice["raw"]
+    assert dice["mind"] > dice[None] + 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(generator):
+    fixed, moving = smooth_volume(generator), smooth_volume(generator)
+    cpu = VoxelOpt(num_levels=3)(moving, fixed)
+    gpu = VoxelOpt(num_levels=3)(moving.cuda(), fixed.cuda())
+    assert gpu.device.type == "cuda"
+    assert (gpu.cpu() - cpu).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: VoxelOpt()(torch.rand(1, 32, 32, 32), torch.rand(1, 32, 32, 32)), "moving"),
+        (lambda: VoxelOpt()(torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 30)), "same shape"),
+        (lambda: VoxelOpt()(torch.full((1, 1, 32, 32, 32), float("nan")), torch.rand(1, 1, 32, 32, 32)), "moving"),
+        (lambda: VoxelOpt(num_levels=5)(torch.rand(1, 1, 16, 32, 32), torch.rand(1, 1, 16, 32, 32)), "num_levels"),
+        (lambda: VoxelOpt(features="sift"), "features"),
+        (lambda: VoxelOpt(sigma_mapping="linear"), "sigma_mapping"),
+        (lambda: VoxelOpt(coupling=(1.0, 0.1)), "coupling"),
+        (lambda: VoxelOpt(coupling="fast"), "coupling"),
+        (lambda: VoxelOpt(sigma_range=(0.5, 0.1)), "sigma_range"),
+        (lambda: VoxelOpt(num_levels=0), "num_levels"),
+        (lambda: VoxelOpt(beta=0.0), "beta"),
+        (lambda: neighbour_cost_volume(torch.rand(1, 2, 4, 4, 4), torch.rand(1, 3, 4, 4, 4)), "same shape"),
+        (lambda: adaptive_gaussian_filter(torch.rand(1, 2, 4, 4, 4), torch.rand(1, 2, 4, 4, 4)), "sigma"),
+    ],
+)
+def test_bad_input(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
