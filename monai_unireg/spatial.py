@@ -41,6 +41,9 @@ __all__ = [
     "sample",
     "warp",
     "warp_labels",
+    "sample_labels",
+    "grid_coordinates",
+    "resample_to_grid",
     "compose",
     "integrate_velocity",
     "resize_ddf",
@@ -109,6 +112,11 @@ def sample(
         )
     check_option(mode, "mode", INTERPOLATION_MODES)
     check_option(padding_mode, "padding_mode", PADDING_MODES)
+    return _sample(image, coords, mode, padding_mode)
+
+
+def _sample(image: torch.Tensor, coords: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """:func:`sample` without argument checks."""
     compute_dtype = torch.promote_types(torch.promote_types(image.dtype, coords.dtype), torch.float32)
     grid = _to_grid_sample_coordinates(coords.to(compute_dtype), image.shape[2:])
     sampled = F.grid_sample(image.to(compute_dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
@@ -136,55 +144,85 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding
     check_same_spatial_shape(image, ddf, "image", "ddf")
     if not image.is_floating_point():
         raise ValueError(f"image must be a floating point tensor, got dtype {image.dtype}; use warp_labels for labels.")
+    check_option(mode, "mode", INTERPOLATION_MODES)
+    check_option(padding_mode, "padding_mode", PADDING_MODES)
+    return _warp(image, ddf, mode, padding_mode)
+
+
+def _warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
+    """:func:`warp` without argument checks, for internal loops whose inputs are already checked."""
     coordinate_dtype = torch.promote_types(ddf.dtype, torch.float32)
     grid = identity_grid(ddf.shape[2:], device=ddf.device, dtype=coordinate_dtype).unsqueeze(0)
-    return sample(image, grid + ddf.to(coordinate_dtype), mode=mode, padding_mode=padding_mode)
+    return _sample(image, grid + ddf.to(coordinate_dtype), mode, padding_mode)
 
 
 def warp_labels(
     labels: torch.Tensor, ddf: torch.Tensor, method: str = "onehot", padding_mode: str = "border"
 ) -> torch.Tensor:
-    """Warp an integer label map without interpolation artefacts.
+    """Warp an integer label map without interpolation artefacts: labels sampled at ``x + ddf(x)``.
 
-    ``"onehot"`` gives, per voxel, the label whose indicator map has the largest trilinearly interpolated
-    value at ``x + ddf(x)`` (smooth boundaries; ties go to the smaller label value). It is computed exactly
-    from the 8 grid corners around each sample point: a label's interpolated indicator is the summed
-    trilinear weight of the corners carrying it, so the cost does not grow with the number of labels.
-    ``"nearest"`` takes the nearest voxel's label. Either way the output holds only label values present
-    in the input. With ``padding_mode="zeros"`` everything outside the grid is label 0.
+    See :func:`sample_labels` for the two methods; the output holds only label values present in the input.
 
     Args:
         labels: ``[B, 1, *S]`` integer-valued label map (any integer or floating dtype).
         ddf: ``[B, n, *S]`` displacement in voxels.
         method: ``"onehot"`` or ``"nearest"``.
-        padding_mode: ``"border"``, ``"zeros"`` or ``"reflection"``.
+        padding_mode: ``"border"``, ``"zeros"`` (outside is label 0) or ``"reflection"``.
 
     Returns:
         ``[B, 1, *S]`` warped labels, same dtype as ``labels``.
+    """
+    check_ddf(ddf, "ddf", labels.ndim - 2)
+    check_same_spatial_shape(labels, ddf, "labels", "ddf")
+    dtype = torch.promote_types(ddf.dtype, torch.float32)
+    coords = identity_grid(ddf.shape[2:], device=ddf.device, dtype=dtype).unsqueeze(0) + ddf.to(dtype)
+    return sample_labels(labels, coords, method, padding_mode)
+
+
+def sample_labels(
+    labels: torch.Tensor, coords: torch.Tensor, method: str = "onehot", padding_mode: str = "border"
+) -> torch.Tensor:
+    """Sample an integer label map at arbitrary voxel coordinates without interpolation artefacts.
+
+    ``"onehot"`` gives, per point, the label whose indicator map has the largest trilinearly interpolated
+    value there (smooth boundaries; ties go to the smaller label value). It is computed exactly from the
+    8 grid corners around each point: a label's interpolated indicator is the summed trilinear weight of the
+    corners carrying it, so the cost does not grow with the number of labels. ``"nearest"`` takes the nearest
+    voxel's label. Either way the output holds only label values present in the input. With
+    ``padding_mode="zeros"`` everything outside the grid is label 0.
+
+    Args:
+        labels: ``[B, 1, *S_in]`` integer-valued label map (any integer or floating dtype).
+        coords: ``[B, n, *S_out]`` voxel coordinates into ``labels``.
+        method: ``"onehot"`` or ``"nearest"``.
+        padding_mode: ``"border"``, ``"zeros"`` or ``"reflection"``.
+
+    Returns:
+        ``[B, 1, *S_out]`` labels, same dtype as ``labels``.
     """
     spatial_dims = labels.ndim - 2
     check_image(labels, "labels", spatial_dims)
     if labels.shape[1] != 1:
         raise ValueError(f"labels must have one channel [B, 1, ...], got shape {tuple(labels.shape)}.")
     check_labels(labels, "labels", allow_empty=True)
-    check_ddf(ddf, "ddf", spatial_dims)
-    check_same_spatial_shape(labels, ddf, "labels", "ddf")
+    check_image(coords, "coords", spatial_dims)
+    if coords.shape[0] != labels.shape[0] or coords.shape[1] != spatial_dims:
+        raise ValueError(f"coords must have shape [{labels.shape[0]}, {spatial_dims}, ...], got {tuple(coords.shape)}.")
     check_option(method, "method", ("onehot", "nearest"))
     check_option(padding_mode, "padding_mode", PADDING_MODES)
-    dtype = torch.promote_types(ddf.dtype, torch.float32)
+    coords = coords.to(torch.promote_types(coords.dtype, torch.float32))
     if method == "nearest":
-        warped = warp(labels.to(dtype), ddf.to(dtype), mode="nearest", padding_mode=padding_mode)
-        return torch.round(warped).to(labels.dtype)
-    coords = identity_grid(ddf.shape[2:], device=ddf.device, dtype=dtype).unsqueeze(0) + ddf.to(dtype)
+        sampled = _sample(labels.to(coords.dtype), coords, "nearest", padding_mode)
+        return torch.round(sampled).to(labels.dtype)
     if padding_mode == "reflection":
         coords = _reflect(coords, labels.shape[2:])
     flat_coords = coords.flatten(2)
     flat_labels = labels.flatten(1)
-    warped = torch.empty_like(flat_labels)
+    sampled = torch.empty(labels.shape[0], flat_coords.shape[-1], dtype=labels.dtype, device=labels.device)
     for start in range(0, flat_coords.shape[-1], LABEL_WARP_CHUNK):
         chunk = slice(start, start + LABEL_WARP_CHUNK)
-        warped[:, chunk] = _majority_of_corners(flat_labels, flat_coords[..., chunk], labels.shape[2:], padding_mode)
-    return warped.view_as(labels)
+        sampled[:, chunk] = _majority_of_corners(flat_labels, flat_coords[..., chunk], labels.shape[2:], padding_mode)
+    return sampled.view(labels.shape[0], 1, *coords.shape[2:])
 
 
 LABEL_WARP_CHUNK = 2**18
@@ -261,7 +299,13 @@ def compose(outer: torch.Tensor, inner: torch.Tensor, padding_mode: str = "borde
         raise ValueError(
             f"outer and inner must have the same shape, got {tuple(outer.shape)} and {tuple(inner.shape)}."
         )
-    return inner + warp(outer, inner, padding_mode=padding_mode)
+    check_option(padding_mode, "padding_mode", PADDING_MODES)
+    return _compose(outer, inner, padding_mode)
+
+
+def _compose(outer: torch.Tensor, inner: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
+    """:func:`compose` without argument checks."""
+    return inner + _warp(outer, inner, padding_mode=padding_mode)
 
 
 def integrate_velocity(svf: torch.Tensor, num_steps: int = 7, padding_mode: str = "border") -> torch.Tensor:
@@ -281,10 +325,71 @@ def integrate_velocity(svf: torch.Tensor, num_steps: int = 7, padding_mode: str 
     """
     check_ddf(svf, "svf", svf.ndim - 2)
     check_integer(num_steps, "num_steps", 0)
+    check_option(padding_mode, "padding_mode", PADDING_MODES)
     ddf = svf / (2**num_steps)
     for _ in range(num_steps):
-        ddf = compose(ddf, ddf, padding_mode=padding_mode)
+        ddf = _compose(ddf, ddf, padding_mode)
     return ddf
+
+
+def grid_coordinates(
+    source_affine: torch.Tensor, target_affine: torch.Tensor, target_shape: Sequence[int]
+) -> torch.Tensor:
+    """Voxel coordinates in the source grid of every target voxel centre, through physical space.
+
+    ``y = A_source^-1 A_target x``: the world point of target voxel ``x`` expressed in source voxel indices.
+
+    Args:
+        source_affine: ``[n+1, n+1]`` voxel-to-world affine of the grid being sampled.
+        target_affine: ``[n+1, n+1]`` voxel-to-world affine of the output grid.
+        target_shape: output spatial shape.
+
+    Returns:
+        ``[1, n, *target_shape]`` float64 coordinates.
+    """
+    spatial_dims = len(target_shape)
+    source = check_affine(source_affine, "source_affine", spatial_dims)
+    target = check_affine(target_affine, "target_affine", spatial_dims)
+    if source.ndim != 2 or target.ndim != 2:
+        raise ValueError("source_affine and target_affine must each be a single [n+1, n+1] matrix.")
+    mapping = torch.linalg.inv(source) @ target
+    grid = identity_grid(target_shape, dtype=torch.float64)
+    coords = torch.einsum("ij,j...->i...", mapping[:spatial_dims, :spatial_dims], grid)
+    return (coords + mapping[:spatial_dims, spatial_dims].view(-1, *([1] * spatial_dims))).unsqueeze(0)
+
+
+def resample_to_grid(
+    image: torch.Tensor,
+    source_affine: torch.Tensor,
+    target_affine: torch.Tensor,
+    target_shape: Sequence[int],
+    is_label: bool = False,
+) -> torch.Tensor:
+    """Resample an image from its grid onto another grid in physical space (outside the source: 0).
+
+    Used to bring a moving image acquired on another grid or orientation onto the fixed grid before
+    registration, so that the identity means "same physical point".
+
+    Args:
+        image: ``[1, C, *S_source]`` image, or ``[1, 1, *S_source]`` integer labels with ``is_label``.
+        source_affine: ``[n+1, n+1]`` voxel-to-world affine of ``image``.
+        target_affine: ``[n+1, n+1]`` voxel-to-world affine of the output grid.
+        target_shape: output spatial shape.
+        is_label: sample labels without interpolation artefacts (:func:`sample_labels`, one-hot method).
+
+    Returns:
+        ``[1, C, *target_shape]`` resampled image (labels keep their dtype).
+    """
+    check_image(image, "image", len(target_shape))
+    if image.shape[0] != 1:
+        raise ValueError(f"image must hold one volume [1, C, ...], got shape {tuple(image.shape)}.")
+    coords = grid_coordinates(source_affine, target_affine, target_shape).to(image.device)
+    if is_label:
+        return sample_labels(image, coords, padding_mode="zeros")
+    floating = image if image.is_floating_point() else image.to(torch.float32)
+    return _sample(floating, coords.to(torch.promote_types(floating.dtype, torch.float32)), "bilinear", "zeros").to(
+        floating.dtype
+    )
 
 
 def _resize_scale(old: Sequence[int], new: Sequence[int], align_corners: bool) -> list[float]:

@@ -290,3 +290,32 @@ def test_warp_labels_onehot_follows_the_majority_at_half_voxel_shift():
 def test_bad_input_raises_value_error_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_resample_to_grid_undoes_a_reoriented_copy(generator):
+    """The same physical image stored LPS instead of RAS, axes permuted: resampling brings it back exactly."""
+    image = torch.rand(1, 1, 6, 7, 8, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 4, (1, 1, 6, 7, 8), generator=generator)
+    affine = torch.tensor([[2.0, 0, 0, -5], [0, 1.5, 0, 3], [0, 0, 1.0, 7], [0, 0, 0, 1]], dtype=torch.float64)
+    stored = image.flip(2, 3).permute(0, 1, 4, 2, 3)  # new axes: (z, -x, -y)
+    labels_stored = labels.flip(2, 3).permute(0, 1, 4, 2, 3)
+    # new voxel (k, i', j') is old voxel (5 - i', 6 - j', k)
+    to_old = torch.tensor([[0, -1.0, 0, 5], [0, 0, -1.0, 6], [1.0, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.float64)
+    stored_affine = affine @ to_old
+    back = spatial.resample_to_grid(stored, stored_affine, affine, (6, 7, 8))
+    torch.testing.assert_close(back, image)
+    back_labels = spatial.resample_to_grid(labels_stored, stored_affine, affine, (6, 7, 8), is_label=True)
+    assert torch.equal(back_labels, labels)
+
+
+def test_resample_to_grid_on_another_voxel_size_is_exact_for_linear_images():
+    slope = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    source_affine = torch.diag(torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+    image = torch.einsum("i,i...->...", slope, spatial.identity_grid((20, 20, 20), dtype=torch.float64))[None, None]
+    target_affine = torch.diag(torch.tensor([2.0, 1.5, 2.5, 1.0], dtype=torch.float64))
+    target_affine[:3, 3] = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    resampled = spatial.resample_to_grid(image, source_affine, target_affine, (8, 10, 6))
+    world = spatial.grid_coordinates(source_affine, target_affine, (8, 10, 6))[0]  # source voxels = mm here
+    torch.testing.assert_close(resampled[0, 0], torch.einsum("i,i...->...", slope, world))
+    outside = spatial.resample_to_grid(image, source_affine, target_affine, (12, 14, 10))
+    assert outside[0, 0, -1, -1, -1] == 0  # beyond the source field of view: zero
