@@ -19,12 +19,11 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import GaussianSmooth
 
 from monai_unireg import io, spatial
+from monai_unireg.data.synthetic import make_synthetic_pair
 from monai_unireg.losses import GradICONLoss, LNCCLoss, MINDSSCLoss
 from monai_unireg.metrics import HD95Metric, JacobianMetric, LabelDiceMetric, spacing_from_affine
 from monai_unireg.transforms import ResizePaird, RestoreDDFd
@@ -33,47 +32,6 @@ from monai_unireg.visualize import save_overview
 SHAPE = (64, 72, 64)
 SPACING = 2.0
 NETWORK_SIZE = (48, 48, 48)
-
-
-def phantom_affine() -> np.ndarray:
-    """2 mm voxels, rotated 10 degrees about the z axis, origin at the volume centre."""
-    angle = np.deg2rad(10.0)
-    affine = np.eye(4)
-    affine[:3, :3] = (
-        np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]) * SPACING
-    )
-    affine[:3, 3] = -affine[:3, :3] @ (np.array(SHAPE) - 1) / 2
-    return affine
-
-
-def make_phantom(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[1, 1, *SHAPE]`` image in [0, 1] and integer labels 1..4 (nested and side-by-side ellipsoids)."""
-    grid = spatial.identity_grid(SHAPE) - torch.tensor([(s - 1) / 2 for s in SHAPE]).view(3, 1, 1, 1)
-    labels = torch.zeros(SHAPE, dtype=torch.int16)
-    structures = [  # (centre offset in voxels, radii in voxels, label)
-        ((0, 0, 0), (26, 30, 26), 1),
-        ((0, 0, 0), (14, 18, 14), 2),
-        ((-8, 6, 2), (5, 6, 5), 3),
-        ((9, -7, -3), (4, 7, 6), 4),
-    ]
-    for centre, radii, value in structures:
-        offset = (grid - torch.tensor(centre).view(3, 1, 1, 1)) / torch.tensor(radii).view(3, 1, 1, 1)
-        labels[(offset**2).sum(0) <= 1] = value
-    intensity = torch.tensor([0.0, 0.35, 0.6, 0.9, 0.2])[labels.long()]
-    image = intensity + 0.02 * torch.randn(SHAPE, generator=generator)
-    return image[None, None].clamp(0, 1), labels[None, None]
-
-
-def make_deformation(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A smooth diffeomorphism and its inverse: ``exp(v)`` and ``exp(-v)``, ``[1, 3, *SHAPE]`` voxels.
-
-    ``v``: white noise on a 6^3 grid, upsampled and Gaussian-smoothed (sigma 6 voxels), about 3 voxels at most.
-    """
-    coarse = torch.randn(1, 3, 6, 6, 6, generator=generator)
-    noise = torch.nn.functional.interpolate(coarse, size=SHAPE, mode="nearest")[0]
-    velocity = GaussianSmooth(sigma=6.0)(noise).as_tensor()[None]
-    velocity = velocity * (3.0 / velocity.abs().max())
-    return spatial.integrate_velocity(velocity), spatial.integrate_velocity(-velocity)
 
 
 def evaluate(name: str, fixed, fixed_labels, moving, moving_labels, ddf, affine) -> dict[str, float]:
@@ -112,15 +70,13 @@ def network_size_round_trip(fixed, moving, ddf, affine) -> float:
 
 def main(out: Path, seed: int) -> dict:
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
-    affine = phantom_affine()
     print(f"[1/5] phantom {SHAPE} at {SPACING} mm and a smooth diffeomorphic deformation (seed {seed})")
-    fixed, fixed_labels = make_phantom(generator)
-    true_ddf, inverse_ddf = make_deformation(generator)
+    pair = make_synthetic_pair(SHAPE, SPACING, max_displacement=3.0, seed=seed)
+    affine, true_ddf, inverse_ddf = pair.affine, pair.true_ddf, pair.inverse_ddf
+    fixed, fixed_labels = pair.fixed, pair.fixed_label
 
     print("[2/5] moving image = fixed warped by the inverse deformation")
-    moving = spatial.warp(fixed, inverse_ddf)
-    moving_labels = spatial.warp_labels(fixed_labels, inverse_ddf)
+    moving, moving_labels = pair.moving, pair.moving_label
 
     print("[3/5] evaluation")
     metrics = {

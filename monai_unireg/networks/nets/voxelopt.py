@@ -141,6 +141,20 @@ class VoxelOpt(nn.Module):
                 ddf = compose(ddf, integrate_velocity(increment, self.integration_steps))
         return ddf.to(fixed.dtype)
 
+    @staticmethod
+    def levels_for(shape: Sequence[int], coarsest: int = 8, maximum: int = 5) -> int:
+        """Pyramid levels for a volume of spatial ``shape``: at most ``maximum`` (the paper's 5), and no more than
+        keep ``coarsest`` voxels along every axis at the coarsest level (the paper's 192x160x256 volumes keep 10).
+
+        A coarser top level would move whole structures by ``2^(L-1)`` voxels per step on a handful of voxels.
+        """
+        check_integer(coarsest, "coarsest", 2)
+        levels, size = 1, min(int(s) for s in shape)
+        while levels < check_integer(maximum, "maximum", 1) and size // 2 >= coarsest:
+            size //= 2
+            levels += 1
+        return levels
+
     def pyramid_sizes(self, shape: Sequence[int]) -> list[tuple[int, ...]]:
         """Spatial sizes from the input resolution (first) to the coarsest level (last); each halves every axis."""
         sizes = [tuple(int(s) for s in shape)]
