@@ -1,0 +1,132 @@
+"""The monai-unireg command line end to end: outputs, physical space, the demo, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from monai_unireg import io
+from monai_unireg.cli import main
+from monai_unireg.data.synthetic import make_synthetic_pair
+from monai_unireg.metrics import LabelDiceMetric
+
+OUTPUTS = {"warped.nii.gz", "warped_label.nii.gz", "ddf.nii.gz", "metrics.json", "overview.png"}
+
+
+@pytest.fixture(scope="module")
+def small_pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pair")
+    pair = make_synthetic_pair(shape=(32, 36, 32), spacing=3.0, max_displacement=2.0, seed=1)
+    return pair, pair.save(folder)
+
+
+def register_arguments(paths, out, *extra):
+    return [
+        "register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]),
+        "--fixed-label", str(paths["fixed_label"]), "--moving-label", str(paths["moving_label"]),
+        "--out", str(out), "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def test_register_writes_every_output(small_pair, tmp_path, capsys):
+    pair, paths = small_pair
+    assert main(register_arguments(paths, tmp_path / "out")) == 0
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    printed = capsys.readouterr().out
+    assert "[1/4]" in printed and "[4/4]" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["dice"]) == {"1", "2", "3", "4"} and set(metrics["hd95_mm"]) == set(metrics["dice"])
+    before = make_dice_before(pair)
+    assert metrics["dice_mean"] > before
+    assert metrics["folding_percent"] < 1.0 and metrics["runtime_s"] > 0 and metrics["modality"] == "mri"
+    field = nib.load(str(out / "ddf.nii.gz"))
+    assert field.shape == (32, 36, 32, 1, 3) and np.allclose(field.affine, pair.affine, atol=1e-5)
+    warped_label = np.asarray(nib.load(str(out / "warped_label.nii.gz")).dataobj)
+    assert set(np.unique(warped_label)) <= {0, 1, 2, 3, 4}
+    assert (out / "overview.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def make_dice_before(pair) -> float:
+    return float(LabelDiceMetric()(pair.moving_label, pair.fixed_label).nanmean())
+
+
+def test_moving_on_another_grid_is_brought_into_the_fixed_grid(small_pair, tmp_path):
+    """The same moving image stored with flipped, permuted axes (and the matching affine) gives the same result."""
+    pair, paths = small_pair
+    moving = np.asarray(nib.load(str(paths["moving"])).dataobj)
+    moving_label = np.asarray(nib.load(str(paths["moving_label"])).dataobj)
+    to_old = np.array([[0, -1.0, 0, 31], [0, 0, -1.0, 35], [1.0, 0, 0, 0], [0, 0, 0, 1]])  # new (k, i', j')
+    affine = pair.affine @ to_old
+    reoriented = {
+        **paths,
+        "moving": tmp_path / "moving_lps.nii.gz",
+        "moving_label": tmp_path / "moving_label_lps.nii.gz",
+    }
+    io.save_nifti(np.flip(moving, (0, 1)).transpose(2, 0, 1), affine, reoriented["moving"])
+    io.save_nifti(np.flip(moving_label, (0, 1)).transpose(2, 0, 1), affine, reoriented["moving_label"])
+    assert main(register_arguments(paths, tmp_path / "a")) == 0
+    assert main(register_arguments(reoriented, tmp_path / "b")) == 0
+    first = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    second = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert second["moving_resampled_to_fixed_grid"] and not first["moving_resampled_to_fixed_grid"]
+    assert second["dice"] == pytest.approx(first["dice"], abs=1e-4)
+    field_a, _ = io.load_ddf(tmp_path / "a" / "ddf.nii.gz")
+    field_b, _ = io.load_ddf(tmp_path / "b" / "ddf.nii.gz")
+    torch.testing.assert_close(field_b, field_a, atol=1e-3, rtol=0)
+
+
+def test_python_module_entry_point_and_demo(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "monai_unireg", "demo", "--out", str(tmp_path / "demo"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert OUTPUTS <= {p.name for p in (tmp_path / "demo").iterdir()}
+    assert "endpoint error" in result.stdout
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert metrics["dice_mean"] > 0.92  # 0.90 before registration
+
+
+def write_bad(tmp_path, name, array, affine=np.eye(4)):
+    path = tmp_path / name
+    io.save_nifti(array, affine, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p, t: {"fixed": t / "missing.nii.gz"}, "fixed"),
+        (lambda p, t: {"moving": (t / "junk.nii.gz").write_bytes(b"junk") and t / "junk.nii.gz"}, "moving"),
+        (lambda p, t: {"fixed": write_bad(t, "nan.nii.gz", np.full((32, 36, 32), np.nan, np.float32))}, "NaN"),
+        (lambda p, t: {"fixed": write_bad(t, "2d.nii.gz", np.zeros((32, 36), np.float32))}, "3D"),
+        (lambda p, t: {"moving_label": write_bad(t, "frac.nii.gz", np.full((32, 36, 32), 0.5, np.float32))}, "integer"),
+        (lambda p, t: {"fixed_label": write_bad(t, "empty.nii.gz", np.zeros((32, 36, 32), np.int16))}, "empty"),
+        (lambda p, t: {"fixed_label": write_bad(t, "small.nii.gz", np.ones((8, 8, 8), np.int16))}, "fixed_label"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_a_clear_message_and_no_output(small_pair, tmp_path, capsys, change, message):
+    pair, paths = small_pair
+    paths = {**paths, **change(paths, tmp_path)}
+    out = tmp_path / "out"
+    assert main(register_arguments(paths, out)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_unknown_method_and_out_on_a_file(small_pair, tmp_path, capsys):
+    _, paths = small_pair
+    with pytest.raises(SystemExit) as exit_info:
+        main(register_arguments(paths, tmp_path / "out", "--method", "magic"))
+    assert exit_info.value.code == 2 and "magic" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(register_arguments(paths, blocker)) == 2
+    assert "out_dir" in capsys.readouterr().err
