@@ -24,10 +24,12 @@ from monai_unireg.validation import check_option
 
 __all__ = [
     "PAIR_SECTIONS",
+    "PAIR_FOLDER_SUFFIXES",
     "Learn2RegDataset",
     "find_learn2reg_datasets",
     "label_path_for",
     "load_learn2reg",
+    "load_pair_folder",
     "make_pair",
     "pair_name",
     "read_learn2reg",
@@ -276,3 +278,37 @@ def find_learn2reg_datasets(root: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"root {root} is not a directory.")
     return sorted(root.glob("*/*_dataset.json"))
+
+
+#: File-name suffixes of a folder of pairs: ``<name>_fixed.nii.gz``, ``<name>_moving.nii.gz`` and optional labels.
+PAIR_FOLDER_SUFFIXES = {
+    "fixed_image": "_fixed.nii.gz",
+    "moving_image": "_moving.nii.gz",
+    "fixed_label": "_fixed_label.nii.gz",
+    "moving_label": "_moving_label.nii.gz",
+}
+
+
+def load_pair_folder(folder: str | os.PathLike) -> list[dict[str, str]]:
+    """Pair dicts from a folder of ``<name>_fixed.nii.gz`` + ``<name>_moving.nii.gz`` files (sorted by name),
+    with ``<name>_fixed_label.nii.gz`` / ``<name>_moving_label.nii.gz`` added when present.
+
+    Raises:
+        ValueError: when ``folder`` is not a folder, holds no ``*_fixed.nii.gz``, or a fixed image has no moving one.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"folder {str(folder)!r} does not exist or is not a folder.")
+    fixed_suffix = PAIR_FOLDER_SUFFIXES["fixed_image"]
+    prefixes = sorted(str(path)[: -len(fixed_suffix)] for path in folder.glob(f"*{fixed_suffix}"))
+    if not prefixes:
+        raise ValueError(f"folder {str(folder)!r} holds no '*{fixed_suffix}' image; expected <name>{fixed_suffix}.")
+    pairs = []
+    for prefix in prefixes:
+        pair = {key: prefix + suffix for key, suffix in PAIR_FOLDER_SUFFIXES.items() if Path(prefix + suffix).is_file()}
+        if "moving_image" not in pair:
+            raise ValueError(
+                f"folder {str(folder)!r}: {prefix}{fixed_suffix} has no {Path(prefix).name}_moving.nii.gz."
+            )
+        pairs.append(pair)
+    return pairs

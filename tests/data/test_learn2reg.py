@@ -14,6 +14,7 @@ from monai_unireg.data import (
     find_learn2reg_datasets,
     label_path_for,
     load_learn2reg,
+    load_pair_folder,
     pair_name,
     read_learn2reg,
 )
@@ -225,3 +226,20 @@ def test_pair_names_are_unique_in_every_shared_section(shared_data):
         for section in ("registration_val", "training_paired_images"):
             pairs = dataset.pairs(section)
             assert len({pair_name(p) for p in pairs}) == len(pairs)
+
+
+def test_load_pair_folder(tmp_path):
+    for name in ("b_fixed", "b_moving", "a_fixed", "a_moving", "a_fixed_label", "notes"):
+        (tmp_path / f"{name}.nii.gz").write_bytes(b"")
+    pairs = load_pair_folder(tmp_path)
+    assert [Path(p["fixed_image"]).name for p in pairs] == ["a_fixed.nii.gz", "b_fixed.nii.gz"]
+    assert set(pairs[0]) == {"fixed_image", "moving_image", "fixed_label"} and "fixed_label" not in pairs[1]
+    with pytest.raises(ValueError, match="no"):
+        load_pair_folder(tmp_path / "a_fixed_label.nii.gz")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no"):
+        load_pair_folder(empty)
+    (tmp_path / "c_fixed.nii.gz").write_bytes(b"")
+    with pytest.raises(ValueError, match="c_moving"):
+        load_pair_folder(tmp_path)
