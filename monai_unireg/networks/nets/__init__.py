@@ -1,4 +1,5 @@
-"""Registration networks: ``forward(moving, fixed, **conditions) -> ddf`` ``[B, 3, D, H, W]`` in voxels."""
+"""Networks: registration networks (``forward(moving, fixed, **conditions) -> ddf`` ``[B, 3, D, H, W]`` in
+voxels) and the feature extractors they can use (``forward(image) -> features`` ``[B, C, D, H, W]``)."""
 
 from monai_unireg.networks.nets.universal_model import (
     UniversalModelFeatures,
