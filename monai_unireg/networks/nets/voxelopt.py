@@ -182,12 +182,13 @@ class VoxelOpt(nn.Module):
         sigma = self.filter_width(cost)
         cost = adaptive_gaussian_filter(cost, sigma, self.prefilter_passes)
         offsets = NEIGHBOUR_OFFSETS.to(device=cost.device, dtype=cost.dtype)
-        squared_norms = offsets.square().sum(1).view(1, -1, 1, 1, 1)
-        velocity = adaptive_gaussian_filter(offsets_to_field(cost.argmin(1)), sigma, self.filter_passes)
+        squared_norms = offsets.square().sum(1)
+        cost = cost.movedim(1, -1).contiguous()  # [B, *S, 27]: the argmins reduce over the contiguous axis
+        velocity = adaptive_gaussian_filter(offsets_to_field(cost.argmin(-1)), sigma, self.filter_passes)
         for weight in self.coupling:
             # ||u - o||^2 = ||u||^2 - 2 o.u + ||o||^2; the first term does not depend on o
-            coupling = squared_norms - 2 * torch.einsum("ok,bk...->bo...", offsets, velocity)
-            choice = offsets_to_field((cost + weight * coupling).argmin(1))
+            coupling = squared_norms - 2 * (velocity.movedim(1, -1) @ offsets.T)
+            choice = offsets_to_field((cost + weight * coupling).argmin(-1))
             velocity = adaptive_gaussian_filter(choice, sigma, self.filter_passes)
         return velocity
 
