@@ -41,14 +41,15 @@ def neighbour_cost_volume(fixed: torch.Tensor, moving: torch.Tensor, metric: str
     check_option(metric, "metric", COST_METRICS)
     depth, height, width = fixed.shape[2:]
     padded = F.pad(moving, (1, 1, 1, 1, 1, 1))
-    costs = []
-    for dz, dy, dx in NEIGHBOUR_OFFSETS.long().tolist():
+    dtype = torch.promote_types(fixed.dtype, moving.dtype)
+    cost = torch.empty(fixed.shape[0], len(NEIGHBOUR_OFFSETS), depth, height, width, dtype=dtype, device=fixed.device)
+    for index, (dz, dy, dx) in enumerate(NEIGHBOUR_OFFSETS.long().tolist()):
         shifted = padded[:, :, 1 + dz : 1 + dz + depth, 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
         if metric == "l1":
-            costs.append((fixed - shifted).abs().mean(1))
+            cost[:, index] = torch.sub(fixed, shifted).abs_().mean(1)
         else:
-            costs.append((fixed * shifted).sum(1))
-    return torch.stack(costs, 1)
+            cost[:, index] = torch.mul(fixed, shifted).sum(1)
+    return cost
 
 
 def offsets_to_field(index: torch.Tensor) -> torch.Tensor:

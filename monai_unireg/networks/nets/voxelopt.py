@@ -80,6 +80,9 @@ class VoxelOpt(nn.Module):
         integration_steps: scaling-and-squaring steps per level.
         mind_radius: MIND-SSC patch radius.
         mind_dilation: MIND-SSC neighbourhood dilation.
+        finest_level: last pyramid level optimised (0: the input resolution, as in the paper; 1: half resolution,
+            as the authors' code registers 192x160x256 volumes at 96x80x128); the field is then upsampled to the
+            input size. Features are still computed at the input resolution.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class VoxelOpt(nn.Module):
         integration_steps: int = 7,
         mind_radius: int = 2,
         mind_dilation: int = 2,
+        finest_level: int = 0,
     ) -> None:
         super().__init__()
         self.feature_extractor = _feature_extractor(features, mind_radius, mind_dilation)
@@ -110,6 +114,9 @@ class VoxelOpt(nn.Module):
         self.filter_passes = check_integer(filter_passes, "filter_passes", 0)
         self.adaptive = check_bool(adaptive, "adaptive")
         self.integration_steps = check_integer(integration_steps, "integration_steps", 0)
+        self.finest_level = check_integer(finest_level, "finest_level", 0)
+        if self.finest_level >= self.num_levels:
+            raise ValueError(f"finest_level must be below num_levels={self.num_levels}, got {finest_level}.")
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """Register ``moving`` to ``fixed``.
@@ -133,12 +140,14 @@ class VoxelOpt(nn.Module):
             fixed_features = self._features(fixed)
             moving_features = self._features(moving)
             ddf = torch.zeros(fixed.shape[0], 3, *sizes[-1], device=fixed.device, dtype=torch.float32)
-            for size in reversed(sizes):
+            for size in reversed(sizes[self.finest_level :]):
                 ddf = resize_ddf(ddf, size) if tuple(ddf.shape[2:]) != size else ddf
                 level_fixed = _resize_features(fixed_features, size)
                 level_moving = warp(_resize_features(moving_features, size), ddf)
                 increment = self.solve_level(level_fixed, level_moving)
                 ddf = compose(ddf, integrate_velocity(increment, self.integration_steps))
+            if self.finest_level:
+                ddf = resize_ddf(ddf, sizes[0])
         return ddf.to(fixed.dtype)
 
     @staticmethod
@@ -182,14 +191,19 @@ class VoxelOpt(nn.Module):
         sigma = self.filter_width(cost)
         cost = adaptive_gaussian_filter(cost, sigma, self.prefilter_passes)
         offsets = NEIGHBOUR_OFFSETS.to(device=cost.device, dtype=cost.dtype)
-        squared_norms = offsets.square().sum(1)
-        cost = cost.movedim(1, -1).contiguous()  # [B, *S, 27]: the argmins reduce over the contiguous axis
-        velocity = adaptive_gaussian_filter(offsets_to_field(cost.argmin(-1)), sigma, self.filter_passes)
+        grid_shape = (cost.shape[0], *cost.shape[2:])
+        cost = cost.movedim(1, -1).reshape(-1, len(offsets))  # [B * prod(S), 27]: rows are voxels
+        velocity = adaptive_gaussian_filter(
+            offsets_to_field(cost.argmin(-1).view(grid_shape)), sigma, self.filter_passes
+        )
+        ones = torch.ones(cost.shape[0], 1, device=cost.device, dtype=cost.dtype)
         for weight in self.coupling:
-            # ||u - o||^2 = ||u||^2 - 2 o.u + ||o||^2; the first term does not depend on o
-            coupling = squared_norms - 2 * (velocity.movedim(1, -1) @ offsets.T)
-            choice = offsets_to_field((cost + weight * coupling).argmin(-1))
-            velocity = adaptive_gaussian_filter(choice, sigma, self.filter_passes)
+            # C + w ||u - o||^2 = C + w ||o||^2 - 2 w u.o + w ||u||^2; the last term does not depend on o, and the
+            # rest is one matrix product [u, 1] @ [[-2 w o^T], [w ||o||^2]] added to C
+            coupling = torch.cat([-2 * weight * offsets.T, weight * offsets.square().sum(1, keepdim=True).T])
+            rows = torch.cat([velocity.movedim(1, -1).reshape(-1, 3), ones], 1)
+            choice = torch.addmm(cost, rows, coupling).argmin(-1).view(grid_shape)
+            velocity = adaptive_gaussian_filter(offsets_to_field(choice), sigma, self.filter_passes)
         return velocity
 
     def filter_width(self, cost: torch.Tensor) -> torch.Tensor:
