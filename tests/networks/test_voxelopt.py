@@ -54,6 +54,27 @@ def test_adaptive_filter_limits_and_per_voxel_width(generator):
     torch.testing.assert_close(out[0, 0, 2, 2, 5], weight * (1 - 2 * weight) ** 2)
 
 
+def test_adaptive_filter_autograd_path_matches_and_has_correct_gradients(generator):
+    x = torch.rand(1, 2, 5, 6, 7, generator=generator, dtype=torch.float64)
+    sigma = torch.rand(1, 1, 5, 6, 7, generator=generator, dtype=torch.float64) + 0.2
+    with torch.no_grad():
+        in_place = adaptive_gaussian_filter(x, sigma, passes=2)
+    x.requires_grad_(True)
+    sigma.requires_grad_(True)
+    torch.testing.assert_close(adaptive_gaussian_filter(x, sigma, passes=2), in_place)
+    assert torch.autograd.gradcheck(lambda a, b: adaptive_gaussian_filter(a, b, passes=2), (x, sigma))
+
+
+def test_dot_cost_volume_is_the_channel_sum_of_products(generator):
+    fixed = torch.rand(1, 3, 4, 5, 6, generator=generator)
+    moving = torch.rand(1, 3, 4, 5, 6, generator=generator)
+    score = neighbour_cost_volume(fixed, moving, metric="dot")
+    torch.testing.assert_close(score[:, 13], (fixed * moving).sum(1))
+    shifted = torch.nn.functional.pad(moving, (1, 1, 1, 1, 1, 1))[:, :, 2:6, 1:6, 0:6]  # offset (1, 0, -1)
+    index = NEIGHBOUR_OFFSETS.tolist().index([1.0, 0.0, -1.0])
+    torch.testing.assert_close(score[:, index], (fixed * shifted).sum(1))
+
+
 def test_identity_pair_gives_zero_field(generator):
     image = smooth_volume(generator)
     assert VoxelOpt(num_levels=3)(image, image).abs().max() == 0
@@ -86,6 +107,16 @@ def test_known_shift_is_recovered(generator, sigma_mapping, shift, tolerance):
     error_before = (moving - fixed)[..., 10:-10, 10:-10, 10:-10].abs().mean()
     error_after = (spatial.warp(moving, ddf) - fixed)[..., 10:-10, 10:-10, 10:-10].abs().mean()
     assert error_after < 0.25 * error_before
+
+
+def test_half_resolution_finest_level(generator):
+    fixed = smooth_volume(generator, shape=(40, 40, 40))
+    true_field = constant_shift((2.0, 1.0, -1.0), (40, 40, 40))
+    moving = spatial.warp(fixed, -true_field)
+    ddf = VoxelOpt(num_levels=3, finest_level=1)(moving, fixed)
+    assert ddf.shape == (1, 3, 40, 40, 40)
+    inner = ddf[..., 10:-10, 10:-10, 10:-10].mean(dim=(2, 3, 4))[0]
+    torch.testing.assert_close(inner, torch.tensor([2.0, 1.0, -1.0]), atol=0.3, rtol=0)
 
 
 def test_float16_and_custom_feature_module(generator):
@@ -149,6 +180,7 @@ def test_cuda_matches_cpu(generator):
         (lambda: VoxelOpt(sigma_range=(0.5, 0.1)), "sigma_range"),
         (lambda: VoxelOpt(num_levels=0), "num_levels"),
         (lambda: VoxelOpt(beta=0.0), "beta"),
+        (lambda: VoxelOpt(num_levels=3, finest_level=3), "finest_level"),
         (lambda: neighbour_cost_volume(torch.rand(1, 2, 4, 4, 4), torch.rand(1, 3, 4, 4, 4)), "same shape"),
         (lambda: adaptive_gaussian_filter(torch.rand(1, 2, 4, 4, 4), torch.rand(1, 2, 4, 4, 4)), "sigma"),
     ],

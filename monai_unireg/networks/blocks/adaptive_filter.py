@@ -9,9 +9,15 @@ from monai_unireg.validation import check_image, check_integer
 __all__ = ["adaptive_gaussian_filter"]
 
 
-def _second_difference(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """``v(x - 1) + v(x + 1) - 2 v(x)`` along ``axis``, the volume edge replicated; written into one new buffer."""
+def _second_difference(x: torch.Tensor, axis: int, differentiable: bool) -> torch.Tensor:
+    """``v(x - 1) + v(x + 1) - 2 v(x)`` along ``axis`` (2, 3 or 4), the volume edge replicated.
+
+    Without autograd the sums are written straight into one new buffer; with it, through a padded copy.
+    """
     length = x.shape[axis]
+    if differentiable:
+        padded = torch.cat([x.narrow(axis, 0, 1), x, x.narrow(axis, length - 1, 1)], axis)
+        return padded.narrow(axis, 0, length) + padded.narrow(axis, 2, length) - 2 * x
     result = torch.empty_like(x)
     if length == 1:
         return result.zero_()
@@ -49,7 +55,7 @@ def adaptive_gaussian_filter(x: torch.Tensor, sigma: torch.Tensor, passes: int =
     for _ in range(passes):
         for axis in (2, 3, 4):
             # w_0 v + w_1 (v_prev + v_next) = v + w_1 (v_prev + v_next - 2 v), with w_0 = 1 - 2 w_1
-            difference = _second_difference(x, axis)
+            difference = _second_difference(x, axis, needs_graph)
             if needs_graph:
                 x = torch.addcmul(x, difference, side_weight)
             else:  # the difference buffer is fresh: update it in place (a third less memory traffic)
