@@ -96,7 +96,7 @@ from monai_unireg import spatial
 from monai_unireg.filtering import separable_filter
 from monai_unireg.io import RAS_TO_LPS, load_ddf, load_nifti, save_nifti
 from monai_unireg.metrics import HD95Metric, JacobianMetric, LabelDiceMetric
-from monai_unireg.metrics.surface import spacing_from_affine
+from monai_unireg.spatial import spacing_from_affine
 
 DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 KNOWN_SEED = 0

@@ -19,8 +19,8 @@ import torch.nn as nn
 from monai_unireg import io
 from monai_unireg.data.synthetic import make_synthetic_pair
 from monai_unireg.engines import MODALITIES, register_files
-from monai_unireg.metrics import spacing_from_affine
 from monai_unireg.networks.nets import VoxelOpt
+from monai_unireg.spatial import spacing_from_affine
 
 __all__ = ["main", "build_parser", "METHODS"]
 

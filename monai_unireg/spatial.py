@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +53,7 @@ __all__ = [
     "ddf_normalized_to_voxel",
     "ddf_voxel_to_mm",
     "ddf_mm_to_voxel",
+    "spacing_from_affine",
     "jacobian_determinant",
 ]
 
@@ -538,6 +540,20 @@ def ddf_mm_to_voxel(ddf_mm: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     check_ddf(ddf_mm, "ddf_mm", ddf_mm.ndim - 2)
     inverse = torch.linalg.inv(_linear_part(affine, ddf_mm)).to(device=ddf_mm.device)
     return torch.einsum("bij,bj...->bi...", inverse, ddf_mm.to(torch.float64)).to(ddf_mm.dtype)
+
+
+def spacing_from_affine(affine: torch.Tensor | np.ndarray, spatial_dims: int = 3) -> np.ndarray:
+    """Voxel spacing from a voxel-to-world affine: the Euclidean norms of the columns of its linear part.
+
+    Args:
+        affine: ``[n+1, n+1]`` or batched ``[B, n+1, n+1]`` (``n = spatial_dims``), voxel index -> world (mm).
+        spatial_dims: number of spatial axes ``n``.
+
+    Returns:
+        float64 ``[n]`` or ``[B, n]``: the spacing of each array axis, in the affine's world unit.
+    """
+    affine = check_affine(affine, "affine", spatial_dims)
+    return torch.linalg.vector_norm(affine[..., :spatial_dims, :spatial_dims], dim=-2).cpu().numpy()
 
 
 def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:

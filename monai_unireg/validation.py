@@ -19,6 +19,7 @@ __all__ = [
     "check_same_spatial_shape",
     "check_labels",
     "check_option",
+    "check_number",
     "check_positive",
     "check_affine",
     "check_spacing",
@@ -116,11 +117,24 @@ def check_option(value: Any, name: str, allowed: Iterable[Any]) -> Any:
     return value
 
 
+def _is_real_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+
+
+def check_number(value: Any, name: str) -> Any:
+    """Check that ``value`` is a finite real number (not a bool); return it unchanged."""
+    if not _is_real_number(value):
+        raise ValueError(f"{name} must be a number, got {value!r}.")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}.")
+    return value
+
+
 def check_positive(value: Any, name: str, *, allow_zero: bool = False) -> Any:
     """Check that a number (or every number of a sequence) is finite and positive (or >= 0 with allow_zero)."""
     values: Sequence[Any] = value if isinstance(value, (list, tuple)) else [value]
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        if not _is_real_number(v):
             raise ValueError(f"{name} must be a number, got {v!r}.")
         if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
             bound = ">= 0" if allow_zero else "> 0"

@@ -42,7 +42,7 @@ class SyntheticPair:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm."""
-        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+        return tuple(float(s) for s in spatial.spacing_from_affine(self.affine))
 
     def save(self, folder: str | os.PathLike) -> dict[str, Path]:
         """Write ``fixed``, ``moving``, ``fixed_label``, ``moving_label`` and ``true_ddf`` as NIfTI in ``folder``."""

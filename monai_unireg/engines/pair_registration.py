@@ -27,7 +27,8 @@ import torch.nn as nn
 
 from monai_unireg import io, spatial
 from monai_unireg.data import pair_name
-from monai_unireg.metrics import HD95Metric, JacobianMetric, LabelDiceMetric, spacing_from_affine
+from monai_unireg.metrics import HD95Metric, JacobianMetric, LabelDiceMetric
+from monai_unireg.spatial import spacing_from_affine
 from monai_unireg.transforms import CTWindow, MRIPercentile
 from monai_unireg.validation import check_labels, check_option
 from monai_unireg.visualize import save_overview

@@ -42,27 +42,14 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from monai_unireg.metrics.dice import LabelMapMetric, check_label_pair, label_indices, label_values_tensor
-from monai_unireg.validation import check_affine, check_positive
+from monai_unireg.spatial import spacing_from_affine
+from monai_unireg.validation import check_positive
 
 __all__ = ["HD95Metric", "label_hausdorff_distance", "spacing_from_affine", "SpacingLike"]
 
 _MAX_DIRECT_LABEL = 1 << 16
 
 SpacingLike = Union[float, Sequence[float], Sequence[Sequence[float]], np.ndarray, torch.Tensor]
-
-
-def spacing_from_affine(affine: torch.Tensor | np.ndarray, spatial_dims: int = 3) -> np.ndarray:
-    """Voxel spacing from a voxel-to-world affine: the Euclidean norms of the columns of its linear part.
-
-    Args:
-        affine: ``[n+1, n+1]`` or batched ``[B, n+1, n+1]`` (``n = spatial_dims``), voxel index -> world (mm).
-        spatial_dims: number of spatial axes ``n``.
-
-    Returns:
-        float64 ``[n]`` or ``[B, n]``: the spacing of each array axis, in the affine's world unit.
-    """
-    affine = check_affine(affine, "affine", spatial_dims)
-    return torch.linalg.vector_norm(affine[..., :spatial_dims, :spatial_dims], dim=-2).cpu().numpy()
 
 
 def _broadcast_spacing(spacing: SpacingLike, batch: int, spatial_dims: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from monai.transforms import MapTransform, ScaleIntensityRange, Transform
 from monai.transforms.utils_pytorch_numpy_unification import percentile as array_percentile
 from monai.utils import TransformBackends, convert_to_tensor, get_equivalent_dtype
 
-from monai_unireg.validation import check_option, check_tensor
+from monai_unireg.validation import check_number, check_option, check_tensor
 
 __all__ = [
     "CT_WINDOW_PRESETS",
@@ -38,18 +38,10 @@ CT_WINDOW_PRESETS: dict[str, tuple[float, float, float, float]] = {
 }
 
 
-def _check_number(value: Any, name: str) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite real number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number, got {value!r}.")
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}.")
-
-
 def _check_range(low: float, high: float, name_low: str, name_high: str) -> None:
     """Raise ``ValueError`` unless ``low < high`` and both are finite numbers."""
-    _check_number(low, name_low)
-    _check_number(high, name_high)
+    check_number(low, name_low)
+    check_number(high, name_high)
     if low >= high:
         raise ValueError(f"{name_low} must be smaller than {name_high}, got {name_low}={low}, {name_high}={high}.")
 
@@ -135,7 +127,7 @@ class MRIPercentile(Transform):
         channel_wise: bool = False,
         dtype: DtypeLike = torch.float32,
     ) -> None:
-        _check_number(percentile, "percentile")
+        check_number(percentile, "percentile")
         if not 0.0 < percentile <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {percentile}.")
         _check_range(b_min, b_max, "b_min", "b_max")
