@@ -89,6 +89,34 @@ def _to_grid_sample_coordinates(coords: torch.Tensor, shape: Sequence[int]) -> t
     return normalised.flip(1).movedim(1, -1)
 
 
+def _grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """``F.grid_sample(image, grid, align_corners=True)``, using every CPU thread for small batches.
+
+    PyTorch's CPU kernel parallelises over the batch only, so a single pair runs on one core. When the batch is
+    smaller than the thread count, the grid is cut along its first spatial axis into slabs that become extra
+    batch entries, each sampling the whole image (values identical bit for bit, differentiable as before).
+
+    Args:
+        image: ``[B, C, *S_in]``.
+        grid: ``[B, *S_out, n]`` normalised coordinates, axes reversed (``grid_sample``'s convention).
+
+    Returns:
+        ``[B, C, *S_out]``.
+    """
+    batch, length = grid.shape[0], grid.shape[1]
+    slabs = min(torch.get_num_threads() // batch, length) if image.device.type == "cpu" else 1
+    if slabs < 2:
+        return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    rows = -(-length // slabs)
+    if rows * slabs > length:  # repeat the last row so that the slabs are equal
+        grid = torch.cat([grid, grid[:, -1:].expand(-1, rows * slabs - length, *grid.shape[2:])], dim=1)
+    grid = grid.reshape(batch * slabs, rows, *grid.shape[2:])
+    source = image.expand(slabs, *image.shape[1:]) if batch == 1 else image.repeat_interleave(slabs, dim=0)
+    sampled = F.grid_sample(source, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    sampled = sampled.view(batch, slabs, image.shape[1], rows, *sampled.shape[3:]).movedim(1, 2)
+    return sampled.reshape(batch, image.shape[1], slabs * rows, *sampled.shape[4:])[:, :, :length]
+
+
 def sample(
     image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
 ) -> torch.Tensor:
@@ -121,7 +149,7 @@ def _sample(image: torch.Tensor, coords: torch.Tensor, mode: str, padding_mode: 
     """:func:`sample` without argument checks."""
     compute_dtype = torch.promote_types(torch.promote_types(image.dtype, coords.dtype), torch.float32)
     grid = _to_grid_sample_coordinates(coords.to(compute_dtype), image.shape[2:])
-    sampled = F.grid_sample(image.to(compute_dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    sampled = _grid_sample(image.to(compute_dtype), grid, mode, padding_mode)
     return sampled.to(image.dtype)
 
 
@@ -152,10 +180,22 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding
 
 
 def _warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
-    """:func:`warp` without argument checks, for internal loops whose inputs are already checked."""
-    coordinate_dtype = torch.promote_types(ddf.dtype, torch.float32)
-    grid = identity_grid(ddf.shape[2:], device=ddf.device, dtype=coordinate_dtype).unsqueeze(0)
-    return _sample(image, grid + ddf.to(coordinate_dtype), mode, padding_mode)
+    """:func:`warp` without argument checks, for internal loops whose inputs are already checked.
+
+    The ``grid_sample`` grid (normalised, axes reversed) is built in one matrix product,
+    ``identity_normalised + ddf @ M`` with ``M`` the anti-diagonal of the per-axis scales, reading the
+    channel-first ``ddf`` in place: this is the inner step of every integration and composition.
+    """
+    compute_dtype = torch.promote_types(torch.promote_types(image.dtype, ddf.dtype), torch.float32)
+    batch, spatial_dims, shape = ddf.shape[0], ddf.shape[1], ddf.shape[2:]
+    axes = [torch.linspace(-1.0, 1.0, s, device=ddf.device, dtype=compute_dtype) for s in shape]
+    identity = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1).view(1, -1, spatial_dims)
+    scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape], device=ddf.device, dtype=compute_dtype)
+    to_grid = torch.diag(scale).flip(1).expand(batch, spatial_dims, spatial_dims)  # row i -> column n - 1 - i
+    rows = ddf.to(compute_dtype).movedim(1, -1).reshape(batch, -1, spatial_dims)
+    grid = torch.baddbmm(identity, rows, to_grid).view(batch, *shape, spatial_dims)
+    sampled = _grid_sample(image.to(compute_dtype), grid, mode, padding_mode)
+    return sampled.to(image.dtype)
 
 
 def warp_labels(

@@ -43,16 +43,20 @@ def neighbour_cost_volume(fixed: torch.Tensor, moving: torch.Tensor, metric: str
     padded = F.pad(moving, (1, 1, 1, 1, 1, 1))
     dtype = torch.promote_types(fixed.dtype, moving.dtype)
     cost = torch.empty(fixed.shape[0], len(NEIGHBOUR_OFFSETS), depth, height, width, dtype=dtype, device=fixed.device)
+    product = torch.empty_like(fixed, dtype=dtype)  # one scratch buffer for every offset
     for index, (dz, dy, dx) in enumerate(NEIGHBOUR_OFFSETS.long().tolist()):
         shifted = padded[:, :, 1 + dz : 1 + dz + depth, 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
         if metric == "l1":
-            cost[:, index] = torch.sub(fixed, shifted).abs_().mean(1)
+            torch.sum(torch.sub(fixed, shifted, out=product).abs_(), 1, out=cost[:, index])
         else:
-            cost[:, index] = torch.mul(fixed, shifted).sum(1)
-    return cost
+            torch.sum(torch.mul(fixed, shifted, out=product), 1, out=cost[:, index])
+    return cost.div_(fixed.shape[1]) if metric == "l1" else cost
 
 
 def offsets_to_field(index: torch.Tensor) -> torch.Tensor:
-    """Per-voxel offset indices ``[B, D, H, W]`` into :data:`NEIGHBOUR_OFFSETS` -> field ``[B, 3, D, H, W]``."""
-    offsets = NEIGHBOUR_OFFSETS.to(index.device)
-    return offsets[index].movedim(-1, 1)
+    """Per-voxel offset indices ``[B, D, H, W]`` into :data:`NEIGHBOUR_OFFSETS` -> field ``[B, 3, D, H, W]``.
+
+    The field is channel-first in memory (one lookup per component), as the filters that smooth it expect.
+    """
+    components = NEIGHBOUR_OFFSETS.T.to(index.device)  # [3, 27]
+    return components[:, index].movedim(0, 1).contiguous()
