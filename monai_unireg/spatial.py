@@ -327,19 +327,25 @@ def compose(outer: torch.Tensor, inner: torch.Tensor, padding_mode: str = "borde
     ``compose(outer, inner)(x) = inner(x) + outer(x + inner(x))``, so that
     ``warp(warp(image, outer), inner) == warp(image, compose(outer, inner))``.
 
+    ``outer`` may live on a grid of another size over the same field of view (corner-aligned, as
+    :func:`resize_ddf`): it is then evaluated at ``inner``'s points directly, with its values converted to
+    voxels of ``inner``'s grid, instead of being resampled onto that grid first (one interpolation, not two;
+    this is how a cascade of networks at several resolutions composes its steps).
+
     Args:
-        outer: ``[B, n, *S]`` field applied to the image first (e.g. the field found so far).
+        outer: ``[B, n, *S_outer]`` field applied to the image first (e.g. the field found so far).
         inner: ``[B, n, *S]`` field applied second (e.g. the increment estimated on the warped image).
         padding_mode: how ``outer`` is extended outside its grid (``"border"`` keeps the edge displacement).
 
     Returns:
-        ``[B, n, *S]`` composed displacement in voxels.
+        ``[B, n, *S]`` composed displacement in voxels of ``inner``'s grid.
     """
     check_ddf(outer, "outer", outer.ndim - 2)
     check_ddf(inner, "inner", outer.ndim - 2)
-    if outer.shape != inner.shape:
+    if outer.shape[:2] != inner.shape[:2]:
         raise ValueError(
-            f"outer and inner must have the same shape, got {tuple(outer.shape)} and {tuple(inner.shape)}."
+            f"outer and inner must have the same batch size and components, got {tuple(outer.shape)} and "
+            f"{tuple(inner.shape)}."
         )
     check_option(padding_mode, "padding_mode", PADDING_MODES)
     return _compose(outer, inner, padding_mode)
@@ -347,7 +353,14 @@ def compose(outer: torch.Tensor, inner: torch.Tensor, padding_mode: str = "borde
 
 def _compose(outer: torch.Tensor, inner: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
     """:func:`compose` without argument checks."""
-    return inner + _warp(outer, inner, padding_mode=padding_mode)
+    if outer.shape[2:] == inner.shape[2:]:
+        return inner + _warp(outer, inner, padding_mode=padding_mode)
+    view = (1, -1, *([1] * (inner.ndim - 2)))
+    to_outer = torch.tensor(
+        _resize_scale(inner.shape[2:], outer.shape[2:], True), device=inner.device, dtype=inner.dtype
+    ).view(view)
+    points = (identity_grid(inner.shape[2:], device=inner.device, dtype=inner.dtype) + inner) * to_outer
+    return inner + _sample(outer, points, "bilinear", padding_mode) / to_outer
 
 
 def integrate_velocity(svf: torch.Tensor, num_steps: int = 7, padding_mode: str = "border") -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Engines: end-to-end registration of image files (used by the command line and the bundles)."""
+"""Engines: end-to-end registration of image files (used by the command line and the bundles), and the training,
+fine-tuning and instance optimisation of the learned methods."""
 
 from monai_unireg.engines.pair_registration import (
     MODALITIES,
@@ -8,6 +9,7 @@ from monai_unireg.engines.pair_registration import (
     evaluate_result,
     normalise_intensity,
     read_pair,
+    read_volume,
     register_files,
     register_pair,
     register_pairs,
@@ -15,8 +17,24 @@ from monai_unireg.engines.pair_registration import (
     write_results,
     write_table,
 )
+from monai_unireg.engines.unigradicon import (
+    GradICONObjective,
+    PairLoader,
+    RandomPairAugmentation,
+    instance_optimise,
+    stage_two_from_stage_one,
+    train_unigradicon,
+    validation_dice,
+)
 
 __all__ = [
+    "GradICONObjective",
+    "PairLoader",
+    "RandomPairAugmentation",
+    "instance_optimise",
+    "stage_two_from_stage_one",
+    "train_unigradicon",
+    "validation_dice",
     "MODALITIES",
     "LoadedPair",
     "RegistrationResult",
@@ -24,6 +42,7 @@ __all__ = [
     "evaluate_result",
     "normalise_intensity",
     "read_pair",
+    "read_volume",
     "register_files",
     "register_pair",
     "register_pairs",

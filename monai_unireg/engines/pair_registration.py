@@ -40,6 +40,7 @@ __all__ = [
     "resolve_device",
     "detect_modality",
     "read_pair",
+    "read_volume",
     "normalise_intensity",
     "register_pair",
     "evaluate_result",
@@ -96,7 +97,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return resolved
 
 
-def _read_volume(path: str | os.PathLike, name: str) -> tuple[torch.Tensor, np.ndarray]:
+def read_volume(path: str | os.PathLike, name: str) -> tuple[torch.Tensor, np.ndarray]:
     """``[1, 1, X, Y, Z]`` tensor and affine of a 3D NIfTI file (a trailing singleton 4th axis is dropped)."""
     try:
         array, affine = io.load_nifti(path)
@@ -117,7 +118,7 @@ def _read_volume(path: str | os.PathLike, name: str) -> tuple[torch.Tensor, np.n
 def _read_label(
     path: str | os.PathLike, name: str, image_shape: tuple[int, ...], image_affine: np.ndarray
 ) -> torch.Tensor:
-    label, affine = _read_volume(path, name)
+    label, affine = read_volume(path, name)
     check_labels(label, name)
     if tuple(label.shape[2:]) != image_shape or not np.allclose(affine, image_affine, atol=1e-3):
         raise ValueError(
@@ -144,8 +145,8 @@ def read_pair(
         ValueError: naming the argument, for missing or unreadable files, non-3D volumes, NaN/Inf values,
             non-integer or empty labels, or a label not on its image's grid.
     """
-    fixed_image, fixed_affine = _read_volume(fixed, "fixed")
-    moving_image, moving_affine = _read_volume(moving, "moving")
+    fixed_image, fixed_affine = read_volume(fixed, "fixed")
+    moving_image, moving_affine = read_volume(moving, "moving")
     fixed_shape, moving_shape = tuple(fixed_image.shape[2:]), tuple(moving_image.shape[2:])
     labels = {
         "fixed_label": None

@@ -1,6 +1,12 @@
 """Networks: registration networks (``forward(moving, fixed, **conditions) -> ddf`` ``[B, 3, D, H, W]`` in
 voxels) and the feature extractors they can use (``forward(image) -> features`` ``[B, C, D, H, W]``)."""
 
+from monai_unireg.networks.nets.unigradicon import (
+    GradICONUNet,
+    UniGradICON,
+    load_unigradicon_weights,
+    published_key_prefixes,
+)
 from monai_unireg.networks.nets.universal_model import (
     UniversalModelFeatures,
     load_universal_model_checkpoint,
@@ -8,4 +14,13 @@ from monai_unireg.networks.nets.universal_model import (
 )
 from monai_unireg.networks.nets.voxelopt import VoxelOpt
 
-__all__ = ["UniversalModelFeatures", "VoxelOpt", "load_universal_model_checkpoint", "map_universal_model_keys"]
+__all__ = [
+    "GradICONUNet",
+    "UniGradICON",
+    "UniversalModelFeatures",
+    "VoxelOpt",
+    "load_unigradicon_weights",
+    "load_universal_model_checkpoint",
+    "map_universal_model_keys",
+    "published_key_prefixes",
+]

@@ -1,0 +1,333 @@
+"""uniGradICON: the GradICON multi-step UNet cascade trained as a universal registration model.
+
+Tian et al., "uniGradICON: A Foundation Model for Medical Image Registration", MICCAI 2024
+(``shared/papers/unigradicon.txt``), built on GradICON (Tian et al., CVPR 2023); architecture details and the
+published weights' layout in ``shared/reference/METHODS.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from monai_unireg.spatial import _compose, _warp, resize_ddf, resize_image
+from monai_unireg.validation import check_bool, check_image, check_integer
+
+__all__ = [
+    "GradICONUNet",
+    "UniGradICON",
+    "load_unigradicon_weights",
+    "published_key_prefixes",
+    "PUBLISHED_DOWN_CHANNELS",
+    "PUBLISHED_UP_CHANNELS",
+]
+
+#: Encoder output channels of the published UNet ("tallUNet2"), after the 2-channel input.
+PUBLISHED_DOWN_CHANNELS = (16, 32, 64, 256, 512)
+#: Decoder output channels of the published UNet, finest level first.
+PUBLISHED_UP_CHANNELS = (16, 32, 64, 128, 256)
+
+
+def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Keep the first ``channels`` channels of ``x``, or prepend zero channels up to ``channels``."""
+    if x.shape[1] >= channels:
+        return x[:, :channels]
+    return F.pad(x, (0, 0) * (x.ndim - 2) + (channels - x.shape[1], 0))
+
+
+class GradICONUNet(nn.Module):
+    """The UNet of every GradICON / uniGradICON step ("tallUNet2" of ``icon_registration``).
+
+    Encoder level ``k``: ``x <- conv_s2(leaky_relu(x)) + match_channels(avg_pool_2(x))`` (3x3x3 convolution,
+    stride 2; average pooling in ceil mode; channels matched by prepending zeros or cropping). Decoder level ``k``
+    (coarsest first): ``x <- BatchNorm(convT(leaky_relu(x)) + upsample_2(match_channels(x)))`` (4x4x4 transposed
+    convolution, stride 2; trilinear upsampling), cropped to the skip's size and concatenated with the skip.
+    A final 3x3x3 convolution, initialised to zero, gives the displacement divided by 10, so a new network
+    predicts the identity map.
+
+    With the published channels (:data:`PUBLISHED_DOWN_CHANNELS`, :data:`PUBLISHED_UP_CHANNELS`) it has
+    17,670,229 parameters and 47 state-dict tensors, like the released weights.
+
+    Args:
+        down_channels: encoder output channels per level (the input has ``2 * in_channels``).
+        up_channels: decoder output channels per level, finest first (same length as ``down_channels``).
+        in_channels: channels of each image.
+        spatial_dims: 2 or 3.
+    """
+
+    def __init__(
+        self,
+        down_channels: Sequence[int] = PUBLISHED_DOWN_CHANNELS,
+        up_channels: Sequence[int] = PUBLISHED_UP_CHANNELS,
+        in_channels: int = 1,
+        spatial_dims: int = 3,
+    ) -> None:
+        super().__init__()
+        if len(down_channels) != len(up_channels) or not down_channels:
+            raise ValueError(
+                f"down_channels and up_channels must be non-empty and of equal length, got {tuple(down_channels)} "
+                f"and {tuple(up_channels)}."
+            )
+        for value in (*down_channels, *up_channels):
+            check_integer(value, "down_channels/up_channels", 1)
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+        self.spatial_dims = spatial_dims
+        conv, conv_transpose, batch_norm = (
+            (nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d)
+            if spatial_dims == 3
+            else (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d)
+        )
+        encoder = [2 * check_integer(in_channels, "in_channels", 1), *down_channels]
+        decoder_in = [
+            encoder[k + 1] + (up_channels[k + 1] if k + 1 < len(up_channels) else 0) for k in range(len(up_channels))
+        ]
+        self.downConvs = nn.ModuleList(
+            conv(encoder[k], encoder[k + 1], kernel_size=3, padding=1, stride=2) for k in range(len(down_channels))
+        )
+        self.upConvs = nn.ModuleList(
+            conv_transpose(decoder_in[k], up_channels[k], kernel_size=4, padding=1, stride=2)
+            for k in range(len(up_channels))
+        )
+        self.batchNorms = nn.ModuleList(batch_norm(channels) for channels in up_channels)
+        self.lastConv = conv(encoder[0] + up_channels[0], spatial_dims, kernel_size=3, padding=1)
+        nn.init.zeros_(self.lastConv.weight)
+        nn.init.zeros_(self.lastConv.bias)
+        # channels-last weights and activations: oneDNN's (transposed) convolutions run 2-4x faster on the CPU
+        self.memory_format = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+        self.to(memory_format=self.memory_format)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """Displacement of ``moving`` onto ``fixed`` in the reference code's units.
+
+        Args:
+            moving: ``[B, in_channels, *S]``.
+            fixed: ``[B, in_channels, *S]``.
+
+        Returns:
+            ``[B, spatial_dims, *S]`` displacement in normalised ``[0, 1]`` units per axis (one voxel along an
+            axis of ``N`` voxels is ``1 / (N - 1)``), channel ``i`` along spatial axis ``i``.
+        """
+        pool = F.avg_pool3d if self.spatial_dims == 3 else F.avg_pool2d
+        x = torch.cat([moving, fixed], dim=1).contiguous(memory_format=self.memory_format)
+        skips = []
+        for down in self.downConvs:
+            skips.append(x)
+            y = down(F.leaky_relu(x))
+            x = y + _match_channels(pool(x, 2, ceil_mode=True), y.shape[1])
+        for level in reversed(range(len(self.upConvs))):
+            y = self.upConvs[level](F.leaky_relu(x))
+            mode = "trilinear" if self.spatial_dims == 3 else "bilinear"
+            upsampled = F.interpolate(_match_channels(x, y.shape[1]), scale_factor=2, mode=mode, align_corners=False)
+            x = self.batchNorms[level](y + upsampled)
+            skip = skips[level]
+            x = x[(slice(None), slice(None), *(slice(0, n) for n in skip.shape[2:]))]
+            x = torch.cat([x, skip], dim=1)
+        return (self.lastConv(x) / 10).contiguous()
+
+
+#: Downsampling level of each step of the published cascade: 1/4, 1/2, full (step 1) and full (step 2).
+STEP_LEVELS = (2, 1, 0, 0)
+
+
+class UniGradICON(nn.Module):
+    """uniGradICON / GradICON registration network: a cascade of :class:`GradICONUNet` steps.
+
+    Step 1 is a three-level multi-resolution cascade: a UNet on the images average-pooled to 1/4, a UNet at 1/2
+    on the moving image warped by the field so far, a UNet at full resolution likewise; step 2 is one more
+    full-resolution UNet on the result (paper Sec. 2.2). The map of the whole cascade is the composition
+    ``phi_1 o phi_2 o ... o phi_k`` of the steps' maps, each step's field evaluated at the points of the next one
+    (the reference code's function composition; :func:`monai_unireg.spatial.compose` across grids).
+
+    ``forward`` resizes both images to ``input_size`` (trilinear, corner-aligned; the paper's 175^3 ignores the
+    aspect ratio), runs the cascade there and brings the field back to the input grid (values rescaled), so the
+    result is in voxels of the input, in the MONAI ``Warp`` convention. Intensities are expected in [0, 1]
+    (CT: HU clipped to [-1000, 1000]; MRI: clipped at the 99th percentile; see :mod:`monai_unireg.transforms`).
+
+    A new network predicts the identity map (zero-initialised last convolutions). With the published channels the
+    four UNets hold 70,680,916 parameters (17,670,229 each).
+
+    Args:
+        input_size: working size (int for a cube, or one size per axis); 175 in the paper. It must survive every
+            average pooling of the coarsest step's UNet (at least 65 with the published 5 levels, 32 with 3).
+        include_step2: build the fourth UNet (training stage 2, the published model); ``False`` is stage 1.
+        down_channels: encoder channels of every UNet (smaller values for tests and CPU experiments).
+        up_channels: decoder channels of every UNet.
+        in_channels: channels of each image.
+    """
+
+    def __init__(
+        self,
+        input_size: int | Sequence[int] = 175,
+        include_step2: bool = True,
+        down_channels: Sequence[int] = PUBLISHED_DOWN_CHANNELS,
+        up_channels: Sequence[int] = PUBLISHED_UP_CHANNELS,
+        in_channels: int = 1,
+    ) -> None:
+        super().__init__()
+        sizes = (input_size,) * 3 if isinstance(input_size, int) else tuple(input_size)
+        if len(sizes) != 3:
+            raise ValueError(f"input_size must be an int or 3 sizes, got {input_size!r}.")
+        self.input_size = tuple(check_integer(s, "input_size", 1) for s in sizes)
+        _check_poolable(self.input_size, max(STEP_LEVELS) + len(down_channels))
+        self.include_step2 = check_bool(include_step2, "include_step2")
+        self.levels = STEP_LEVELS if self.include_step2 else STEP_LEVELS[:3]
+        self.unets = nn.ModuleList(
+            GradICONUNet(down_channels, up_channels, in_channels=in_channels, spatial_dims=3) for _ in self.levels
+        )
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """Register ``moving`` to ``fixed``.
+
+        Args:
+            moving: ``[B, C, D, H, W]`` moving image, intensities in [0, 1].
+            fixed: ``[B, C, D, H, W]`` fixed image on the same grid.
+
+        Returns:
+            ``[B, 3, D, H, W]`` displacement in voxels of the input grid, ``warp(moving, ddf) ~ fixed``.
+        """
+        check_image(moving, "moving")
+        check_image(fixed, "fixed")
+        if moving.shape != fixed.shape:
+            raise ValueError(
+                f"moving and fixed must have the same shape (bring them onto one grid first), "
+                f"got {tuple(moving.shape)} and {tuple(fixed.shape)}."
+            )
+        shape = tuple(moving.shape[2:])
+        ddf = self.working_field(self.to_working_size(moving), self.to_working_size(fixed))
+        return ddf if shape == self.input_size else resize_ddf(ddf, shape)
+
+    def to_working_size(self, image: torch.Tensor) -> torch.Tensor:
+        """``[B, C, *S]`` image resized to ``input_size`` (trilinear, corner-aligned), unchanged if already there."""
+        return image if tuple(image.shape[2:]) == self.input_size else resize_image(image, self.input_size)
+
+    def working_field(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """The cascade on images already at the working size.
+
+        Args:
+            moving: ``[B, C, *input_size]``.
+            fixed: ``[B, C, *input_size]``.
+
+        Returns:
+            ``[B, 3, *input_size]`` displacement in voxels of the working grid.
+        """
+        moving_pyramid, fixed_pyramid = [moving], [fixed]
+        for _ in range(max(self.levels)):
+            moving_pyramid.append(F.avg_pool3d(moving_pyramid[-1], 2, ceil_mode=True))
+            fixed_pyramid.append(F.avg_pool3d(fixed_pyramid[-1], 2, ceil_mode=True))
+        fields: list[torch.Tensor] = []
+        for unet, level in zip(self.unets, self.levels):
+            level_moving = moving_pyramid[level]
+            if fields:
+                level_moving = _warp(level_moving, self.chain(fields, level_moving.shape[2:]))
+            step = unet(level_moving, fixed_pyramid[level])
+            fields.append(step * _voxels_per_unit(step))
+        return self.chain(fields, moving.shape[2:])
+
+    @staticmethod
+    def chain(fields: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+        """Field of ``phi_1 o phi_2 o ... o phi_k`` on a grid of ``shape``, from the steps' voxel fields.
+
+        Each field may live on its own grid over the same field of view; the last step is applied first, and each
+        earlier field is evaluated at the points reached so far.
+        """
+        shape = tuple(int(s) for s in shape)
+        last = fields[-1]
+        ddf = last if tuple(last.shape[2:]) == shape else _compose(last, last.new_zeros(*last.shape[:2], *shape))
+        for field in reversed(fields[:-1]):
+            ddf = _compose(field, ddf)
+        return ddf
+
+
+def _check_poolable(size: tuple[int, ...], poolings: int) -> None:
+    """Raise unless ``poolings`` average poolings (x0.5, ceil mode) of ``size`` keep at least 2 voxels per axis."""
+    current = size
+    for _ in range(poolings):
+        if min(current) < 2:
+            raise ValueError(
+                f"input_size {size} is too small: the coarsest UNet would pool a {current} grid; use a larger "
+                f"input_size or fewer UNet levels (down_channels)."
+            )
+        current = tuple(-(-s // 2) for s in current)
+
+
+def _voxels_per_unit(field: torch.Tensor) -> torch.Tensor:
+    """``[1, n, 1, ...]`` voxels per normalised ``[0, 1]`` unit along each axis of ``field``'s grid."""
+    sizes = [max(s - 1, 1) for s in field.shape[2:]]
+    return torch.tensor(sizes, device=field.device, dtype=field.dtype).view(1, -1, *([1] * (field.ndim - 2)))
+
+
+def published_key_prefixes(num_steps: int = 4) -> tuple[str, ...]:
+    """State-dict key prefix of each UNet in the reference code's registration net, coarsest step first.
+
+    ``num_steps=4`` is the published ``Step_2_final.trch`` (METHODS.md); ``3`` a stage-1 network. The nesting
+    follows ``TwoStepRegistration(netPhi, netPsi)`` and ``DownsampleRegistration(net)`` of ``icon_registration``.
+    """
+    if num_steps == 4:
+        return tuple("netPhi." + prefix for prefix in published_key_prefixes(3)[:3]) + ("netPsi.net.",)
+    if num_steps == 3:
+        return ("netPhi.net.netPhi.net.net.", "netPhi.net.netPsi.net.", "netPsi.net.")
+    raise ValueError(f"num_steps must be 3 or 4, got {num_steps!r}.")
+
+
+def load_unigradicon_weights(network: UniGradICON, path: str | os.PathLike) -> UniGradICON:
+    """Load weights into ``network``: the published ``Step_2_final.trch`` layout, or our own checkpoints.
+
+    Accepted files (read with ``torch.load(weights_only=True)``, so no code in them runs):
+
+    - the reference code's state dict (keys under :func:`published_key_prefixes`, 47 tensors per UNet), e.g.
+      the released uniGradICON weights; non-persistent ``identity_map`` entries are ignored if present;
+    - a state dict of :class:`UniGradICON` (keys ``unets.k.*``), or a training checkpoint holding one under
+      ``"model"`` (:mod:`monai_unireg.engines.unigradicon`).
+
+    Every tensor must land: missing, unexpected or mis-shaped entries raise a ``ValueError`` naming them.
+
+    Args:
+        network: the network to fill (its channels and number of steps must match the file).
+        path: the weights file.
+
+    Returns:
+        ``network``, for chaining.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"weights file {path!r} does not exist or is not a file.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for unreadable or unsafe files
+        raise ValueError(f"weights file {path!r} could not be read as a PyTorch state dict: {error}") from error
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"weights file {path!r} does not hold a state dict of tensors.")
+    if not any(key.startswith("unets.") for key in state):
+        state = _from_published_layout(state, len(network.unets), path)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"weights file {path!r} does not fit this network: {error}") from error
+    return network
+
+
+def _from_published_layout(state: dict[str, torch.Tensor], num_steps: int, path: str) -> dict[str, torch.Tensor]:
+    """Rename the reference code's keys to ``unets.k.*``; unknown keys raise a ``ValueError``."""
+    prefixes = published_key_prefixes(num_steps)
+    renamed, unknown = {}, []
+    for key, value in state.items():
+        if key.rsplit(".", 1)[-1] == "identity_map":
+            continue
+        step = next((k for k, prefix in enumerate(prefixes) if key.startswith(prefix)), None)
+        if step is None:
+            unknown.append(key)
+        else:
+            renamed[f"unets.{step}.{key[len(prefixes[step]) :]}"] = value
+    if unknown:
+        raise ValueError(
+            f"weights file {path!r} has keys outside the {num_steps}-step uniGradICON layout "
+            f"(expected prefixes {prefixes}): {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
+        )
+    return renamed
