@@ -1,8 +1,9 @@
 """The ``monai-unireg`` command line (also ``python -m monai_unireg``).
 
-``monai-unireg register --fixed F --moving M [--fixed-label L] [--moving-label L] [--method voxelopt]
-[--modality ct|mri|auto] [--device auto|cpu|cuda] --out DIR`` registers any NIfTI pair with no training and
-no GPU (VoxelOpt on MIND-SSC features by default). ``monai-unireg demo --out DIR`` does the same on a pair the
+``monai-unireg register --fixed F --moving M [--fixed-label L] [--moving-label L] [--method voxelopt|unigradicon]
+[--weights PATH] [--io-iterations N] [--modality ct|mri|auto] [--device auto|cpu|cuda] --out DIR`` registers any
+NIfTI pair, with no training and no GPU by default (VoxelOpt on MIND-SSC features); ``--method unigradicon``
+uses the weights a user gives. ``monai-unireg demo --out DIR`` does the same on a pair the
 package generates itself, so it runs on a fresh machine without data.
 """
 
@@ -18,14 +19,15 @@ import torch.nn as nn
 
 from monai_unireg import io
 from monai_unireg.data.synthetic import make_synthetic_pair
-from monai_unireg.engines import MODALITIES, register_files
-from monai_unireg.networks.nets import VoxelOpt
+from monai_unireg.engines import MODALITIES, InstanceOptimised, register_files
+from monai_unireg.engines.unigradicon import UNIGRADICON_CT_WINDOW
+from monai_unireg.networks.nets import VoxelOpt, load_unigradicon
 from monai_unireg.spatial import spacing_from_affine
 
 __all__ = ["main", "build_parser", "METHODS"]
 
 
-def _voxelopt(shape: tuple[int, ...]) -> nn.Module:
+def _voxelopt(shape: tuple[int, ...], weights: Path | None = None, io_iterations: int = 0) -> nn.Module:
     """VoxelOpt for any scan: the paper's settings with 5 levels (fewer for small volumes, see
     :meth:`VoxelOpt.levels_for`) and a finer MIND-SSC than the authors' code (radius 1, dilation 1 instead of
     2, 2), which their abdomen CT setting registers at 4 mm. Measured on native-resolution scans
@@ -33,11 +35,25 @@ def _voxelopt(shape: tuple[int, ...]) -> nn.Module:
     Dice 0.678 (0.660); BrainVXM2mm known field, endpoint error 0.83 mm (1.09 mm); ProstateMRUS (US-MR),
     5 pairs, prostate Dice 0.657 (0.598).
     """
+    if weights is not None or io_iterations:
+        raise ValueError("--weights and --io-iterations apply to learned methods; voxelopt needs no training.")
     return VoxelOpt(num_levels=VoxelOpt.levels_for(shape), mind_radius=1, mind_dilation=1)
 
 
-#: Registration methods by name: a function of the fixed grid's spatial shape returning the network.
-METHODS: dict[str, Callable[[tuple[int, ...]], nn.Module]] = {"voxelopt": _voxelopt}
+def _unigradicon(shape: tuple[int, ...], weights: Path | None = None, io_iterations: int = 0) -> nn.Module:
+    """uniGradICON with the user's weights: the released ``Step_2_final.trch`` (the published network at 175^3) or
+    a checkpoint of ours (its own size and channels), optionally with instance optimisation."""
+    if weights is None:
+        raise ValueError("--method unigradicon needs --weights PATH (e.g. the released Step_2_final.trch).")
+    network = load_unigradicon(weights)
+    return InstanceOptimised(network, io_iterations, log=_log) if io_iterations else network
+
+
+#: Registration methods by name: a function of the fixed grid's spatial shape (and the user's weights and
+#: instance-optimisation steps, for learned methods) returning the network.
+METHODS: dict[str, Callable[..., nn.Module]] = {"voxelopt": _voxelopt, "unigradicon": _unigradicon}
+#: HU window each method's CT preprocessing uses (VoxelOpt Sec. 3.1; uniGradICON Sec. 2.1).
+CT_WINDOWS: dict[str, tuple[float, float]] = {"voxelopt": (-800.0, 500.0), "unigradicon": UNIGRADICON_CT_WINDOW}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--fixed-label", type=Path, help="fixed label map, for Dice / HD95")
     register.add_argument("--moving-label", type=Path, help="moving label map, warped with the result")
     register.add_argument("--method", choices=sorted(METHODS), default="voxelopt", help="default: voxelopt")
+    register.add_argument("--weights", type=Path, help="weights file of a learned method (unigradicon)")
+    register.add_argument(
+        "--io-iterations", type=int, default=0, help="instance optimisation steps of a learned method (paper: 50)"
+    )
     register.add_argument("--modality", choices=MODALITIES, default="auto", help="intensity normalisation")
     register.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     register.add_argument("--labels", type=int, nargs="+", help="label values to evaluate (default: fixed labels)")
@@ -75,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register(arguments: argparse.Namespace) -> None:
+    build = METHODS[arguments.method]
     register_files(
-        METHODS[arguments.method],
+        lambda shape: build(shape, arguments.weights, arguments.io_iterations),
         arguments.fixed,
         arguments.moving,
         arguments.out,
@@ -85,6 +106,7 @@ def _register(arguments: argparse.Namespace) -> None:
         modality=arguments.modality,
         device=arguments.device,
         labels=arguments.labels,
+        ct_window=CT_WINDOWS[arguments.method],
         log=_log,
     )
 

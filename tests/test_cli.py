@@ -153,3 +153,28 @@ def test_itk_applies_the_written_field_to_the_original_moving_file(small_pair, t
     inner = (slice(3, -3),) * 3
     assert np.abs(by_itk[inner] - ours[inner]).mean() < 1e-3
     assert np.abs(by_itk[inner] - ours[inner]).max() < 0.05
+
+
+def test_unigradicon_method_with_a_checkpoint_and_instance_optimisation(small_pair, tmp_path, capsys):
+    """A small network saved as training saves it (``{"config", "model"}``): the CLI rebuilds it from the file."""
+    from monai_unireg.networks.nets import UniGradICON
+
+    _, paths = small_pair
+    torch.manual_seed(0)
+    network = UniGradICON(input_size=32, down_channels=(4, 8, 8), up_channels=(4, 8, 8))
+    for unet in network.unets:
+        torch.nn.init.normal_(unet.lastConv.weight, std=1e-3)
+    weights = tmp_path / "model.pt"
+    torch.save({"config": network.config, "model": network.state_dict()}, weights)
+    out = tmp_path / "out"
+    extra = ("--method", "unigradicon", "--weights", str(weights), "--io-iterations", "2")
+    assert main(register_arguments(paths, out, *extra)) == 0
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    assert "instance optimisation 2/2" in capsys.readouterr().out
+    field = nib.load(str(out / "ddf.nii.gz"))
+    assert field.shape == (32, 36, 32, 1, 3) and np.abs(np.asarray(field.dataobj)).max() > 0
+
+    assert main(register_arguments(paths, tmp_path / "no_weights", "--method", "unigradicon")) == 2
+    assert "--weights" in capsys.readouterr().err
+    assert main(register_arguments(paths, tmp_path / "voxelopt", "--weights", str(weights))) == 2
+    assert "voxelopt needs no training" in capsys.readouterr().err

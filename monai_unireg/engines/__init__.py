@@ -19,6 +19,7 @@ from monai_unireg.engines.pair_registration import (
 )
 from monai_unireg.engines.unigradicon import (
     GradICONObjective,
+    InstanceOptimised,
     PairLoader,
     RandomPairAugmentation,
     instance_optimise,
@@ -29,6 +30,7 @@ from monai_unireg.engines.unigradicon import (
 
 __all__ = [
     "GradICONObjective",
+    "InstanceOptimised",
     "PairLoader",
     "RandomPairAugmentation",
     "instance_optimise",

@@ -36,6 +36,7 @@ from monai_unireg.validation import check_bool, check_integer, check_positive
 
 __all__ = [
     "GradICONObjective",
+    "InstanceOptimised",
     "LossTerms",
     "RandomPairAugmentation",
     "PairLoader",
@@ -281,9 +282,10 @@ def train_unigradicon(
 ) -> list[dict[str, float]]:
     """Train (or fine-tune) ``network`` with the GradICON objective; one checkpoint per epoch.
 
-    ``<output_dir>/checkpoint.pt`` holds ``{"model", "optimizer", "sampler", "epoch", "history", "config"}``
+    ``<output_dir>/checkpoint.pt`` holds ``{"config", "model", "optimizer", "sampler", "epoch", "history"}``
     after every epoch (written atomically); when it exists and ``resume`` is on, training continues from it
-    exactly. ``<output_dir>/model.pt`` is the latest model state dict alone (the file inference loads).
+    exactly. ``<output_dir>/model.pt`` holds the network's configuration and weights alone (what inference and
+    :func:`~monai_unireg.networks.nets.load_unigradicon` load).
     Fine-tuning is the same call on a network loaded from a checkpoint
     (:func:`~monai_unireg.networks.nets.load_unigradicon_weights`) with the new dataset's sampler.
 
@@ -388,9 +390,11 @@ def _save_checkpoint(
     epoch: int,
     history: list[dict[str, float]],
 ) -> None:
-    """Write ``checkpoint.pt`` and ``model.pt`` atomically (a crash leaves the previous ones intact)."""
+    """Write ``checkpoint.pt`` and ``model.pt`` (``{"config", "model"}``, what inference loads) atomically; a crash
+    leaves the previous ones intact."""
     output.mkdir(parents=True, exist_ok=True)
     state = {
+        "config": network.config,
         "model": network.state_dict(),
         "optimizer": optimizer.state_dict(),
         "sampler": sampler.state_dict(),
@@ -400,7 +404,7 @@ def _save_checkpoint(
     with io.atomic_path(output / "checkpoint.pt") as temporary:
         torch.save(state, temporary)
     with io.atomic_path(output / "model.pt") as temporary:
-        torch.save(network.state_dict(), temporary)
+        torch.save({"config": network.config, "model": network.state_dict()}, temporary)
 
 
 def instance_optimise(
@@ -461,3 +465,45 @@ def instance_optimise(
     if not all(math.isfinite(value) for value in losses):
         raise FloatingPointError(f"instance optimisation diverged: losses {losses}.")
     return ddf, losses
+
+
+class InstanceOptimised(nn.Module):
+    """A registration network whose ``forward`` runs :func:`instance_optimise` first (``iterations`` > 0).
+
+    Lets any pipeline that calls ``network(moving, fixed) -> ddf`` (the command line, the bundles'
+    :func:`~monai_unireg.engines.register_pairs`) use IO; the wrapped network's weights never change. IO needs
+    gradients, so ``forward`` enables them even inside ``torch.no_grad()``.
+
+    Args:
+        network: a trained :class:`UniGradICON`.
+        iterations: IO steps per pair (0: plain inference).
+        learning_rate: Adam learning rate of IO (reference: 2e-5).
+        log: progress output of IO (``None``: silent).
+    """
+
+    def __init__(
+        self, network: UniGradICON, iterations: int = 50, learning_rate: float = 2e-5, log: Log | None = print
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.iterations = check_integer(iterations, "iterations", 0)
+        self.learning_rate = float(check_positive(learning_rate, "learning_rate"))
+        self.log = log
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, *S]`` field of each pair after IO (pairs optimised one at a time)."""
+        if self.iterations == 0:
+            return self.network(moving, fixed)
+        with torch.enable_grad():
+            fields = [
+                instance_optimise(
+                    self.network,
+                    moving[b : b + 1],
+                    fixed[b : b + 1],
+                    self.iterations,
+                    self.learning_rate,
+                    log=self.log,
+                )[0]
+                for b in range(moving.shape[0])
+            ]
+        return torch.cat(fields).detach()

@@ -4,6 +4,7 @@ voxels) and the feature extractors they can use (``forward(image) -> features`` 
 from monai_unireg.networks.nets.unigradicon import (
     GradICONUNet,
     UniGradICON,
+    load_unigradicon,
     load_unigradicon_weights,
     published_key_prefixes,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "UniGradICON",
     "UniversalModelFeatures",
     "VoxelOpt",
+    "load_unigradicon",
     "load_unigradicon_weights",
     "load_universal_model_checkpoint",
     "map_universal_model_keys",

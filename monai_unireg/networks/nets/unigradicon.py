@@ -20,6 +20,7 @@ from monai_unireg.validation import check_bool, check_image, check_integer
 __all__ = [
     "GradICONUNet",
     "UniGradICON",
+    "load_unigradicon",
     "load_unigradicon_weights",
     "published_key_prefixes",
     "PUBLISHED_DOWN_CHANNELS",
@@ -179,6 +180,13 @@ class UniGradICON(nn.Module):
         self.unets = nn.ModuleList(
             GradICONUNet(down_channels, up_channels, in_channels=in_channels, spatial_dims=3) for _ in self.levels
         )
+        self.config = {
+            "input_size": list(self.input_size),
+            "include_step2": self.include_step2,
+            "down_channels": [int(c) for c in down_channels],
+            "up_channels": [int(c) for c in up_channels],
+            "in_channels": int(in_channels),
+        }
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """Register ``moving`` to ``fixed``.
@@ -274,6 +282,30 @@ def published_key_prefixes(num_steps: int = 4) -> tuple[str, ...]:
     raise ValueError(f"num_steps must be 3 or 4, got {num_steps!r}.")
 
 
+def load_unigradicon(path: str | os.PathLike) -> UniGradICON:
+    """A :class:`UniGradICON` built and filled from a weights file.
+
+    A checkpoint of ours stores the network's constructor arguments under ``"config"`` (any size and channels);
+    any other file (e.g. the released ``Step_2_final.trch``) gets the published 4-step network at 175^3.
+    """
+    config = _read_state(os.fspath(path)).get("config")
+    network = UniGradICON(**config) if isinstance(config, dict) else UniGradICON()
+    return load_unigradicon_weights(network, path)
+
+
+def _read_state(path: str) -> dict:
+    """The dictionary stored in ``path`` (``torch.load(weights_only=True)``), with clear errors."""
+    if not os.path.isfile(path):
+        raise ValueError(f"weights file {path!r} does not exist or is not a file.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for unreadable or unsafe files
+        raise ValueError(f"weights file {path!r} could not be read as a PyTorch state dict: {error}") from error
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {path!r} does not hold a state dict of tensors.")
+    return state
+
+
 def load_unigradicon_weights(network: UniGradICON, path: str | os.PathLike) -> UniGradICON:
     """Load weights into ``network``: the published ``Step_2_final.trch`` layout, or our own checkpoints.
 
@@ -294,15 +326,10 @@ def load_unigradicon_weights(network: UniGradICON, path: str | os.PathLike) -> U
         ``network``, for chaining.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"weights file {path!r} does not exist or is not a file.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for unreadable or unsafe files
-        raise ValueError(f"weights file {path!r} could not be read as a PyTorch state dict: {error}") from error
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+    state = _read_state(path)
+    if isinstance(state.get("model"), dict):
         state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+    if not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise ValueError(f"weights file {path!r} does not hold a state dict of tensors.")
     if not any(key.startswith("unets.") for key in state):
         state = _from_published_layout(state, len(network.unets), path)
