@@ -27,7 +27,7 @@ point lies at least one voxel inside the grid (the borders differ by padding rul
 turns a difference above ``CONVENTION_TOLERANCE`` into a failure (exit status 1).
 
 What is timed (wall clock, ``time.perf_counter``), per method and pair, with the inputs already in memory:
-VoxelOpt: ``VoxelOpt()(moving, fixed)``; ANTs: ``ants.registration`` (it writes its transforms to the work
+VoxelOpt: the network call ``network(moving, fixed)``, features included; ANTs: ``ants.registration`` (it writes its transforms to the work
 folder and resamples the moving image once, as part of the call); elastix: ``itk.elastix_registration_method``
 (which also resamples the moving image once); ConvexAdam: ``convex_adam_pt``. Not timed: imports, reading the
 NIfTI files, exporting/reading the dense field and the scoring.
@@ -60,7 +60,8 @@ Method settings:
 - ``convexadam``: ``convex_adam_pt`` with the package's MIND defaults (MIND r1 d2, grid 6, search 4, lambda 1.25,
   80 Adam iterations at grid 2, inverse consistency), float32 on the CPU.
 - ``voxelopt``: VoxelOpt on MIND-SSC features exactly as ``monai-unireg register`` builds it
-  (``monai_unireg.cli.METHODS["voxelopt"]``: the paper's defaults, pyramid depth from ``VoxelOpt.levels_for``).
+  (``monai_unireg.cli.METHODS["voxelopt"]``: the paper's defaults with Eq. 6's sigma mapping, pyramid depth from
+  ``VoxelOpt.levels_for``, MIND radius 1 / dilation 1 for native-resolution scans).
 - ``identity``: zero field (the affine starting point), for reference.
 
 Run (in the peers' environment: ``pip install -e ".[peers]"`` beside ``torch==2.13.0``, see benchmarks/README.md)::

@@ -352,15 +352,17 @@ def compose(outer: torch.Tensor, inner: torch.Tensor, padding_mode: str = "borde
 
 
 def _compose(outer: torch.Tensor, inner: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
-    """:func:`compose` without argument checks."""
+    """:func:`compose` without argument checks.
+
+    Both grids span the same extent, so ``inner``'s points have the same normalised coordinates in ``outer``'s
+    grid: :func:`_warp` samples ``outer`` there whatever its size, and only the values change units.
+    """
+    sampled = _warp(outer, inner, padding_mode=padding_mode)
     if outer.shape[2:] == inner.shape[2:]:
-        return inner + _warp(outer, inner, padding_mode=padding_mode)
+        return inner + sampled
+    to_outer = _resize_scale(inner.shape[2:], outer.shape[2:], True)
     view = (1, -1, *([1] * (inner.ndim - 2)))
-    to_outer = torch.tensor(
-        _resize_scale(inner.shape[2:], outer.shape[2:], True), device=inner.device, dtype=inner.dtype
-    ).view(view)
-    points = (identity_grid(inner.shape[2:], device=inner.device, dtype=inner.dtype) + inner) * to_outer
-    return inner + _sample(outer, points, "bilinear", padding_mode) / to_outer
+    return torch.addcdiv(inner, sampled, torch.tensor(to_outer, device=inner.device, dtype=inner.dtype).view(view))
 
 
 def integrate_velocity(svf: torch.Tensor, num_steps: int = 7, padding_mode: str = "border") -> torch.Tensor:

@@ -277,7 +277,7 @@ def test_warp_labels_onehot_follows_the_majority_at_half_voxel_shift():
         (lambda: spatial.warp_labels(torch.rand(1, 1, 8, 8, 8), torch.zeros(1, 3, 8, 8, 8)), "labels"),
         (lambda: spatial.warp_labels(torch.ones(1, 2, 8, 8, 8), torch.zeros(1, 3, 8, 8, 8)), "labels"),
         (lambda: spatial.warp_labels(torch.ones(1, 1, 8, 8, 8), torch.zeros(1, 3, 8, 8, 8), method="linear"), "method"),
-        (lambda: spatial.compose(torch.zeros(1, 3, 8, 8, 8), torch.zeros(1, 3, 8, 8, 9)), "outer and inner"),
+        (lambda: spatial.compose(torch.zeros(2, 3, 8, 8, 8), torch.zeros(1, 3, 8, 8, 9)), "outer and inner"),
         (lambda: spatial.integrate_velocity(torch.zeros(1, 3, 8, 8, 8), num_steps=-1), "num_steps"),
         (lambda: spatial.resize_ddf(torch.zeros(1, 3, 8, 8, 8), (8, 8)), "size"),
         (lambda: spatial.ddf_voxel_to_normalized(torch.zeros(1, 3, 8, 8, 8), "[0,2]"), "value_range"),
@@ -319,3 +319,31 @@ def test_resample_to_grid_on_another_voxel_size_is_exact_for_linear_images():
     torch.testing.assert_close(resampled[0, 0], torch.einsum("i,i...->...", slope, world))
     outside = spatial.resample_to_grid(image, source_affine, target_affine, (12, 14, 10))
     assert outside[0, 0, -1, -1, -1] == 0  # beyond the source field of view: zero
+
+
+def test_compose_with_an_outer_field_on_a_coarser_grid_is_exact_for_affine_fields(generator):
+    """An affine field is reproduced exactly by trilinear interpolation, so composing it from a coarse grid at the
+    fine grid's points must give the analytic composition ``A_outer (x + u_inner(x)) + b`` in fine voxels."""
+    fine, coarse = (17, 21, 13), (9, 6, 5)
+    matrix = 0.1 * torch.randn(3, 3, generator=generator, dtype=torch.float64)
+    offset = torch.randn(3, generator=generator, dtype=torch.float64)
+
+    def affine_field(shape):  # in normalised [0, 1] units: u(p) = A p + b, p in [0, 1]^3
+        points = spatial.identity_grid(shape, dtype=torch.float64) / torch.tensor(
+            [s - 1 for s in shape], dtype=torch.float64
+        ).view(3, 1, 1, 1)
+        return (torch.einsum("ij,j...->i...", matrix, points) + offset.view(3, 1, 1, 1))[None], points
+
+    outer_unit, _ = affine_field(coarse)
+    outer = outer_unit * torch.tensor([s - 1 for s in coarse], dtype=torch.float64).view(1, 3, 1, 1, 1)
+    inner = 0.5 * torch.randn(1, 3, *fine, generator=generator, dtype=torch.float64)
+    composed = spatial.compose(outer, inner)
+    fine_scale = torch.tensor([s - 1 for s in fine], dtype=torch.float64).view(1, 3, 1, 1, 1)
+    points = spatial.identity_grid(fine, dtype=torch.float64)[None] + inner
+    reached = points / fine_scale
+    inside = ((reached >= 0) & (reached <= 1)).all(1, keepdim=True).expand(-1, 3, -1, -1, -1)
+    expected = inner + (torch.einsum("ij,bj...->bi...", matrix, reached) + offset.view(1, 3, 1, 1, 1)) * fine_scale
+    torch.testing.assert_close(composed[inside], expected[inside], atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        spatial.compose(outer, torch.zeros(1, 3, *fine, dtype=torch.float64)), spatial.resize_ddf(outer, fine)
+    )

@@ -120,15 +120,27 @@ class GradICONUNet(nn.Module):
             skips.append(x)
             y = down(F.leaky_relu(x))
             x = y + _match_channels(pool(x, 2, ceil_mode=True), y.shape[1])
+        mode = "trilinear" if self.spatial_dims == 3 else "bilinear"
         for level in reversed(range(len(self.upConvs))):
             y = self.upConvs[level](F.leaky_relu(x))
-            mode = "trilinear" if self.spatial_dims == 3 else "bilinear"
             upsampled = F.interpolate(_match_channels(x, y.shape[1]), scale_factor=2, mode=mode, align_corners=False)
-            x = self.batchNorms[level](y + upsampled)
             skip = skips[level]
-            x = x[(slice(None), slice(None), *(slice(0, n) for n in skip.shape[2:]))]
+            crop = (slice(None), slice(None), *(slice(0, n) for n in skip.shape[2:]))
+            norm = self.batchNorms[level]
+            if norm.training or torch.is_grad_enabled():
+                x = norm(y + upsampled)[crop]
+            else:  # inference: crop first, then normalise in place (per-channel affine: the same values)
+                x = _batch_norm_in_place(y[crop].add_(upsampled[crop]), norm)
             x = torch.cat([x, skip], dim=1)
         return (self.lastConv(x) / 10).contiguous()
+
+
+def _batch_norm_in_place(x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """``norm(x)`` with running statistics, written into ``x``: ``(x - mean) / sqrt(var + eps) * weight + bias``."""
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    view = (1, -1, *([1] * (x.ndim - 2)))
+    return x.mul_(scale.view(view)).add_(shift.view(view))
 
 
 #: Downsampling level of each step of the published cascade: 1/4, 1/2, full (step 1) and full (step 2).
@@ -245,7 +257,7 @@ class UniGradICON(nn.Module):
         """
         shape = tuple(int(s) for s in shape)
         last = fields[-1]
-        ddf = last if tuple(last.shape[2:]) == shape else _compose(last, last.new_zeros(*last.shape[:2], *shape))
+        ddf = last if tuple(last.shape[2:]) == shape else resize_ddf(last, shape)  # = compose(last, 0)
         for field in reversed(fields[:-1]):
             ddf = _compose(field, ddf)
         return ddf
