@@ -27,8 +27,8 @@ point lies at least one voxel inside the grid (the borders differ by padding rul
 turns a difference above ``CONVENTION_TOLERANCE`` into a failure (exit status 1).
 
 What is timed (wall clock, ``time.perf_counter``), per method and pair, with the inputs already in memory:
-VoxelOpt: the network call ``network(moving, fixed)``, features included; ANTs: ``ants.registration`` (it writes its transforms to the work
-folder and resamples the moving image once, as part of the call); elastix: ``itk.elastix_registration_method``
+VoxelOpt: the network call ``network(moving, fixed)``, features included; ANTs: ``ants.registration`` (it writes
+its transforms to the work folder and resamples the moving image once, as part of the call); elastix: ``itk.elastix_registration_method``
 (which also resamples the moving image once); ConvexAdam: ``convex_adam_pt``. Not timed: imports, reading the
 NIfTI files, exporting/reading the dense field and the scoring.
 

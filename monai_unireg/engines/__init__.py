@@ -1,5 +1,5 @@
-"""Engines: end-to-end registration of image files (used by the command line and the bundles), and the training,
-fine-tuning and instance optimisation of the learned methods."""
+"""Engines: end-to-end registration of image files (used by the command line and the bundles); the training,
+fine-tuning and instance optimisation of the learned methods; the workflows of the uniGradICON bundle."""
 
 from monai_unireg.engines.pair_registration import (
     MODALITIES,
@@ -27,6 +27,11 @@ from monai_unireg.engines.unigradicon import (
     train_unigradicon,
     validation_dice,
 )
+from monai_unireg.engines.unigradicon_workflows import (
+    build_unigradicon,
+    load_validation_pairs,
+    train_workflow,
+)
 
 __all__ = [
     "GradICONObjective",
@@ -37,6 +42,9 @@ __all__ = [
     "stage_two_from_stage_one",
     "train_unigradicon",
     "validation_dice",
+    "build_unigradicon",
+    "train_workflow",
+    "load_validation_pairs",
     "MODALITIES",
     "LoadedPair",
     "RegistrationResult",

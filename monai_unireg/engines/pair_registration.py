@@ -197,13 +197,17 @@ def register_pair(
 ) -> RegistrationResult:
     """Run ``network(moving, fixed) -> ddf`` on a normalised pair and warp the original moving image and label.
 
+    With ``modality="auto"`` each image is normalised by its own detected modality (a CT-MRI pair gets the CT
+    window for the CT and the MRI percentiles for the MR); the result's ``modality`` is then ``"ct/mri"``.
     The runtime covers the network call only (feature extraction included; file I/O excluded).
     """
     check_option(modality, "modality", MODALITIES)
-    resolved = detect_modality(pair.fixed) if modality == "auto" else modality
+    fixed_modality = detect_modality(pair.fixed) if modality == "auto" else modality
+    moving_modality = detect_modality(pair.moving) if modality == "auto" else modality
+    resolved = fixed_modality if fixed_modality == moving_modality else f"{fixed_modality}/{moving_modality}"
     device = resolve_device(device)
-    fixed = normalise_intensity(pair.fixed, resolved, ct_window).to(device)
-    moving = normalise_intensity(pair.moving, resolved, ct_window).to(device)
+    fixed = normalise_intensity(pair.fixed, fixed_modality, ct_window).to(device)
+    moving = normalise_intensity(pair.moving, moving_modality, ct_window).to(device)
     network = network.to(device).eval()
     start = time.perf_counter()
     with torch.no_grad():

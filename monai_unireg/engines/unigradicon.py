@@ -308,7 +308,9 @@ def train_unigradicon(
         seed: seed of the augmentation and GradICON jitter streams (the sampler has its own).
         max_iterations_per_epoch: cap on iterations per epoch (quick experiments and tests).
         distributed_model: the ``DistributedDataParallel`` wrapper of ``network`` when training with several
-            processes (each rank takes every ``world_size``-th pair; rank 0 writes checkpoints and logs).
+            processes: each rank takes every ``world_size``-th pair of the epoch (cut to a multiple of
+            ``world_size``, so all take as many steps) with its own augmentation and jitter streams; rank 0
+            validates, writes checkpoints and logs.
         log: progress output.
 
     Returns:
@@ -341,10 +343,13 @@ def train_unigradicon(
             log(f"resumed from {checkpoint_path} at epoch {start_epoch}")
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
-        pairs = sampler.pairs_for_epoch(epoch)[rank::world]
-        batches = _batches(pairs, batch_size)[: max_iterations_per_epoch or None]
-        generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch, 0))
-        objective.reseed(_epoch_seed(seed, epoch, 1))
+        pairs = sampler.pairs_for_epoch(epoch)
+        shared = len(pairs) - len(pairs) % world  # every process takes as many steps (DDP waits for all)
+        if shared == 0:
+            raise ValueError(f"an epoch has {len(pairs)} pairs, fewer than the {world} processes.")
+        batches = _batches(pairs[:shared][rank::world], batch_size)[: max_iterations_per_epoch or None]
+        generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch, 2 * rank))
+        objective.reseed(_epoch_seed(seed, epoch, 2 * rank + 1))
         network.train()
         totals: dict[str, float] = {}
         started = time.perf_counter()

@@ -1,0 +1,111 @@
+"""The uniGradICON bundle's workflow functions in-process: the inference network with and without weights, the
+training set-up's refusals, and one distributed (Gloo, single-process) training step."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from monai_unireg.engines import InstanceOptimised, build_unigradicon, load_validation_pairs, train_workflow
+from monai_unireg.networks.nets import UniGradICON
+
+SMALL = {"input_size": 32, "down_channels": [4, 8, 8], "up_channels": [4, 8, 8]}
+
+
+@pytest.fixture()
+def brainsynth(shared_data):
+    return shared_data / "BrainSynth" / "BrainSynth_dataset.json"
+
+
+def test_without_weights_the_network_is_untrained_and_says_so(caplog):
+    with caplog.at_level(logging.WARNING, logger="unigradicon"):
+        network = build_unigradicon(None, include_step2=True, **SMALL)
+    assert isinstance(network, UniGradICON) and len(network.unets) == 4
+    assert any(r.levelno == logging.WARNING and "predicts the identity map" in r.message for r in caplog.records)
+    moving, fixed = torch.rand(1, 1, 20, 24, 28), torch.rand(1, 1, 20, 24, 28)
+    with torch.no_grad():
+        assert torch.equal(network.eval()(moving, fixed), torch.zeros(1, 3, 20, 24, 28))
+
+
+def test_weights_are_loaded_with_their_own_configuration_and_wrapped_for_instance_optimisation(tmp_path):
+    torch.manual_seed(0)
+    trained = UniGradICON(include_step2=False, **SMALL)
+    torch.save({"config": trained.config, "model": trained.state_dict()}, tmp_path / "model.pt")
+    network = build_unigradicon(tmp_path / "model.pt", io_iterations=2, io_learning_rate=1e-4)
+    assert isinstance(network, InstanceOptimised) and network.iterations == 2 and network.learning_rate == 1e-4
+    assert network.network.config == trained.config  # not the published 175^3 network of the defaults
+    plain = build_unigradicon(tmp_path / "model.pt")
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), trained.state_dict().values()))
+    with pytest.raises(ValueError, match="io_iterations"):
+        build_unigradicon(tmp_path / "model.pt", io_iterations=-1)
+    with pytest.raises(ValueError, match="does not exist"):
+        build_unigradicon(tmp_path / "missing.pt")
+
+
+def test_training_set_up_is_checked(brainsynth, tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    common = {"datasets": [brainsynth], "output_dir": tmp_path / "out", "device": "cpu", **SMALL}
+    with pytest.raises(ValueError, match="stage must be one of"):
+        train_workflow(stage=3, **common)
+    with pytest.raises(ValueError, match="stage 2 needs stage1_weights"):
+        train_workflow(stage=2, **common)
+    with pytest.raises(ValueError, match="stage1_weights initialises stage 2"):
+        train_workflow(stage=1, stage1_weights=tmp_path / "model.pt", **common)
+    with pytest.raises(ValueError, match="not both"):
+        train_workflow(stage=2, stage1_weights=tmp_path / "a.pt", init_weights=tmp_path / "b.pt", **common)
+    with pytest.raises(ValueError, match="datasets must be a non-empty list"):
+        train_workflow(**{**common, "datasets": str(brainsynth)})
+    with pytest.raises(ValueError, match="not started by torchrun"):
+        train_workflow(distributed=True, **common)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="distributed is false"):
+        train_workflow(distributed=False, **common)
+    stage_two = UniGradICON(include_step2=True, **SMALL)
+    torch.save({"config": stage_two.config, "model": stage_two.state_dict()}, tmp_path / "stage2.pt")
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ValueError, match="pass --stage 2 to fine-tune it"):
+        train_workflow(init_weights=tmp_path / "stage2.pt", **common)
+    with pytest.raises(ValueError, match="stage1_weights .* holds a 4-UNet"):
+        train_workflow(stage=2, stage1_weights=tmp_path / "stage2.pt", **common)
+    assert not (tmp_path / "out").exists()
+
+
+def test_validation_pairs_must_have_labels(brainsynth, tmp_path):
+    assert len(load_validation_pairs(brainsynth, max_pairs=2)) == 2 and load_validation_pairs(None) == []
+    unlabelled = tmp_path / "imagesTr"
+    unlabelled.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(brainsynth.parent / "imagesTr" / "BrainSynth_0001_0000.nii.gz", unlabelled / f"{name}.nii.gz")
+    json_path = tmp_path / "Unlabelled_dataset.json"
+    json_path.write_text(
+        '{"name": "Unlabelled", "training": [], "numRegistration_val": 1, '
+        '"registration_val": [{"fixed": "./imagesTr/a.nii.gz", "moving": "./imagesTr/b.nii.gz"}]}'
+    )
+    with pytest.raises(ValueError, match="validation_json .* lacks a label map"):
+        load_validation_pairs(json_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed (Gloo)")
+def test_distributed_training_on_one_gloo_process(brainsynth, tmp_path, monkeypatch, caplog):
+    """What torchrun --nproc_per_node 1 with multi_gpu_train.yaml does: a process group of one, DDP, a checkpoint."""
+    environment = {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**environment, "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(key, value)
+    with caplog.at_level(logging.INFO, logger="unigradicon"):
+        history = train_workflow(
+            [brainsynth], tmp_path, epochs=1, pairs_per_dataset=1, batch_size=1, device="cpu", distributed=True, **SMALL
+        )
+    assert [record["epoch"] for record in history] == [1] and (tmp_path / "model.pt").is_file()
+    assert "process 0 of 1 (gloo) on cpu" in caplog.text
+    assert not dist.is_initialized()  # the group it started is ended
