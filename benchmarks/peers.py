@@ -28,9 +28,9 @@ turns a difference above ``CONVENTION_TOLERANCE`` into a failure (exit status 1)
 
 What is timed (wall clock, ``time.perf_counter``), per method and pair, with the inputs already in memory:
 VoxelOpt: the network call ``network(moving, fixed)``, features included; ANTs: ``ants.registration`` (it writes
-its transforms to the work folder and resamples the moving image once, as part of the call); elastix: ``itk.elastix_registration_method``
-(which also resamples the moving image once); ConvexAdam: ``convex_adam_pt``. Not timed: imports, reading the
-NIfTI files, exporting/reading the dense field and the scoring.
+its transforms to the work folder and resamples the moving image once, as part of the call); elastix:
+``itk.elastix_registration_method`` (which also resamples the moving image once); ConvexAdam: ``convex_adam_pt``.
+Not timed: imports, reading the NIfTI files, exporting/reading the dense field and the scoring.
 
 Memory: each method runs on each pair in its own child process (``multiprocessing`` spawn). Just before the timed
 block the child resets its peak resident set size (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0) and reads
