@@ -132,7 +132,7 @@ class GradICONUNet(nn.Module):
             else:  # inference: crop first, then normalise in place (per-channel affine: the same values)
                 x = _batch_norm_in_place(y[crop].add_(upsampled[crop]), norm)
             x = torch.cat([x, skip], dim=1)
-        return (self.lastConv(x) / 10).contiguous()
+        return self.lastConv(x).contiguous().div_(10)
 
 
 def _batch_norm_in_place(x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
