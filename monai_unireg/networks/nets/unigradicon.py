@@ -128,10 +128,17 @@ class GradICONUNet(nn.Module):
             crop = (slice(None), slice(None), *(slice(0, n) for n in skip.shape[2:]))
             norm = self.batchNorms[level]
             if norm.training or torch.is_grad_enabled():
-                x = norm(y + upsampled)[crop]
-            else:  # inference: crop first, then normalise in place (per-channel affine: the same values)
-                x = _batch_norm_in_place(y[crop].add_(upsampled[crop]), norm)
-            x = torch.cat([x, skip], dim=1)
+                x = torch.cat([norm(y + upsampled)[crop], skip], dim=1)
+            else:  # inference: crop first and normalise in place (per-channel affine: the same values), written
+                # straight into the concatenation's buffer (no cropped copy, no concatenation pass)
+                x = torch.empty(
+                    (skip.shape[0], y.shape[1] + skip.shape[1], *skip.shape[2:]),
+                    dtype=y.dtype,
+                    device=y.device,
+                    memory_format=self.memory_format,
+                )
+                _batch_norm_in_place(torch.add(y[crop], upsampled[crop], out=x[:, : y.shape[1]]), norm)
+                x[:, y.shape[1] :] = skip
         return self.lastConv(x).contiguous().div_(10)
 
 
