@@ -109,3 +109,33 @@ def test_distributed_training_on_one_gloo_process(brainsynth, tmp_path, monkeypa
     assert [record["epoch"] for record in history] == [1] and (tmp_path / "model.pt").is_file()
     assert "process 0 of 1 (gloo) on cpu" in caplog.text
     assert not dist.is_initialized()  # the group it started is ended
+
+
+def test_fine_tuning_continues_from_given_weights_on_a_new_dataset(shared_data, tmp_path, monkeypatch):
+    """uniGradICON's fine-tuning (paper Sec. 3.3): a trained network, the same objective, a new dataset."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    torch.manual_seed(0)
+    trained = UniGradICON(include_step2=True, **SMALL)
+    for unet in trained.unets:
+        torch.nn.init.normal_(unet.lastConv.weight, std=1e-3)
+    torch.save({"config": trained.config, "model": trained.state_dict()}, tmp_path / "trained.pt")
+    prostate = shared_data / "ProstateMRUS" / "ProstateMRUS_dataset.json"
+    history = train_workflow(
+        datasets=[prostate],
+        output_dir=tmp_path / "finetuned",
+        stage=2,
+        init_weights=tmp_path / "trained.pt",
+        epochs=1,
+        pairs_per_dataset=2,
+        batch_size=1,
+        learning_rate=1e-3,
+        validation_json=prostate,
+        max_validation_pairs=1,
+        device="cpu",
+        max_iterations_per_epoch=2,
+    )
+    assert len(history) == 1 and 0.0 <= history[0]["validation_dice"] <= 1.0
+    tuned = torch.load(tmp_path / "finetuned" / "model.pt", weights_only=True)
+    assert tuned["config"] == trained.config
+    changed = [name for name, value in trained.state_dict().items() if not torch.equal(value, tuned["model"][name])]
+    assert any(name.endswith("lastConv.weight") for name in changed)
