@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 from monai_unireg.spatial import ddf_mm_to_voxel, ddf_voxel_to_mm
 from monai_unireg.validation import check_affine, check_ddf
 
-__all__ = ["atomic_path", "load_nifti", "save_nifti", "save_ddf", "load_ddf"]
+__all__ = ["atomic_path", "load_nifti", "save_nifti", "save_ddf", "load_ddf", "load_weights"]
 
 RAS_TO_LPS = torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64).view(1, 3, 1, 1, 1)
 NIFTI_INTENT_VECTOR = "vector"
@@ -114,3 +115,18 @@ def load_ddf(path: str | os.PathLike) -> tuple[torch.Tensor, np.ndarray]:
     lps_mm = torch.from_numpy(np.asarray(vectors[:, :, :, 0, :], dtype=np.float64)).permute(3, 0, 1, 2).unsqueeze(0)
     ddf = ddf_mm_to_voxel(lps_mm * RAS_TO_LPS, torch.from_numpy(affine))
     return ddf.to(torch.float32), affine
+
+
+def load_weights(path: str | os.PathLike, name: str = "weights file") -> Any:
+    """Read a user's weights file with ``torch.load(map_location="cpu", weights_only=True)`` (no code in it runs).
+
+    Raises a ``ValueError`` naming ``name`` and the path when the file is missing or is not a weights-only
+    PyTorch file; what it holds (state dict, checkpoint dictionary) is for the caller to check.
+    """
+    path_str = os.fspath(path)
+    if not os.path.isfile(path_str):
+        raise ValueError(f"{name} {path_str!r} does not exist or is not a file.")
+    try:
+        return torch.load(path_str, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for unreadable or unsafe files
+        raise ValueError(f"{name} {path_str!r} could not be read as a weights-only PyTorch file: {error}") from error

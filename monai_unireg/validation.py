@@ -17,6 +17,7 @@ __all__ = [
     "check_image",
     "check_ddf",
     "check_same_spatial_shape",
+    "check_image_pair",
     "check_labels",
     "check_option",
     "check_number",
@@ -81,6 +82,17 @@ def check_same_spatial_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name
         raise ValueError(
             f"{name_a} and {name_b} must have the same batch size and spatial shape, "
             f"got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
+
+
+def check_image_pair(moving: Any, fixed: Any, spatial_dims: int = 3) -> None:
+    """Check a registration pair: two finite images ``[B, C, *spatial]`` of exactly the same shape."""
+    check_image(moving, "moving", spatial_dims)
+    check_image(fixed, "fixed", spatial_dims)
+    if moving.shape != fixed.shape:
+        raise ValueError(
+            f"moving and fixed must have the same shape (bring them onto one grid first), "
+            f"got {tuple(moving.shape)} and {tuple(fixed.shape)}."
         )
 
 

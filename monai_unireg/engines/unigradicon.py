@@ -117,7 +117,7 @@ class RandomPairAugmentation:
     independent small random affine for each (matrix entries + N(0, ``noise_std``^2), normalised coordinates).
 
     Applied to a batch ``[B, 1, *S]`` of pairs, sampled per pair from ``generator`` (seeded, CPU), resampled
-    trilinearly with border padding. Labels, if given, follow their image (nearest neighbour).
+    trilinearly with border padding.
 
     Args:
         noise_std: standard deviation of the affine perturbation (reference: 0.05).
@@ -141,27 +141,19 @@ class RandomPairAugmentation:
         return base + noise_a, base + noise_b
 
     def __call__(
-        self,
-        image_a: torch.Tensor,
-        image_b: torch.Tensor,
-        generator: torch.Generator,
-        labels: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        self, image_a: torch.Tensor, image_b: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented ``[B, 1, *S]`` copies of ``image_a`` and ``image_b``."""
         matrix_a, matrix_b = self.matrices(image_a.shape[0], generator)
-        outputs = []
-        for image, label, matrix in ((image_a, labels[0], matrix_a), (image_b, labels[1], matrix_b)):
-            grid = F.affine_grid(matrix.to(image), list(image.shape), align_corners=False)
-            warped = F.grid_sample(image, grid, padding_mode="border", align_corners=False)
-            warped_label = (
-                None
-                if label is None
-                else F.grid_sample(label.float(), grid, mode="nearest", padding_mode="border", align_corners=False)
-                .round()
-                .to(label.dtype)
+        return tuple(
+            F.grid_sample(
+                image,
+                F.affine_grid(matrix.to(image), list(image.shape), align_corners=False),
+                padding_mode="border",
+                align_corners=False,
             )
-            outputs.append((warped, warped_label))
-        (a, label_a), (b, label_b) = outputs
-        return a, b, (label_a, label_b)
+            for image, matrix in ((image_a, matrix_a), (image_b, matrix_b))
+        )
 
 
 class PairLoader:
@@ -196,14 +188,7 @@ def stage_two_from_stage_one(stage_one: UniGradICON) -> UniGradICON:
     as the reference's stage 2 (``net.regis_net.netPhi`` loaded from stage 1)."""
     if stage_one.include_step2:
         raise ValueError("stage_one must be a 3-step network (include_step2=False).")
-    first = stage_one.unets[0]
-    stage_two = UniGradICON(
-        input_size=stage_one.input_size,
-        include_step2=True,
-        down_channels=[conv.out_channels for conv in first.downConvs],
-        up_channels=[conv.out_channels for conv in first.upConvs],
-        in_channels=first.downConvs[0].in_channels // 2,
-    ).to(next(stage_one.parameters()).device)
+    stage_two = UniGradICON(**{**stage_one.config, "include_step2": True}).to(next(stage_one.parameters()).device)
     for source, target in zip(stage_one.unets, stage_two.unets):
         target.load_state_dict(source.state_dict())
     return stage_two
@@ -221,12 +206,6 @@ def _rank_and_world() -> tuple[int, int]:
 
 def _batches(items: list[dict[str, Any]], batch_size: int) -> list[list[dict[str, Any]]]:
     return [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
-
-
-def _stack(items: list[dict[str, torch.Tensor]], key: str, device: torch.device) -> torch.Tensor | None:
-    if not all(key in item for item in items):
-        return None
-    return torch.stack([item[key] for item in items]).to(device)
 
 
 def validation_dice(
@@ -355,8 +334,8 @@ def train_unigradicon(
         started = time.perf_counter()
         for iteration, batch in enumerate(batches, start=1):
             items = [loader(pair) for pair in batch]
-            moving, fixed = _stack(items, "moving", device), _stack(items, "fixed", device)
-            moving, fixed, _ = augmentation(moving, fixed, generator)
+            moving, fixed = (torch.stack([item[role] for item in items]).to(device) for role in ("moving", "fixed"))
+            moving, fixed = augmentation(moving, fixed, generator)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, enabled=use_amp):
                 terms = objective(model, moving, fixed)

@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from monai_unireg.spatial import _compose, _warp, resize_ddf, resize_image
-from monai_unireg.validation import check_bool, check_image, check_integer
+from monai_unireg.io import load_weights
+from monai_unireg.spatial import _compose, _warp, ddf_normalized_to_voxel, resize_ddf, resize_image
+from monai_unireg.validation import check_bool, check_image_pair, check_integer
 
 __all__ = [
     "GradICONUNet",
@@ -217,13 +218,7 @@ class UniGradICON(nn.Module):
         Returns:
             ``[B, 3, D, H, W]`` displacement in voxels of the input grid, ``warp(moving, ddf) ~ fixed``.
         """
-        check_image(moving, "moving")
-        check_image(fixed, "fixed")
-        if moving.shape != fixed.shape:
-            raise ValueError(
-                f"moving and fixed must have the same shape (bring them onto one grid first), "
-                f"got {tuple(moving.shape)} and {tuple(fixed.shape)}."
-            )
+        check_image_pair(moving, fixed)
         shape = tuple(moving.shape[2:])
         ddf = self.working_field(self.to_working_size(moving), self.to_working_size(fixed))
         return ddf if shape == self.input_size else resize_ddf(ddf, shape)
@@ -252,7 +247,7 @@ class UniGradICON(nn.Module):
             if fields:
                 level_moving = _warp(level_moving, self.chain(fields, level_moving.shape[2:]))
             step = unet(level_moving, fixed_pyramid[level])
-            fields.append(step * _voxels_per_unit(step))
+            fields.append(ddf_normalized_to_voxel(step, "[0,1]"))
         return self.chain(fields, moving.shape[2:])
 
     @staticmethod
@@ -282,12 +277,6 @@ def _check_poolable(size: tuple[int, ...], poolings: int) -> None:
         current = tuple(-(-s // 2) for s in current)
 
 
-def _voxels_per_unit(field: torch.Tensor) -> torch.Tensor:
-    """``[1, n, 1, ...]`` voxels per normalised ``[0, 1]`` unit along each axis of ``field``'s grid."""
-    sizes = [max(s - 1, 1) for s in field.shape[2:]]
-    return torch.tensor(sizes, device=field.device, dtype=field.dtype).view(1, -1, *([1] * (field.ndim - 2)))
-
-
 def published_key_prefixes(num_steps: int = 4) -> tuple[str, ...]:
     """State-dict key prefix of each UNet in the reference code's registration net, coarsest step first.
 
@@ -313,13 +302,8 @@ def load_unigradicon(path: str | os.PathLike) -> UniGradICON:
 
 
 def _read_state(path: str) -> dict:
-    """The dictionary stored in ``path`` (``torch.load(weights_only=True)``), with clear errors."""
-    if not os.path.isfile(path):
-        raise ValueError(f"weights file {path!r} does not exist or is not a file.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for unreadable or unsafe files
-        raise ValueError(f"weights file {path!r} could not be read as a PyTorch state dict: {error}") from error
+    """The dictionary stored in the weights file ``path`` (:func:`monai_unireg.io.load_weights`)."""
+    state = load_weights(path)
     if not isinstance(state, dict):
         raise ValueError(f"weights file {path!r} does not hold a state dict of tensors.")
     return state

@@ -39,13 +39,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monai_unireg.io import load_weights
 from monai_unireg.validation import check_bool, check_image
 
 __all__ = ["UniversalModelFeatures", "load_universal_model_checkpoint", "map_universal_model_keys"]
@@ -305,12 +305,7 @@ def load_universal_model_checkpoint(
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path must be a str or os.PathLike, got {type(path).__name__}.")
     path_str = os.fspath(path)
-    if not Path(path_str).is_file():
-        raise ValueError(f"path {path_str!r} is not an existing checkpoint file.")
-    try:
-        checkpoint = torch.load(path_str, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"path {path_str!r} could not be read as a weights-only torch checkpoint: {err}") from err
+    checkpoint = load_weights(path_str, "path")
     state_dict = _extract_state_dict(checkpoint, path_str)
 
     own = module.state_dict()

@@ -17,7 +17,7 @@ from monai_unireg.losses.mind import MINDSSC
 from monai_unireg.networks.blocks.adaptive_filter import adaptive_gaussian_filter
 from monai_unireg.networks.blocks.cost_volume import NEIGHBOUR_OFFSETS, neighbour_cost_volume, offsets_to_field
 from monai_unireg.spatial import compose, integrate_velocity, resize_ddf, resize_image, warp
-from monai_unireg.validation import check_bool, check_image, check_integer, check_option, check_positive
+from monai_unireg.validation import check_bool, check_image_pair, check_integer, check_option, check_positive
 
 __all__ = ["VoxelOpt", "PAPER_COUPLING", "REFERENCE_COUPLING"]
 
@@ -129,13 +129,7 @@ class VoxelOpt(nn.Module):
         Returns:
             ``[B, 3, D, H, W]`` displacement in voxels, ``warp(moving, ddf) ~ fixed``.
         """
-        check_image(moving, "moving")
-        check_image(fixed, "fixed")
-        if moving.shape != fixed.shape:
-            raise ValueError(
-                f"moving and fixed must have the same shape (bring them onto one grid first), "
-                f"got {tuple(moving.shape)} and {tuple(fixed.shape)}."
-            )
+        check_image_pair(moving, fixed)
         sizes = self.pyramid_sizes(fixed.shape[2:])
         with torch.no_grad():
             fixed_pyramid = _feature_pyramid(self._features(fixed), sizes)
