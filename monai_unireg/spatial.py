@@ -89,7 +89,15 @@ def _to_grid_sample_coordinates(coords: torch.Tensor, shape: Sequence[int]) -> t
     return normalised.flip(1).movedim(1, -1)
 
 
-def _grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+def _slab_layout(batch: int, length: int, device: torch.device) -> tuple[int, int]:
+    """``(slabs, rows)``: how :func:`_grid_sample` cuts an output of ``length`` rows into equal slabs (see there)."""
+    slabs = min(torch.get_num_threads() // batch, length) if device.type == "cpu" else 1
+    return (1, length) if slabs < 2 else (slabs, -(-length // slabs))
+
+
+def _grid_sample(
+    image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str, length: int | None = None
+) -> torch.Tensor:
     """``F.grid_sample(image, grid, align_corners=True)``, using every CPU thread for small batches.
 
     PyTorch's CPU kernel parallelises over the batch only, so a single pair runs on one core. When the batch is
@@ -98,23 +106,34 @@ def _grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mod
 
     Args:
         image: ``[B, C, *S_in]``.
-        grid: ``[B, *S_out, n]`` normalised coordinates, axes reversed (``grid_sample``'s convention).
+        grid: ``[B, *S_out, n]`` normalised coordinates, axes reversed (``grid_sample``'s convention); or, with
+            ``length``, a grid already extended along its first axis to the slab layout of :func:`_slab_layout`
+            (rows past ``length`` are ignored).
+        length: number of output rows ``S_out[0]`` when ``grid`` is extended.
 
     Returns:
         ``[B, C, *S_out]``.
     """
-    batch, length = grid.shape[0], grid.shape[1]
-    slabs = min(torch.get_num_threads() // batch, length) if image.device.type == "cpu" else 1
-    if slabs < 2:
-        return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-    rows = -(-length // slabs)
-    if rows * slabs > length:  # repeat the last row so that the slabs are equal
-        grid = torch.cat([grid, grid[:, -1:].expand(-1, rows * slabs - length, *grid.shape[2:])], dim=1)
-    grid = grid.reshape(batch * slabs, rows, *grid.shape[2:])
+    batch, channels = grid.shape[0], image.shape[1]
+    length = grid.shape[1] if length is None else length
+    slabs, rows = _slab_layout(batch, length, image.device)
+    if slabs == 1:
+        return F.grid_sample(image, grid[:, :length], mode=mode, padding_mode=padding_mode, align_corners=True)
+    if grid.shape[1] < rows * slabs:  # repeat the last row so that the slabs are equal
+        grid = torch.cat([grid, grid[:, -1:].expand(-1, rows * slabs - grid.shape[1], *grid.shape[2:])], dim=1)
+    grid = grid[:, : rows * slabs].reshape(batch * slabs, rows, *grid.shape[2:])
     source = image.expand(slabs, *image.shape[1:]) if batch == 1 else image.repeat_interleave(slabs, dim=0)
     sampled = F.grid_sample(source, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-    sampled = sampled.view(batch, slabs, image.shape[1], rows, *sampled.shape[3:]).movedim(1, 2)
-    return sampled.reshape(batch, image.shape[1], slabs * rows, *sampled.shape[4:])[:, :, :length]
+    rest = sampled.shape[3:]
+    blocks = sampled.view(batch, slabs, channels, rows, *rest).movedim(1, 2)  # [B, C, slabs, rows, ...]
+    if batch * channels == 1:  # the slabs follow each other in memory: a view
+        return blocks.reshape(batch, channels, slabs * rows, *rest)[:, :, :length]
+    out = sampled.new_empty((batch, channels, length, *rest))
+    full, remainder = divmod(length, rows)
+    out[:, :, : full * rows].unflatten(2, (full, rows)).copy_(blocks[:, :, :full])
+    if remainder:
+        out[:, :, full * rows :].copy_(blocks[:, :, full, :remainder])
+    return out
 
 
 def sample(
@@ -182,19 +201,30 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding
 def _warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
     """:func:`warp` without argument checks, for internal loops whose inputs are already checked.
 
-    The ``grid_sample`` grid (normalised, axes reversed) is built in one matrix product,
-    ``identity_normalised + ddf @ M`` with ``M`` the anti-diagonal of the per-axis scales, reading the
-    channel-first ``ddf`` in place: this is the inner step of every integration and composition.
+    The ``grid_sample`` grid (normalised, axes reversed) is built from the components,
+    ``grid[..., n - 1 - i] = linspace_i + ddf_i * 2 / (N_i - 1)``; without autograd it is written in place in the
+    slab layout of :func:`_grid_sample` (no intermediate volumes). This is the inner step of every integration and
+    composition.
     """
     compute_dtype = torch.promote_types(torch.promote_types(image.dtype, ddf.dtype), torch.float32)
     batch, spatial_dims, shape = ddf.shape[0], ddf.shape[1], ddf.shape[2:]
-    axes = [torch.linspace(-1.0, 1.0, s, device=ddf.device, dtype=compute_dtype) for s in shape]
-    identity = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1).view(1, -1, spatial_dims)
-    scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape], device=ddf.device, dtype=compute_dtype)
-    to_grid = torch.diag(scale).flip(1).expand(batch, spatial_dims, spatial_dims)  # row i -> column n - 1 - i
-    rows = ddf.to(compute_dtype).movedim(1, -1).reshape(batch, -1, spatial_dims)
-    grid = torch.baddbmm(identity, rows, to_grid).view(batch, *shape, spatial_dims)
-    sampled = _grid_sample(image.to(compute_dtype), grid, mode, padding_mode)
+    lines, scales = [], []
+    for axis, size in enumerate(shape):
+        line_shape = [1] * (spatial_dims + 1)
+        line_shape[axis + 1] = size
+        lines.append(torch.linspace(-1.0, 1.0, size, device=ddf.device, dtype=compute_dtype).view(line_shape))
+        scales.append(2.0 / max(size - 1, 1))
+    components = [ddf[:, axis].to(compute_dtype) for axis in range(spatial_dims)]
+    if torch.is_grad_enabled() and ddf.requires_grad:
+        grid = torch.stack([lines[a] + components[a] * scales[a] for a in reversed(range(spatial_dims))], dim=-1)
+    else:
+        slabs, rows = _slab_layout(batch, shape[0], image.device)
+        grid = torch.empty(batch, slabs * rows, *shape[1:], spatial_dims, device=ddf.device, dtype=compute_dtype)
+        for axis in range(spatial_dims):
+            column = grid[:, : shape[0], ..., spatial_dims - 1 - axis]
+            torch.add(lines[axis], components[axis], alpha=scales[axis], out=column)
+        grid[:, shape[0] :] = grid[:, shape[0] - 1 : shape[0]]
+    sampled = _grid_sample(image.to(compute_dtype), grid, mode, padding_mode, length=shape[0])
     return sampled.to(image.dtype)
 
 
@@ -355,14 +385,15 @@ def _compose(outer: torch.Tensor, inner: torch.Tensor, padding_mode: str = "bord
     """:func:`compose` without argument checks.
 
     Both grids span the same extent, so ``inner``'s points have the same normalised coordinates in ``outer``'s
-    grid: :func:`_warp` samples ``outer`` there whatever its size, and only the values change units.
+    grid: :func:`_warp` samples ``outer`` there whatever its size, and only the values change units. The sum is
+    formed in the sampled values' buffer (no further volume).
     """
-    sampled = _warp(outer, inner, padding_mode=padding_mode)
-    if outer.shape[2:] == inner.shape[2:]:
-        return inner + sampled
-    to_outer = _resize_scale(inner.shape[2:], outer.shape[2:], True)
-    view = (1, -1, *([1] * (inner.ndim - 2)))
-    return torch.addcdiv(inner, sampled, torch.tensor(to_outer, device=inner.device, dtype=inner.dtype).view(view))
+    sampled = _warp(outer, inner, padding_mode=padding_mode).to(torch.promote_types(outer.dtype, inner.dtype))
+    if outer.shape[2:] != inner.shape[2:]:
+        to_outer = _resize_scale(inner.shape[2:], outer.shape[2:], True)
+        view = (1, -1, *([1] * (inner.ndim - 2)))
+        sampled = sampled.div_(torch.tensor(to_outer, device=inner.device, dtype=sampled.dtype).view(view))
+    return sampled.add_(inner)
 
 
 def integrate_velocity(svf: torch.Tensor, num_steps: int = 7, padding_mode: str = "border") -> torch.Tensor:
@@ -552,12 +583,17 @@ def ddf_normalized_to_voxel(ddf: torch.Tensor, value_range: str = "[-1,1]") -> t
 
 
 def _normalized_units_per_voxel(ddf: torch.Tensor, value_range: str) -> torch.Tensor:
-    spatial_dims = ddf.ndim - 2
-    check_ddf(ddf, "ddf", spatial_dims)
+    """Checked ``[1, n, 1, ...]`` size of one voxel of ``ddf``'s grid in normalised units."""
+    check_ddf(ddf, "ddf", ddf.ndim - 2)
     check_option(value_range, "value_range", NORMALIZED_RANGES)
+    return _normalized_voxel_size(ddf, value_range)
+
+
+def _normalized_voxel_size(ddf: torch.Tensor, value_range: str) -> torch.Tensor:
+    """``[1, n, 1, ...]`` size of one voxel of ``ddf``'s grid in normalised units, without argument checks."""
     extent = 2.0 if value_range == "[-1,1]" else 1.0
     per_voxel = [extent / max(s - 1, 1) for s in ddf.shape[2:]]
-    return torch.tensor(per_voxel, device=ddf.device, dtype=ddf.dtype).view(1, -1, *([1] * spatial_dims))
+    return torch.tensor(per_voxel, device=ddf.device, dtype=ddf.dtype).view(1, -1, *([1] * (ddf.ndim - 2)))
 
 
 def _linear_part(affine: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:

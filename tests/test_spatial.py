@@ -347,3 +347,49 @@ def test_compose_with_an_outer_field_on_a_coarser_grid_is_exact_for_affine_field
     torch.testing.assert_close(
         spatial.compose(outer, torch.zeros(1, 3, *fine, dtype=torch.float64)), spatial.resize_ddf(outer, fine)
     )
+
+
+@pytest.fixture
+def threads():
+    """Set the torch thread count for one test and restore it afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch,channels", [(1, 1), (1, 3), (2, 3)])
+def test_threaded_grid_sample_equals_grid_sample_bit_for_bit(generator, threads, num_threads, batch, channels):
+    """The slab split across threads (odd lengths leave a partial last slab) changes neither values nor gradients."""
+    threads(num_threads)
+    image = torch.randn(batch, channels, 9, 10, 11, generator=generator, requires_grad=True)
+    grid = (torch.rand(batch, 7, 6, 5, 3, generator=generator) * 2.4 - 1.2).requires_grad_(True)
+    ours = spatial._grid_sample(image, grid, "bilinear", "border")
+    reference = torch.nn.functional.grid_sample(image, grid, padding_mode="border", align_corners=True)
+    assert ours.is_contiguous() or batch * channels == 1
+    assert torch.equal(ours, reference)
+    weights = torch.randn(reference.shape, generator=generator)
+    ours_grads = torch.autograd.grad((ours * weights).sum(), (image, grid))
+    reference_grads = torch.autograd.grad((reference * weights).sum(), (image, grid))
+    for a, b in zip(ours_grads, reference_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+def test_warp_without_autograd_equals_the_differentiable_path(generator, threads, num_threads):
+    """Without autograd the sampling grid is written in place in the slab layout; the values must not change.
+
+    Also with a MONAI ``MetaTensor`` and a channels-last field (what the networks pass)."""
+    from monai.data import MetaTensor
+
+    threads(num_threads)
+    image = MetaTensor(torch.randn(1, 3, 11, 8, 9, generator=generator))
+    field = smooth_field(generator, (11, 8, 9)).float()
+    with torch.no_grad():
+        fast = spatial.warp(image, field)
+        fast_channels_last = spatial.warp(image, field.contiguous(memory_format=torch.channels_last_3d))
+        composed = spatial.compose(image.as_tensor(), field)
+    differentiable = spatial.warp(image, field.clone().requires_grad_(True))
+    torch.testing.assert_close(fast.as_tensor(), differentiable.as_tensor().detach(), rtol=0, atol=1e-5)
+    assert torch.equal(fast.as_tensor(), fast_channels_last.as_tensor())
+    torch.testing.assert_close(composed, field + fast.as_tensor(), rtol=0, atol=1e-5)

@@ -195,15 +195,17 @@ def test_bad_input_is_refused(generator):
         net(image, image.clone().fill_(float("nan")))
 
 
-def test_inference_path_matches_the_batch_norm_module(generator):
-    """Without autograd, evaluation normalises in place after cropping; it must equal BatchNorm's own result."""
-    unet = GradICONUNet(**SMALL).eval()
+@pytest.mark.parametrize("shape", [(19, 22, 17), (23, 18)])
+def test_inference_path_matches_the_batch_norm_module(generator, shape):
+    """Without autograd, evaluation normalises in place after cropping and splits the last convolution between the
+    decoded and the skip channels; it must equal the BatchNorm module and concatenation path (odd and even sizes)."""
+    unet = GradICONUNet(**SMALL, spatial_dims=len(shape)).eval()
     for parameter in unet.parameters():
         parameter.data.normal_(std=0.2, generator=generator)
     for norm in unet.batchNorms:
         norm.running_mean.normal_(std=0.3, generator=generator)
         norm.running_var.uniform_(0.5, 1.5, generator=generator)
-    moving, fixed = torch.rand(2, 1, 19, 22, 17, generator=generator), torch.rand(2, 1, 19, 22, 17, generator=generator)
+    moving, fixed = torch.rand(2, 1, *shape, generator=generator), torch.rand(2, 1, *shape, generator=generator)
     with torch.no_grad():
         fast = unet(moving, fixed)
     reference = unet(moving, fixed)  # autograd on: the BatchNorm module path
