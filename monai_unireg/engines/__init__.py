@@ -1,5 +1,6 @@
-"""Engines: end-to-end registration of image files (used by the command line and the bundles); the training,
-fine-tuning and instance optimisation of the learned methods; the workflows of the uniGradICON bundle."""
+"""Engines: end-to-end registration of image files (used by the command line and the bundles); the training loop
+shared by the learned methods, their objectives, fine-tuning and instance optimisation; the workflows of the
+uniGradICON bundle."""
 
 from monai_unireg.engines.pair_registration import (
     MODALITIES,
@@ -17,15 +18,29 @@ from monai_unireg.engines.pair_registration import (
     write_results,
     write_table,
 )
+from monai_unireg.engines.sacbnet import (
+    SACBNET_CT_WINDOW,
+    SACBNET_LAMBDAS,
+    SACBNetObjective,
+    diffusion_regularisation,
+    soft_dice_loss,
+    train_sacbnet,
+)
+from monai_unireg.engines.training import (
+    CT_WINDOW,
+    LossTerms,
+    PairLoader,
+    polynomial_decay,
+    train_registration,
+    validation_dice,
+)
 from monai_unireg.engines.unigradicon import (
     GradICONObjective,
     InstanceOptimised,
-    PairLoader,
     RandomPairAugmentation,
     instance_optimise,
     stage_two_from_stage_one,
     train_unigradicon,
-    validation_dice,
 )
 from monai_unireg.engines.unigradicon_workflows import (
     build_unigradicon,
@@ -34,14 +49,24 @@ from monai_unireg.engines.unigradicon_workflows import (
 )
 
 __all__ = [
+    "CT_WINDOW",
+    "LossTerms",
+    "PairLoader",
+    "polynomial_decay",
+    "train_registration",
+    "validation_dice",
+    "SACBNET_CT_WINDOW",
+    "SACBNET_LAMBDAS",
+    "SACBNetObjective",
+    "diffusion_regularisation",
+    "soft_dice_loss",
+    "train_sacbnet",
     "GradICONObjective",
     "InstanceOptimised",
-    "PairLoader",
     "RandomPairAugmentation",
     "instance_optimise",
     "stage_two_from_stage_one",
     "train_unigradicon",
-    "validation_dice",
     "build_unigradicon",
     "train_workflow",
     "load_validation_pairs",

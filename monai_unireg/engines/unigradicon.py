@@ -6,9 +6,9 @@ draws the same number of random pairs from each dataset (:class:`~monai_unireg.d
 brought to [0, 1] (CT: HU window [-1000, 1000]; MRI: [min, 99th percentile]) and resized to the network's
 working size, then augmented (:class:`RandomPairAugmentation`).
 
-Checkpoints are plain dictionaries of state dicts (model, optimiser, sampler, epoch, history), written
-atomically after every epoch; training resumes from one exactly (the pairs, augmentations and GradICON jitter
-of an epoch depend only on the seed and the epoch number).
+The loop, its checkpoints (written atomically after every epoch, resumed exactly: the pairs, augmentations and
+GradICON jitter of an epoch depend only on the seed and the epoch number) and the pair reader are the shared ones
+of :mod:`monai_unireg.engines.training`; this module adds the objective, the augmentation, stage 2 and IO.
 """
 
 from __future__ import annotations
@@ -16,21 +16,25 @@ from __future__ import annotations
 import copy
 import math
 import os
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from monai_unireg import io, spatial
+from monai_unireg import spatial
 from monai_unireg.data import PairSampler
-from monai_unireg.engines.pair_registration import detect_modality, normalise_intensity, read_volume
+from monai_unireg.engines.training import (
+    Augmentation,
+    Batch,
+    Log,
+    LossTerms,
+    PairLoader,
+    train_registration,
+    validation_dice,
+)
 from monai_unireg.losses import GradICONLoss, LNCCLoss
-from monai_unireg.metrics import LabelDiceMetric
 from monai_unireg.networks.nets.unigradicon import UniGradICON
 from monai_unireg.validation import check_bool, check_integer, check_positive
 
@@ -50,25 +54,6 @@ __all__ = [
 #: HU window of the paper's CT preprocessing (Sec. 2.1), mapped to [0, 1].
 UNIGRADICON_CT_WINDOW = (-1000.0, 1000.0)
 
-Log = Callable[[str], None]
-
-
-@dataclass
-class LossTerms:
-    """The objective's value and its parts (scalars with gradients)."""
-
-    total: torch.Tensor
-    similarity: torch.Tensor
-    gradicon: torch.Tensor
-
-    def as_floats(self) -> dict[str, float]:
-        """The three terms as Python floats (for logs and history)."""
-        return {
-            "loss": float(self.total.detach()),
-            "similarity": float(self.similarity.detach()),
-            "gradicon": float(self.gradicon.detach()),
-        }
-
 
 class GradICONObjective(nn.Module):
     """uniGradICON's training loss (paper Eq. 1) of a network on a pair ``(A, B)`` at its working size.
@@ -82,7 +67,7 @@ class GradICONObjective(nn.Module):
         lam: GradICON weight (paper: 1.5).
         sigma: LNCC Gaussian window in voxels (paper: 5).
         squared: ``1 - mean(LNCC^2)``, offered for multimodal pairs (METHODS.md).
-        seed: seed of the GradICON jitter's generator (reseeded per epoch by :func:`train_unigradicon`).
+        seed: seed of the GradICON jitter's generator (reseeded every epoch by the training loop).
     """
 
     def __init__(self, lam: float = 1.5, sigma: float = 5.0, squared: bool = False, seed: int = 0) -> None:
@@ -95,21 +80,29 @@ class GradICONObjective(nn.Module):
         """Restart the GradICON jitter's random sequence from ``seed``."""
         self.regulariser.generator.manual_seed(seed)
 
-    def forward(self, network: nn.Module, image_a: torch.Tensor, image_b: torch.Tensor) -> LossTerms:
-        """Evaluate the objective.
+    def forward(
+        self, network: nn.Module, batch: Mapping[str, torch.Tensor] | torch.Tensor, image_b: torch.Tensor | None = None
+    ) -> LossTerms:
+        """Evaluate the objective: ``objective(network, batch)`` (the convention of
+        :func:`~monai_unireg.engines.train_registration`; A is ``batch["moving"]``, B is ``batch["fixed"]``, other
+        keys are ignored) or ``objective(network, image_a, image_b)``.
 
         Args:
             network: maps ``(moving, fixed)`` at its working size to a ``[B, 3, *S]`` voxel field.
-            image_a: ``[B, 1, *S]`` image A in [0, 1].
-            image_b: ``[B, 1, *S]`` image B on the same grid.
+            batch: ``{"moving", "fixed"}`` ``[B, 1, *S]`` images in [0, 1] on one grid, or image A itself.
+            image_b: ``[B, 1, *S]`` image B when ``batch`` is image A; ``None`` with a batch dictionary.
+
+        Returns:
+            the total and its parts ``similarity`` (both LNCC terms) and ``gradicon`` (unweighted).
         """
+        image_a, image_b = (batch["moving"], batch["fixed"]) if image_b is None else (batch, image_b)
         ddf_ab = network(image_a, image_b)
         ddf_ba = network(image_b, image_a)
         similarity = self.similarity(spatial.warp(image_a, ddf_ab), image_b) + self.similarity(
             spatial.warp(image_b, ddf_ba), image_a
         )
         gradicon = self.regulariser(ddf_ab.float(), ddf_ba.float())
-        return LossTerms(similarity + self.lam * gradicon, similarity, gradicon)
+        return LossTerms(similarity + self.lam * gradicon, similarity=similarity, gradicon=gradicon)
 
 
 class RandomPairAugmentation:
@@ -156,33 +149,6 @@ class RandomPairAugmentation:
         )
 
 
-class PairLoader:
-    """Read a pair dictionary of a :class:`~monai_unireg.data.PairSampler` into network inputs.
-
-    Each image is read with its own grid, brought to [0, 1] (CT window [-1000, 1000] or MRI [min, p99], the
-    modality detected per image) and resized to ``size`` (trilinear, corner-aligned), as uniGradICON does:
-    no physical-space alignment. Labels, when present, are resized by nearest neighbour.
-
-    Returns a dictionary with ``moving``, ``fixed`` ``[1, *size]`` and, if available, ``moving_label``,
-    ``fixed_label`` ``[1, *size]`` (int64).
-    """
-
-    def __init__(self, size: Sequence[int], ct_window: Sequence[float] = UNIGRADICON_CT_WINDOW) -> None:
-        self.size = tuple(int(s) for s in size)
-        self.ct_window = tuple(float(v) for v in ct_window)
-
-    def __call__(self, pair: dict[str, Any]) -> dict[str, torch.Tensor]:
-        item: dict[str, torch.Tensor] = {}
-        for role in ("moving", "fixed"):
-            image, _ = read_volume(pair[f"{role}_image"], f"{role}_image")
-            image = normalise_intensity(image.float(), detect_modality(image), self.ct_window)
-            item[role] = spatial.resize_image(image, self.size)[0]
-            if pair.get(f"{role}_label"):
-                label, _ = read_volume(pair[f"{role}_label"], f"{role}_label")
-                item[f"{role}_label"] = spatial.resize_image(label.float(), self.size, mode="nearest")[0].long()
-        return item
-
-
 def stage_two_from_stage_one(stage_one: UniGradICON) -> UniGradICON:
     """A 4-step network whose first three UNets are copies of a trained 3-step one; the fourth is new (identity),
     as the reference's stage 2 (``net.regis_net.netPhi`` loaded from stage 1)."""
@@ -192,52 +158,6 @@ def stage_two_from_stage_one(stage_one: UniGradICON) -> UniGradICON:
     for source, target in zip(stage_one.unets, stage_two.unets):
         target.load_state_dict(source.state_dict())
     return stage_two
-
-
-def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + stream) % (2**63)
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _batches(items: list[dict[str, Any]], batch_size: int) -> list[list[dict[str, Any]]]:
-    return [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
-
-
-def validation_dice(
-    network: nn.Module,
-    pairs: Sequence[dict[str, Any]],
-    loader: PairLoader,
-    device: torch.device,
-    labels: Sequence[int] | None = None,
-) -> float:
-    """Mean label Dice of ``network`` over ``pairs`` at the working size (labels warped without interpolation).
-
-    Args:
-        network: registration network (put in eval mode for the evaluation, restored afterwards).
-        pairs: pair dictionaries with labels.
-        loader: reads and resizes each pair.
-        device: where to run the network.
-        labels: label values to score (``None``: all non-zero labels of the fixed label map).
-    """
-    was_training = network.training
-    network.eval()
-    metric = LabelDiceMetric(labels=labels)
-    scores = []
-    with torch.no_grad():
-        for pair in pairs:
-            item = loader(pair)
-            if "moving_label" not in item or "fixed_label" not in item:
-                raise ValueError(f"validation pair {pair.get('fixed_image')} has no labels to compute Dice with.")
-            ddf = network(item["moving"][None].to(device), item["fixed"][None].to(device)).cpu()
-            warped = spatial.warp_labels(item["moving_label"][None], ddf)
-            scores.append(float(metric(warped, item["fixed_label"][None]).nanmean()))
-    network.train(was_training)
-    return sum(scores) / len(scores)
 
 
 def train_unigradicon(
@@ -261,6 +181,9 @@ def train_unigradicon(
 ) -> list[dict[str, float]]:
     """Train (or fine-tune) ``network`` with the GradICON objective; one checkpoint per epoch.
 
+    The shared loop :func:`~monai_unireg.engines.train_registration` with Adam at a constant rate, the pairs read
+    by :class:`~monai_unireg.engines.PairLoader` at ``network.input_size`` (CT window [-1000, 1000]) and the
+    augmentation applied to the images of every batch.
     ``<output_dir>/checkpoint.pt`` holds ``{"config", "model", "optimizer", "sampler", "epoch", "history"}``
     after every epoch (written atomically); when it exists and ``resume`` is on, training continues from it
     exactly. ``<output_dir>/model.pt`` holds the network's configuration and weights alone (what inference and
@@ -295,100 +218,38 @@ def train_unigradicon(
     Returns:
         the history: one dictionary per epoch (mean loss terms, validation Dice, seconds).
     """
-    check_integer(epochs, "epochs", 1)
-    check_integer(batch_size, "batch_size", 1)
-    check_positive(learning_rate, "learning_rate")
-    check_bool(amp, "amp")
-    device = torch.device(device)
-    output = Path(output_dir)
-    rank, world = _rank_and_world()
-    objective = objective or GradICONObjective()
     augmentation = augmentation or RandomPairAugmentation()
-    model = distributed_model or network
-    network.to(device)
-    optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
-    use_amp = amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    loader = PairLoader(network.input_size)
-    start_epoch, history = 0, []
-    checkpoint_path = output / "checkpoint.pt"
-    if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        network.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-        if rank == 0:
-            log(f"resumed from {checkpoint_path} at epoch {start_epoch}")
-    for epoch in range(start_epoch, epochs):
-        sampler.set_epoch(epoch)
-        pairs = sampler.pairs_for_epoch(epoch)
-        shared = len(pairs) - len(pairs) % world  # every process takes as many steps (DDP waits for all)
-        if shared == 0:
-            raise ValueError(f"an epoch has {len(pairs)} pairs, fewer than the {world} processes.")
-        batches = _batches(pairs[:shared][rank::world], batch_size)[: max_iterations_per_epoch or None]
-        generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch, 2 * rank))
-        objective.reseed(_epoch_seed(seed, epoch, 2 * rank + 1))
-        network.train()
-        totals: dict[str, float] = {}
-        started = time.perf_counter()
-        for iteration, batch in enumerate(batches, start=1):
-            items = [loader(pair) for pair in batch]
-            moving, fixed = (torch.stack([item[role] for item in items]).to(device) for role in ("moving", "fixed"))
-            moving, fixed = augmentation(moving, fixed, generator)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=use_amp):
-                terms = objective(model, moving, fixed)
-            if not torch.isfinite(terms.total):
-                raise FloatingPointError(
-                    f"the loss became {float(terms.total)} at epoch {epoch + 1}, iteration {iteration}."
-                )
-            scaler.scale(terms.total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            for name, value in terms.as_floats().items():
-                totals[name] = totals.get(name, 0.0) + value
-            if rank == 0:
-                rate = iteration / (time.perf_counter() - started)
-                log(
-                    f"epoch {epoch + 1}/{epochs} iteration {iteration}/{len(batches)} "
-                    + " ".join(f"{k} {v:.5f}" for k, v in terms.as_floats().items())
-                    + f" ({rate:.2f} it/s)"
-                )
-        record = {name: value / len(batches) for name, value in totals.items()}
-        record.update(epoch=epoch + 1, seconds=time.perf_counter() - started)
-        if validation_pairs and rank == 0:
-            record["validation_dice"] = validation_dice(network, validation_pairs, loader, device, validation_labels)
-        history.append(record)
-        if rank == 0:
-            log(f"epoch {epoch + 1}/{epochs} done: " + ", ".join(f"{k} {v:.5f}" for k, v in record.items()))
-            _save_checkpoint(output, network, optimizer, sampler, epoch + 1, history)
-    return history
+    return train_registration(
+        network,
+        objective or GradICONObjective(),
+        sampler,
+        PairLoader(network.input_size, UNIGRADICON_CT_WINDOW),
+        output_dir,
+        epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        augmentation=_augment_images(augmentation),
+        validation_pairs=validation_pairs,
+        validation_labels=validation_labels,
+        device=device,
+        amp=amp,
+        resume=resume,
+        seed=seed,
+        max_iterations_per_epoch=max_iterations_per_epoch,
+        distributed_model=distributed_model,
+        log=log,
+    )
 
 
-def _save_checkpoint(
-    output: Path,
-    network: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    sampler: PairSampler,
-    epoch: int,
-    history: list[dict[str, float]],
-) -> None:
-    """Write ``checkpoint.pt`` and ``model.pt`` (``{"config", "model"}``, what inference loads) atomically; a crash
-    leaves the previous ones intact."""
-    output.mkdir(parents=True, exist_ok=True)
-    state = {
-        "config": network.config,
-        "model": network.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "sampler": sampler.state_dict(),
-        "epoch": epoch,
-        "history": history,
-    }
-    with io.atomic_path(output / "checkpoint.pt") as temporary:
-        torch.save(state, temporary)
-    with io.atomic_path(output / "model.pt") as temporary:
-        torch.save({"config": network.config, "model": network.state_dict()}, temporary)
+def _augment_images(augmentation: RandomPairAugmentation) -> Augmentation:
+    """``augmentation`` as a batch transform of :func:`~monai_unireg.engines.train_registration`: it moves the
+    images; the labels, which it does not move and the GradICON objective does not use, are left out."""
+
+    def augment(batch: Batch, generator: torch.Generator) -> Batch:
+        moving, fixed = augmentation(batch["moving"], batch["fixed"], generator)
+        return {"moving": moving, "fixed": fixed}
+
+    return augment
 
 
 def instance_optimise(
@@ -430,7 +291,7 @@ def instance_optimise(
         network.eval()
         for step in range(iterations + 1):
             optimizer.zero_grad(set_to_none=True)
-            terms = objective(network, moving_w, fixed_w)
+            terms = objective(network, {"moving": moving_w, "fixed": fixed_w})
             losses.append(float(terms.total.detach()))
             if log is not None and (step % 10 == 0 or step == iterations):
                 log(

@@ -1,0 +1,277 @@
+"""SACB-Net training: the paper's unsupervised objective (Eq. 1), optionally with a Dice term, and its schedule.
+
+Cheng et al., "SACB-Net: Spatial-awareness Convolutions for Medical Image Registration", CVPR 2025
+(``shared/papers/sacbnet.txt``). Eq. 1: ``L = L_sim(I_m o (phi + Id), I_f) + lambda * L_reg(phi)`` with local NCC
+(9^3 window, squared-correlation form) as ``L_sim`` and the L2 norm of the field's first differences as ``L_reg``;
+Adam, learning rate 1e-4, batch 1 (paper Sec. 4), polynomial decay with power 0.9 and 300 epochs, lambda per task
+(``shared/reference/METHODS.md``, from the reference code). Images are brought to [0, 1] (CT: HU window
+[-1000, 1000], paper Sec. 4; MRI: [min, 99th percentile]) and resized to the network's working size; the loop is
+:func:`~monai_unireg.engines.train_registration`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from monai_unireg import spatial
+from monai_unireg.data import PairSampler
+from monai_unireg.engines.training import (
+    Augmentation,
+    Log,
+    LossTerms,
+    PairLoader,
+    polynomial_decay,
+    train_registration,
+)
+from monai_unireg.losses import LNCCLoss
+from monai_unireg.validation import check_ddf, check_integer, check_positive, check_same_spatial_shape
+
+__all__ = [
+    "SACBNET_CT_WINDOW",
+    "SACBNET_LAMBDAS",
+    "SACBNetObjective",
+    "diffusion_regularisation",
+    "soft_dice_loss",
+    "train_sacbnet",
+]
+
+#: Diffusion weight lambda of Eq. 1 per task (METHODS.md, read from the reference code's comments): brain
+#: atlas-to-subject (IXI) about 3, brain inter-subject (LPBA) about 1, abdomen CT 0.3-0.5 (0.4: the middle).
+SACBNET_LAMBDAS = {"ixi": 3.0, "lpba": 1.0, "abdomen_ct": 0.4}
+
+#: HU window of the paper's abdomen CT preprocessing (Sec. 4), mapped to [0, 1].
+SACBNET_CT_WINDOW = (-1000.0, 1000.0)
+
+
+def diffusion_regularisation(ddf: torch.Tensor) -> torch.Tensor:
+    r"""The smoothness term ``L_reg = ||grad phi||_2^2`` of Eq. 1, as the reference code computes it.
+
+    .. math::
+
+        L_{reg}(u) = \frac{1}{3} \sum_{d=1}^{3} \operatorname{mean}_{b, c, x} \big(u_c(x + e_d) - u_c(x)\big)^2
+
+    (forward differences in voxels; the mean runs over the batch, the 3 components and the ``N - 1`` differences
+    along axis ``d``). For a linear field ``u(x) = A x`` it is ``||A||_F^2 / 9``.
+
+    ``monai.losses.DiffusionLoss`` (re-exported by :mod:`monai_unireg.losses`) is *not* used: it takes central
+    differences ``(u(x + e_d) - u(x - e_d)) / 2`` on the interior and *sums* the three axes' means, so it is
+    3 times this value on linear fields (the published lambdas would be 3 times too strong) and it is blind to a
+    field alternating voxel by voxel (its central differences vanish), which forward differences penalise.
+
+    Args:
+        ddf: ``[B, 3, D, H, W]`` displacement in voxels (every spatial size at least 2).
+
+    Returns:
+        the scalar loss (float32 at least).
+    """
+    check_ddf(ddf, "ddf")
+    if min(ddf.shape[2:]) < 2:
+        raise ValueError(f"ddf must have at least 2 voxels along every axis, got shape {tuple(ddf.shape)}.")
+    ddf = ddf.to(torch.promote_types(ddf.dtype, torch.float32))
+    return torch.stack([torch.diff(ddf, dim=axis).square().mean() for axis in (2, 3, 4)]).mean()
+
+
+def soft_dice_loss(
+    moving_label: torch.Tensor, fixed_label: torch.Tensor, ddf: torch.Tensor, labels: Sequence[int] | None = None
+) -> torch.Tensor:
+    r"""``1 - soft Dice`` between the moving labels warped by ``ddf`` and the fixed labels (differentiable in ``ddf``).
+
+    Each label ``l`` gives an indicator map ``m_l`` of the moving labels, warped trilinearly,
+    ``p_l = warp(m_l, ddf)`` (border padding, the MONAI ``Warp`` convention), and the fixed indicator ``q_l``;
+    per sample and label, ``Dice_l = 2 sum(p_l q_l) / (sum p_l + sum q_l)``. The loss is ``1 -`` the mean of
+    ``Dice_l`` over the (sample, label) couples where the label is in the moving or the fixed map (a label absent
+    from both is skipped, not counted as 0 or 1); 0 when no label is present at all.
+
+    Args:
+        moving_label: ``[B, 1, *S]`` integer label map of the moving image.
+        fixed_label: ``[B, 1, *S]`` integer label map of the fixed image.
+        ddf: ``[B, 3, *S]`` displacement in voxels.
+        labels: label values scored; ``None``: every non-zero value of either map.
+
+    Returns:
+        the scalar loss (float32 at least).
+    """
+    check_ddf(ddf, "ddf")
+    check_same_spatial_shape(moving_label, ddf, "moving_label", "ddf")
+    if moving_label.shape != fixed_label.shape or moving_label.shape[1] != 1:
+        raise ValueError(
+            "moving_label and fixed_label must both be [B, 1, *S] label maps of the field's shape, got "
+            f"{tuple(moving_label.shape)} and {tuple(fixed_label.shape)}."
+        )
+    if labels is None:
+        values = torch.unique(torch.cat([moving_label.flatten(), fixed_label.flatten()]))
+        values = values[values != 0]
+    else:
+        values = torch.as_tensor([check_integer(v, "labels") for v in labels], device=moving_label.device)
+    dtype = torch.promote_types(ddf.dtype, torch.float32)
+    if values.numel() == 0:
+        return ddf.new_zeros((), dtype=dtype)
+    values = values.to(moving_label.device).view(1, -1, 1, 1, 1)
+    moving_maps = (moving_label == values).to(dtype)
+    fixed_maps = (fixed_label == values).to(dtype)
+    warped = spatial.warp(moving_maps, ddf.to(dtype))
+    axes = (2, 3, 4)
+    intersection = (warped * fixed_maps).sum(axes)
+    sizes = warped.sum(axes) + fixed_maps.sum(axes)
+    present = (moving_maps.sum(axes) + fixed_maps.sum(axes)) > 0
+    if not bool(present.any()):
+        return ddf.new_zeros((), dtype=dtype)
+    dice = 2.0 * intersection[present] / sizes[present].clamp_min(torch.finfo(dtype).tiny)
+    return 1.0 - dice.mean()
+
+
+class SACBNetObjective(nn.Module):
+    r"""SACB-Net's training loss (paper Eq. 1), optionally with a Dice term on labelled pairs.
+
+    .. math::
+
+        L = \big(1 - \operatorname{mean}_x \mathrm{lncc}^2(I_m \circ \phi, I_f)\big)
+            + \lambda L_{reg}(u) + w_{Dice} \big(1 - \mathrm{Dice}(S_m \circ \phi, S_f)\big),
+
+    with ``u = network(moving, fixed)`` the displacement in voxels and ``I_m o phi = warp(moving, u)``.
+
+    - Similarity: :class:`~monai_unireg.losses.LNCCLoss` on a ``window^3`` box window (9: the reference code's
+      VoxelMorph NCC) in the squared-correlation form. The reference returns ``-mean(cc)`` with ``cc = cov^2 /
+      (var_m var_f + 1e-5)`` on window sums; ``1 - mean(lncc^2)`` is that shifted by 1 (0 for identical images with
+      no flat window), with ``eps = 1e-5`` added to each windowed variance instead (same gradient up to the
+      epsilon). The moving image is warped with border padding (the MONAI ``Warp`` convention).
+    - Regulariser: :func:`diffusion_regularisation` (forward differences, the reference code's normalisation).
+    - Dice: :func:`soft_dice_loss` of the moving labels warped as one-hot maps (trilinear, so differentiable),
+      used only when ``dice_weight > 0`` and the batch holds ``moving_label`` and ``fixed_label``.
+
+    Args:
+        lam: weight lambda of the regulariser (see :data:`SACBNET_LAMBDAS`: IXI 3, LPBA 1, abdomen CT 0.4).
+        dice_weight: weight of the Dice term (0: unsupervised, as the paper).
+        window: side of the LNCC box window (paper / reference: 9).
+        dice_labels: label values of the Dice term (``None``: every non-zero label of the pair).
+    """
+
+    def __init__(
+        self, lam: float = 1.0, dice_weight: float = 0.0, window: int = 9, dice_labels: Sequence[int] | None = None
+    ) -> None:
+        super().__init__()
+        self.lam = float(check_positive(lam, "lam", allow_zero=True))
+        self.dice_weight = float(check_positive(dice_weight, "dice_weight", allow_zero=True))
+        if check_integer(window, "window", 1) % 2 == 0:
+            raise ValueError(f"window must be an odd number of voxels (a centred box), got {window}.")
+        self.similarity = LNCCLoss(spatial_dims=3, kernel_type="box", kernel_size=window, squared=True)
+        self.dice_labels = None if dice_labels is None else tuple(check_integer(v, "dice_labels") for v in dice_labels)
+
+    def forward(self, network: nn.Module, batch: Mapping[str, torch.Tensor]) -> LossTerms:
+        """Evaluate the objective on a batch.
+
+        Args:
+            network: ``network(moving, fixed) -> ddf`` ``[B, 3, *S]`` in voxels.
+            batch: ``{"moving", "fixed"}`` ``[B, 1, *S]`` images in [0, 1] on one grid, and optionally
+                ``{"moving_label", "fixed_label"}`` ``[B, 1, *S]`` integer label maps.
+
+        Returns:
+            the total and its unweighted parts ``similarity``, ``diffusion`` and, when the Dice term is used,
+            ``dice``.
+        """
+        moving, fixed = batch["moving"], batch["fixed"]
+        ddf = network(moving, fixed)
+        similarity = self.similarity(spatial.warp(moving, ddf), fixed)
+        diffusion = diffusion_regularisation(ddf)
+        total = similarity + self.lam * diffusion
+        parts = {"similarity": similarity, "diffusion": diffusion}
+        if self.dice_weight > 0 and "moving_label" in batch and "fixed_label" in batch:
+            dice = soft_dice_loss(batch["moving_label"], batch["fixed_label"], ddf, self.dice_labels)
+            total = total + self.dice_weight * dice
+            parts["dice"] = dice
+        return LossTerms(total, **parts)
+
+
+def train_sacbnet(
+    network: nn.Module,
+    sampler: PairSampler,
+    output_dir: str | os.PathLike,
+    epochs: int,
+    lam: float = 1.0,
+    dice_weight: float = 0.0,
+    learning_rate: float = 1e-4,
+    power: float = 0.9,
+    batch_size: int = 1,
+    dice_labels: Sequence[int] | None = None,
+    augmentation: Augmentation | None = None,
+    ct_window: Sequence[float] = SACBNET_CT_WINDOW,
+    validation_pairs: Sequence[dict[str, Any]] = (),
+    validation_labels: Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    resume: bool = True,
+    seed: int = 0,
+    max_iterations_per_epoch: int | None = None,
+    distributed_model: nn.Module | None = None,
+    log: Log = print,
+) -> list[dict[str, float]]:
+    """Train (or fine-tune) a SACB-Net with :class:`SACBNetObjective`; one checkpoint per epoch.
+
+    :func:`~monai_unireg.engines.train_registration` with Adam (``learning_rate``, paper: 1e-4) and the polynomial
+    decay ``lr = lr0 * (1 - it / total) ** power`` stepped every iteration (``total = epochs * iterations per
+    epoch``, :func:`~monai_unireg.engines.polynomial_decay`); the pairs are read by
+    :class:`~monai_unireg.engines.PairLoader` at ``network.input_size`` (images in [0, 1], trilinear; labels
+    nearest). ``<output_dir>/checkpoint.pt`` (model, optimiser, scheduler, sampler, epoch, history) and ``model.pt``
+    (``{"config", "model"}``) are written atomically after every epoch; with ``resume`` training continues from
+    ``checkpoint.pt`` exactly.
+
+    Args:
+        network: a registration network ``network(moving, fixed) -> ddf`` with ``input_size`` (its working size)
+            and ``config`` (its constructor arguments), e.g. :class:`~monai_unireg.networks.nets.sacbnet.SACBNet`.
+        sampler: pairs per epoch.
+        output_dir: checkpoint folder.
+        epochs: total number of epochs, resumed ones included (paper: 300).
+        lam: regulariser weight (:data:`SACBNET_LAMBDAS`).
+        dice_weight: weight of the Dice term on labelled pairs (0: unsupervised, as the paper).
+        learning_rate: initial Adam learning rate (paper Sec. 4: 1e-4).
+        power: exponent of the polynomial decay (reference code: 0.9).
+        batch_size: pairs per iteration and process (paper: 1).
+        dice_labels: label values of the Dice term (``None``: every non-zero label of the pair).
+        augmentation: ``augmentation(batch, generator) -> batch`` (paper: none).
+        ct_window: HU window of CT images (paper: [-1000, 1000]).
+        validation_pairs: labelled pairs scored (mean Dice at the working size) after every epoch.
+        validation_labels: label values for that Dice (``None``: all non-zero labels).
+        device: training device.
+        amp: automatic mixed precision (CUDA only).
+        resume: continue from ``checkpoint.pt`` when present.
+        seed: seed of the augmentation stream (the sampler has its own).
+        max_iterations_per_epoch: cap on iterations per epoch (quick runs, tests).
+        distributed_model: the ``DistributedDataParallel`` wrapper of ``network`` (see
+            :func:`~monai_unireg.engines.train_registration`).
+        log: progress output.
+
+    Returns:
+        the history: one dictionary per epoch (mean ``loss``, ``similarity``, ``diffusion``, ``dice`` when used,
+        ``learning_rate`` after the epoch, ``validation_dice`` with validation pairs, ``seconds``, ``epoch``).
+    """
+    check_positive(power, "power")
+    input_size = getattr(network, "input_size", None)
+    if input_size is None:
+        raise ValueError(f"network ({type(network).__name__}) must have an 'input_size' (its working size).")
+    return train_registration(
+        network,
+        SACBNetObjective(lam=lam, dice_weight=dice_weight, dice_labels=dice_labels),
+        sampler,
+        PairLoader(input_size, ct_window),
+        output_dir,
+        epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        scheduler_factory=functools.partial(polynomial_decay, power=power),
+        augmentation=augmentation,
+        validation_pairs=validation_pairs,
+        validation_labels=validation_labels,
+        device=device,
+        amp=amp,
+        resume=resume,
+        seed=seed,
+        max_iterations_per_epoch=max_iterations_per_epoch,
+        distributed_model=distributed_model,
+        log=log,
+    )
