@@ -1,10 +1,11 @@
 """The ``monai-unireg`` command line (also ``python -m monai_unireg``).
 
-``monai-unireg register --fixed F --moving M [--fixed-label L] [--moving-label L] [--method voxelopt|unigradicon]
-[--weights PATH] [--io-iterations N] [--modality ct|mri|auto] [--device auto|cpu|cuda] --out DIR`` registers any
-NIfTI pair, with no training and no GPU by default (VoxelOpt on MIND-SSC features); ``--method unigradicon``
-uses the weights a user gives. ``monai-unireg demo --out DIR`` does the same on a pair the
-package generates itself, so it runs on a fresh machine without data.
+``monai-unireg register --fixed F --moving M [--fixed-label L] [--moving-label L]
+[--method voxelopt|unigradicon|sacbnet] [--weights PATH] [--io-iterations N] [--modality ct|mri|auto]
+[--device auto|cpu|cuda] --out DIR`` registers any NIfTI pair, with no training and no GPU by default (VoxelOpt
+on MIND-SSC features); ``--method unigradicon`` and ``--method sacbnet`` use the weights a user gives.
+``monai-unireg demo --out DIR`` does the same on a pair the package generates itself, so it runs on a fresh
+machine without data.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from monai_unireg import io
 from monai_unireg.data.synthetic import make_synthetic_pair
 from monai_unireg.engines import MODALITIES, InstanceOptimised, register_files
 from monai_unireg.engines.unigradicon import UNIGRADICON_CT_WINDOW
-from monai_unireg.networks.nets import VoxelOpt, load_unigradicon
+from monai_unireg.networks.nets import ResizedRegistration, VoxelOpt, load_sacbnet, load_unigradicon
 from monai_unireg.spatial import spacing_from_affine
 
 __all__ = ["main", "build_parser", "METHODS"]
@@ -49,11 +50,26 @@ def _unigradicon(shape: tuple[int, ...], weights: Path | None = None, io_iterati
     return InstanceOptimised(network, io_iterations, log=_log) if io_iterations else network
 
 
+def _sacbnet(shape: tuple[int, ...], weights: Path | None = None, io_iterations: int = 0) -> nn.Module:
+    """SACB-Net from a checkpoint of ours (``model.pt`` of the trainer or the bundle), run at the size it was
+    trained at (the pair is resized to it and the field brought back)."""
+    if weights is None:
+        raise ValueError("--method sacbnet needs --weights PATH (a model.pt written by SACB-Net training).")
+    if io_iterations:
+        raise ValueError("--io-iterations applies to unigradicon; SACB-Net has no instance optimisation.")
+    network = load_sacbnet(weights)
+    return ResizedRegistration(network, network.input_size)
+
+
 #: Registration methods by name: a function of the fixed grid's spatial shape (and the user's weights and
 #: instance-optimisation steps, for learned methods) returning the network.
-METHODS: dict[str, Callable[..., nn.Module]] = {"voxelopt": _voxelopt, "unigradicon": _unigradicon}
-#: HU window each method's CT preprocessing uses (VoxelOpt Sec. 3.1; uniGradICON Sec. 2.1).
-CT_WINDOWS: dict[str, tuple[float, float]] = {"voxelopt": (-800.0, 500.0), "unigradicon": UNIGRADICON_CT_WINDOW}
+METHODS: dict[str, Callable[..., nn.Module]] = {"voxelopt": _voxelopt, "unigradicon": _unigradicon, "sacbnet": _sacbnet}
+#: HU window each method's CT preprocessing uses (VoxelOpt Sec. 3.1; uniGradICON Sec. 2.1; SACB-Net Sec. 4).
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "voxelopt": (-800.0, 500.0),
+    "unigradicon": UNIGRADICON_CT_WINDOW,
+    "sacbnet": (-1000.0, 1000.0),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--fixed-label", type=Path, help="fixed label map, for Dice / HD95")
     register.add_argument("--moving-label", type=Path, help="moving label map, warped with the result")
     register.add_argument("--method", choices=sorted(METHODS), default="voxelopt", help="default: voxelopt")
-    register.add_argument("--weights", type=Path, help="weights file of a learned method (unigradicon)")
+    register.add_argument("--weights", type=Path, help="weights file of a learned method (unigradicon, sacbnet)")
     register.add_argument(
         "--io-iterations", type=int, default=0, help="instance optimisation steps of a learned method (paper: 50)"
     )

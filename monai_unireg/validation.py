@@ -11,8 +11,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 
 __all__ = [
+    "plain_tensor",
     "check_tensor",
     "check_image",
     "check_ddf",
@@ -197,3 +199,8 @@ def check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be a bool, got {value!r}.")
     return value
+
+
+def plain_tensor(x: torch.Tensor) -> torch.Tensor:
+    """The data of ``x`` without MONAI ``MetaTensor`` metadata (which only slows batch and elementwise work down)."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else x

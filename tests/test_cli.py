@@ -178,3 +178,25 @@ def test_unigradicon_method_with_a_checkpoint_and_instance_optimisation(small_pa
     assert "--weights" in capsys.readouterr().err
     assert main(register_arguments(paths, tmp_path / "voxelopt", "--weights", str(weights))) == 2
     assert "voxelopt needs no training" in capsys.readouterr().err
+
+
+def test_sacbnet_method_runs_a_checkpoint_at_its_training_size(small_pair, tmp_path, capsys):
+    """The 32x36x32 pair is resized to the network's 32^3 (multiples of 16) and the field brought back."""
+    from monai_unireg.networks.nets import SACBNet
+
+    _, paths = small_pair
+    torch.manual_seed(0)
+    network = SACBNet(input_size=(32, 32, 32), channels=(4, 4, 8, 8, 8), num_clusters=3)
+    weights = tmp_path / "model.pt"
+    torch.save({"config": network.config, "model": network.state_dict()}, weights)
+    out = tmp_path / "out"
+    assert main(register_arguments(paths, out, "--method", "sacbnet", "--weights", str(weights))) == 0
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    field = nib.load(str(out / "ddf.nii.gz"))
+    assert field.shape == (32, 36, 32, 1, 3) and np.abs(np.asarray(field.dataobj)).max() > 0
+
+    assert main(register_arguments(paths, tmp_path / "no_weights", "--method", "sacbnet")) == 2
+    assert "--weights" in capsys.readouterr().err
+    extra = ("--method", "sacbnet", "--weights", str(weights), "--io-iterations", "2")
+    assert main(register_arguments(paths, tmp_path / "io", *extra)) == 2
+    assert "no instance optimisation" in capsys.readouterr().err

@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from monai.data import MetaTensor
 from monai.metrics import CumulativeIterationMetric
 
-from monai_unireg.validation import check_labels, check_option, check_same_spatial_shape, check_tensor
+from monai_unireg.validation import check_labels, check_option, check_same_spatial_shape, check_tensor, plain_tensor
 
 __all__ = [
     "LabelMapMetric",
@@ -129,11 +128,6 @@ def _dice_table(y_pred: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, abs
     return dice.to(torch.float32)
 
 
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as a plain tensor (drops MetaTensor metadata, which only slows elementwise work down)."""
-    return x.as_tensor() if isinstance(x, MetaTensor) else x
-
-
 def check_label_pair(y_pred: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate a pair of label maps ``[B, 1, *spatial]`` (2 or 3 spatial axes) and return them as int64 tensors.
 
@@ -149,7 +143,7 @@ def check_label_pair(y_pred: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
     check_same_spatial_shape(y_pred, y, "y_pred", "y")
     check_labels(y_pred, "y_pred", allow_empty=True)
     check_labels(y, "y")
-    return _plain(y_pred).long(), _plain(y).long()
+    return plain_tensor(y_pred).long(), plain_tensor(y).long()
 
 
 def _check_label_values(labels: Sequence[int] | None) -> tuple[int, ...] | None:

@@ -39,7 +39,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor, ensure_tuple
 
 from monai_unireg.spatial import INTERPOLATION_MODES, PADDING_MODES, resize_ddf, resize_image, warp, warp_labels
-from monai_unireg.validation import check_labels, check_option, check_tensor
+from monai_unireg.validation import check_labels, check_option, check_tensor, plain_tensor
 
 __all__ = [
     "FIXED_IMAGE",
@@ -119,11 +119,6 @@ def _check_same_shape(shapes: Mapping[Hashable, Sequence[int]], reason: str) -> 
     if len({tuple(shape) for shape in shapes.values()}) > 1:
         listing = ", ".join(f"data[{key!r}] {tuple(shape)}" for key, shape in shapes.items())
         raise ValueError(f"spatial shapes must match ({reason}), got {listing}.")
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    """The data of ``x`` without MetaTensor metadata (so batch operations do not touch the metadata)."""
-    return x.as_tensor() if isinstance(x, MetaTensor) else x
 
 
 def _with_meta(out: torch.Tensor, source: Any, affine: torch.Tensor | None = None) -> torch.Tensor:
@@ -259,7 +254,7 @@ class ResizePaird(MapTransform):
 
     def _resize(self, x: torch.Tensor, is_label: bool) -> torch.Tensor:
         """Resize one volume ``[C, *S]`` to ``spatial_size``; a MetaTensor keeps its metadata, affine updated."""
-        data = _plain(x)
+        data = plain_tensor(x)
         if is_label:
             out = resize_image(data[None], self.spatial_size, mode="nearest", align_corners=True)[0]
         else:
@@ -288,7 +283,7 @@ class ResizeDDF(Transform):
     def __call__(self, ddf: torch.Tensor) -> torch.Tensor:
         """``[3, *S]`` field -> ``[3, *spatial_size]`` field."""
         ddf = _check_resizable(_check_ddf(ddf, "ddf"), "ddf")
-        out = resize_ddf(_plain(ddf)[None], self.spatial_size, align_corners=True)[0]
+        out = resize_ddf(plain_tensor(ddf)[None], self.spatial_size, align_corners=True)[0]
         if not isinstance(ddf, MetaTensor):
             return out
         return _with_meta(out, ddf, _corner_aligned_affine(ddf.affine, ddf.shape[1:], self.spatial_size))
@@ -352,7 +347,7 @@ class RestoreDDFd(MapTransform):
         for key in self.key_iterator(d):
             shape, affine = self._target(d)
             ddf = _check_ddf(d[key], key)
-            out = resize_ddf(_plain(ddf)[None], shape, align_corners=True)[0]
+            out = resize_ddf(plain_tensor(ddf)[None], shape, align_corners=True)[0]
             d[key] = _with_meta(out, d.get(self.ref_key), affine)
         return d
 
@@ -396,7 +391,7 @@ class _Warpd(MapTransform):
                     {self.ref_key: reference.shape[1:], self.ddf_key: ddf.shape[1:]},
                     "the warped volume lies on the reference (fixed) grid",
                 )
-            d[output_key] = _with_meta(self._warp(_plain(x)[None], _plain(ddf)[None])[0], reference)
+            d[output_key] = _with_meta(self._warp(plain_tensor(x)[None], plain_tensor(ddf)[None])[0], reference)
         return d
 
 

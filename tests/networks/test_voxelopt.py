@@ -75,6 +75,18 @@ def test_dot_cost_volume_is_the_channel_sum_of_products(generator):
     torch.testing.assert_close(score[:, index], (fixed * shifted).sum(1))
 
 
+@pytest.mark.parametrize("metric", ["l1", "dot"])
+def test_cost_volume_autograd_path_matches_and_has_correct_gradients(generator, metric):
+    fixed = torch.rand(1, 2, 3, 4, 3, generator=generator, dtype=torch.float64)
+    moving = torch.rand(1, 2, 3, 4, 3, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        in_place = neighbour_cost_volume(fixed, moving, metric)
+    fixed.requires_grad_(True)
+    moving.requires_grad_(True)
+    torch.testing.assert_close(neighbour_cost_volume(fixed, moving, metric), in_place)
+    assert torch.autograd.gradcheck(lambda a, b: neighbour_cost_volume(a, b, metric), (fixed, moving))
+
+
 def test_identity_pair_gives_zero_field(generator):
     image = smooth_volume(generator)
     assert VoxelOpt(num_levels=3)(image, image).abs().max() == 0

@@ -2,5 +2,16 @@
 
 from monai_unireg.networks.blocks.adaptive_filter import adaptive_gaussian_filter
 from monai_unireg.networks.blocks.cost_volume import NEIGHBOUR_OFFSETS, neighbour_cost_volume, offsets_to_field
+from monai_unireg.networks.blocks.kmeans import kmeans
+from monai_unireg.networks.blocks.sacb import SpatialAwareConvBlock, conv_norm_act, soft_matching_flow
 
-__all__ = ["NEIGHBOUR_OFFSETS", "adaptive_gaussian_filter", "neighbour_cost_volume", "offsets_to_field"]
+__all__ = [
+    "NEIGHBOUR_OFFSETS",
+    "SpatialAwareConvBlock",
+    "adaptive_gaussian_filter",
+    "conv_norm_act",
+    "kmeans",
+    "neighbour_cost_volume",
+    "offsets_to_field",
+    "soft_matching_flow",
+]

@@ -22,7 +22,8 @@ def neighbour_cost_volume(fixed: torch.Tensor, moving: torch.Tensor, metric: str
 
     ``C(x, o) = mean_c |f_c(x) - m_c(x + o)|`` (``"l1"``, VoxelOpt Eq. 3) or ``sum_c f_c(x) m_c(x + o)``
     (``"dot"``, a correlation score), for ``o`` in :data:`NEIGHBOUR_OFFSETS`; moving features outside the
-    volume are zero (zero padding, as the VoxelOpt reference code).
+    volume are zero (zero padding, as the VoxelOpt reference code). Without autograd the volume is filled in place
+    through one scratch buffer; when an input requires gradients it is built out of place (differentiable).
 
     Args:
         fixed: ``[B, C, D, H, W]`` fixed features.
@@ -41,11 +42,17 @@ def neighbour_cost_volume(fixed: torch.Tensor, moving: torch.Tensor, metric: str
     check_option(metric, "metric", COST_METRICS)
     depth, height, width = fixed.shape[2:]
     padded = F.pad(moving, (1, 1, 1, 1, 1, 1))
+    windows = [
+        padded[:, :, 1 + dz : 1 + dz + depth, 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
+        for dz, dy, dx in NEIGHBOUR_OFFSETS.long().tolist()
+    ]
+    if torch.is_grad_enabled() and (fixed.requires_grad or moving.requires_grad):  # differentiable, out-of-place
+        compare = (lambda a, b: (a - b).abs().mean(1)) if metric == "l1" else (lambda a, b: (a * b).sum(1))
+        return torch.stack([compare(fixed, shifted) for shifted in windows], dim=1)
     dtype = torch.promote_types(fixed.dtype, moving.dtype)
     cost = torch.empty(fixed.shape[0], len(NEIGHBOUR_OFFSETS), depth, height, width, dtype=dtype, device=fixed.device)
     product = torch.empty_like(fixed, dtype=dtype)  # one scratch buffer for every offset
-    for index, (dz, dy, dx) in enumerate(NEIGHBOUR_OFFSETS.long().tolist()):
-        shifted = padded[:, :, 1 + dz : 1 + dz + depth, 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
+    for index, shifted in enumerate(windows):
         if metric == "l1":
             torch.sum(torch.sub(fixed, shifted, out=product).abs_(), 1, out=cost[:, index])
         else:

@@ -1,6 +1,8 @@
 """Networks: registration networks (``forward(moving, fixed, **conditions) -> ddf`` ``[B, 3, D, H, W]`` in
 voxels) and the feature extractors they can use (``forward(image) -> features`` ``[B, C, D, H, W]``)."""
 
+from monai_unireg.networks.nets.resized import ResizedRegistration
+from monai_unireg.networks.nets.sacbnet import SACBNET_CHANNELS, SACBNet, load_sacbnet
 from monai_unireg.networks.nets.unigradicon import (
     GradICONUNet,
     UniGradICON,
@@ -17,11 +19,15 @@ from monai_unireg.networks.nets.voxelopt import VoxelOpt
 
 __all__ = [
     "GradICONUNet",
+    "ResizedRegistration",
+    "SACBNET_CHANNELS",
+    "SACBNet",
     "UniGradICON",
     "UniversalModelFeatures",
     "VoxelOpt",
     "load_unigradicon",
     "load_unigradicon_weights",
+    "load_sacbnet",
     "load_universal_model_checkpoint",
     "map_universal_model_keys",
     "published_key_prefixes",
