@@ -6,6 +6,7 @@ Cheng et al., "SACB-Net: Spatial-awareness Convolutions for Medical Image Regist
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -60,10 +61,14 @@ class SpatialAwareConvBlock(nn.Module):
        ``MLP_b(S_n^c)``; each voxel uses its own cluster's kernel;
     4. output (Eq. 7): ``F + LeakyReLU(SAC(P))``.
 
-    The adaptive convolution is vectorised over clusters and batch: each voxel's tap modulation is gathered
-    from its cluster, the 3x3x3 patches of ``P`` are multiplied by it and one matrix product with ``W`` gives
-    every output voxel. Memory: one ``[B, D*H*W, C*27]`` buffer (27 times the projected features; autograd keeps
-    it for the backward pass) and ``[B, D*H*W, 27]`` modulations; K-Means needs ``B*D*H*W*N`` more values.
+    The adaptive convolution is vectorised over clusters and batch. Since the cluster modulation scales whole
+    taps, ``SAC(P)(v) = b_n(v) + sum_k g_n(v)[k] (W_k P)(v + o_k)``: each voxel's 27 tap weights ``g`` and bias are
+    gathered from its cluster, and for each of the 27 taps one matrix product ``W_k P`` over all voxels is shifted
+    by the tap's offset, scaled by the per-voxel weight and accumulated. Memory: at inference a padded
+    channels-last copy of ``P``, one ``[B, D+2, H+2, W+2, C]`` tap response at a time, ``[B, D*H*W, 27]`` weights
+    and the ``[B, D*H*W, C]`` output; training keeps the 27 tap responses for the backward pass (27 times the
+    features, as the unfolded patches of the authors' code). K-Means needs ``B*P*N`` more values for the ``P``
+    voxels it fits on.
 
     Args:
         channels: input and output channels ``C`` (the residual needs them equal).
@@ -134,13 +139,15 @@ class SpatialAwareConvBlock(nn.Module):
         bias = self.bias_mlp(centroids)  # [B, N, C]
         voxel_modulation = modulation.gather(1, labels.unsqueeze(-1).expand(-1, -1, modulation.shape[-1]))
         voxel_bias = bias.gather(1, labels.unsqueeze(-1).expand(-1, -1, bias.shape[-1]))
-        padded = F.pad(projected, (1, 1, 1, 1, 1, 1)).permute(0, 2, 3, 4, 1)  # [B, D+2, H+2, W+2, C]
-        patches = padded.unfold(1, 3, 1).unfold(2, 3, 1).unfold(3, 3, 1)  # [B, D, H, W, C, 3, 3, 3] (a view)
-        modulated = patches * voxel_modulation.view(batch, depth, height, width, 1, 3, 3, 3)
-        weight = self.weight.reshape(channels, -1)  # taps in the same (z, y, x) order as the patches
-        rows = modulated.reshape(batch, depth * height * width, weight.shape[1])  # [B, D*H*W, C*27]
-        response = torch.baddbmm(voxel_bias, rows, weight.t().expand(batch, -1, -1))  # [B, D*H*W, C]
-        response = response.transpose(1, 2).reshape(batch, channels, depth, height, width)
+        padded = F.pad(projected, (1, 1, 1, 1, 1, 1)).permute(0, 2, 3, 4, 1).contiguous()  # [B, D+2, H+2, W+2, C]
+        taps = self.weight.permute(2, 1, 0)  # [27, C_in, C_out], tap k = 9 z + 3 y + x of the 3x3x3 window
+        modulation_map = voxel_modulation.view(batch, depth, height, width, 27)
+        response = voxel_bias.view(batch, depth, height, width, channels)  # accumulates the taps in place
+        for k, (z, y, x) in enumerate(itertools.product(range(3), repeat=3)):
+            tap_response = padded @ taps[k]  # every voxel's contribution through tap k
+            window = tap_response[:, z : z + depth, y : y + height, x : x + width]
+            response = response.addcmul_(window, modulation_map[..., k : k + 1])
+        response = response.permute(0, 4, 1, 2, 3)
         return features + F.leaky_relu(response, NEGATIVE_SLOPE)
 
 
