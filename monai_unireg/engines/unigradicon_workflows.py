@@ -14,10 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from monai_unireg.data import PairSampler, load_learn2reg, read_learn2reg
+from monai_unireg.data import PairSampler
 from monai_unireg.engines.pair_registration import resolve_device
 from monai_unireg.engines.unigradicon import (
     GradICONObjective,
@@ -25,6 +24,13 @@ from monai_unireg.engines.unigradicon import (
     RandomPairAugmentation,
     stage_two_from_stage_one,
     train_unigradicon,
+)
+from monai_unireg.engines.workflows import (
+    check_datasets,
+    distributed_training,
+    load_validation_pairs,
+    validation_set,
+    wrap_distributed,
 )
 from monai_unireg.networks.nets.unigradicon import (
     PUBLISHED_DOWN_CHANNELS,
@@ -97,30 +103,6 @@ def build_unigradicon(
     return network
 
 
-def load_validation_pairs(
-    dataset_json: str | os.PathLike | None, section: str = "registration_val", max_pairs: int | None = None
-) -> list[dict[str, str]]:
-    """The labelled pairs scored after every training epoch: the first ``max_pairs`` of ``section``.
-
-    Returns ``[]`` when ``dataset_json`` is ``None``.
-
-    Raises:
-        ValueError: a pair lacks a fixed or moving label (Dice needs both), or ``max_pairs`` < 1.
-    """
-    if dataset_json is None:
-        return []
-    if max_pairs is not None:
-        check_integer(max_pairs, "max_validation_pairs", 1)
-    pairs = load_learn2reg(dataset_json, section)[:max_pairs]
-    for pair in pairs:
-        if "fixed_label" not in pair or "moving_label" not in pair:
-            raise ValueError(
-                f"validation_json {os.fspath(dataset_json)!r}: the {section} pair {pair['fixed_image']} <- "
-                f"{pair['moving_image']} lacks a label map; validation Dice needs both labels."
-            )
-    return pairs
-
-
 def _initial_network(
     stage: int,
     input_size: int | Sequence[int],
@@ -159,37 +141,6 @@ def _initial_network(
             "a 3-UNet stage-1 network. To fine-tune a 4-UNet network, give it as init_weights."
         )
     return stage_two_from_stage_one(stage_one)
-
-
-def _distributed_setup(distributed: bool | None, device: torch.device) -> tuple[bool, bool, torch.device]:
-    """Join ``torch.distributed`` as :func:`train_workflow` says.
-
-    Returns:
-        whether this process takes part, whether it started the process group (and so ends it), its device.
-    """
-    launched = "WORLD_SIZE" in os.environ  # set by torchrun, with RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if distributed is None:
-        distributed = world_size > 1
-    if distributed and not launched:
-        raise ValueError(
-            "distributed is true (multi_gpu_train.yaml) but this process was not started by torchrun (no WORLD_SIZE "
-            "in the environment); run torchrun --nproc_per_node N -m monai.bundle run ..., or train.yaml alone."
-        )
-    if not distributed and world_size > 1:
-        raise ValueError(
-            f"distributed is false, but torchrun started {world_size} processes (WORLD_SIZE), which would all "
-            "train alone and write the same checkpoint; leave distributed null or true."
-        )
-    if not distributed:
-        return False, False, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if dist.is_initialized():
-        return True, False, device
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True, True, device
 
 
 def train_workflow(
@@ -290,22 +241,17 @@ def train_workflow(
     check_option(stage, "stage", (1, 2))
     check_bool(resume, "resume")
     check_bool(squared_lncc, "squared_lncc")
-    if distributed is not None:
-        check_bool(distributed, "distributed")
-    if isinstance(datasets, (str, os.PathLike)) or not datasets:
-        raise ValueError(f"datasets must be a non-empty list of Learn2Reg *_dataset.json paths, got {datasets!r}.")
-    started, owns_group, device = _distributed_setup(distributed, resolve_device(device))
-    try:
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if started else (0, 1)
-        if started:
-            logger.info("process %d of %d (%s) on %s", rank, world_size, dist.get_backend(), device)
+    datasets = check_datasets(datasets)
+    with distributed_training(distributed, resolve_device(device)) as run:
+        if run.enabled:
+            logger.info("process %d of %d (%s) on %s", run.rank, run.world_size, run.backend, run.device)
         network = _initial_network(stage, input_size, down_channels, up_channels, stage1_weights, init_weights)
-        network.to(device)
+        network.to(run.device)
         sampler = PairSampler(datasets, pairs_per_dataset=pairs_per_dataset, seed=seed)
-        pairs = load_validation_pairs(validation_json, validation_section, max_validation_pairs)
-        if pairs and validation_labels is None:
-            validation_labels = read_learn2reg(validation_json).evaluation_labels or None
-        if rank == 0:
+        pairs, validation_labels = validation_set(
+            validation_json, validation_section, max_validation_pairs, validation_labels
+        )
+        if run.rank == 0:
             logger.info(
                 "uniGradICON stage %d: %d UNets at %s, %d pairs per epoch from %s, %d epochs, batch %d%s",
                 stage,
@@ -315,16 +261,9 @@ def train_workflow(
                 list(sampler.domains),
                 epochs,
                 batch_size,
-                f" per process on {world_size} processes" if started else "",
+                f" per process on {run.world_size} processes" if run.enabled else "",
             )
-        model = (
-            nn.parallel.DistributedDataParallel(
-                network, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True
-            )
-            if started
-            else None
-        )
-        history = train_unigradicon(
+        return train_unigradicon(
             network,
             sampler,
             output_dir,
@@ -335,17 +274,11 @@ def train_workflow(
             augmentation=RandomPairAugmentation(augmentation_noise_std, permute_flip),
             validation_pairs=pairs,
             validation_labels=validation_labels,
-            device=device,
+            device=run.device,
             amp=amp,
             resume=resume,
             seed=seed,
             max_iterations_per_epoch=max_iterations_per_epoch,
-            distributed_model=model,
+            distributed_model=wrap_distributed(network, run, static_graph=True),
             log=logger.info,
         )
-        if started:
-            dist.barrier()
-        return history
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
