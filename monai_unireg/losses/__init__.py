@@ -1,4 +1,5 @@
-"""Registration losses: MIND-SSC, LNCC, GradICON and the PromptReg prompt regularisers.
+"""Registration losses: MIND-SSC, LNCC, GradICON, the PromptReg prompt regularisers, forward-difference diffusion
+and a soft label Dice.
 
 MONAI's ``DiffusionLoss``, ``BendingEnergyLoss`` and ``DiceLoss`` are re-exported unchanged for convenience.
 """
@@ -9,6 +10,7 @@ from .gradicon import GradICONLoss
 from .lncc import LNCCLoss, window_kernel
 from .mind import MINDSSC, SSC_EDGES, MINDSSCLoss
 from .prompt import PromptOrthogonalityLoss, TaskSimilarityLoss
+from .regularisation import diffusion_regularisation, soft_dice_loss
 
 __all__ = [
     "BendingEnergyLoss",
@@ -21,5 +23,7 @@ __all__ = [
     "PromptOrthogonalityLoss",
     "SSC_EDGES",
     "TaskSimilarityLoss",
+    "diffusion_regularisation",
+    "soft_dice_loss",
     "window_kernel",
 ]

@@ -12,11 +12,9 @@ from monai_unireg.data import PairSampler, load_learn2reg
 from monai_unireg.engines import (
     SACBNET_LAMBDAS,
     SACBNetObjective,
-    diffusion_regularisation,
-    soft_dice_loss,
     train_sacbnet,
 )
-from monai_unireg.losses import DiffusionLoss
+from monai_unireg.losses import DiffusionLoss, diffusion_regularisation, soft_dice_loss
 
 
 class FixedField(nn.Module):

@@ -91,7 +91,7 @@ class SpatialAwareConvBlock(nn.Module):
         bias_hidden: int = 64,
         kmeans_iterations: int = 50,
         kmeans_tolerance: float = 1e-4,
-        kmeans_fit_points: int | None = 32768,
+        kmeans_fit_points: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()

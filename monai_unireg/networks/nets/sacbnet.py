@@ -66,7 +66,7 @@ class SACBNet(nn.Module):
         num_clusters: int | Sequence[int] = 7,
         kmeans_iterations: int = 50,
         kmeans_tolerance: float = 1e-4,
-        kmeans_fit_points: int | None = 32768,
+        kmeans_fit_points: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
