@@ -1,6 +1,6 @@
 """Engines: end-to-end registration of image files (used by the command line and the bundles); the training loop
 shared by the learned methods, their objectives, fine-tuning and instance optimisation; the workflows of the
-uniGradICON bundle."""
+uniGradICON and SACB-Net bundles and the pieces they share (``workflows``)."""
 
 from monai_unireg.engines.pair_registration import (
     MODALITIES,
@@ -18,14 +18,15 @@ from monai_unireg.engines.pair_registration import (
     write_results,
     write_table,
 )
+from monai_unireg.engines.promptreg import DomainPairLoader, PromptRegObjective, train_promptreg
 from monai_unireg.engines.sacbnet import (
     SACBNET_CT_WINDOW,
     SACBNET_LAMBDAS,
     SACBNetObjective,
-    diffusion_regularisation,
-    soft_dice_loss,
     train_sacbnet,
 )
+from monai_unireg.engines.sacbnet_workflows import SACBNET_TASKS, build_sacbnet
+from monai_unireg.engines.sacbnet_workflows import train_workflow as train_sacbnet_workflow
 from monai_unireg.engines.training import (
     CT_WINDOW,
     LossTerms,
@@ -42,13 +43,20 @@ from monai_unireg.engines.unigradicon import (
     stage_two_from_stage_one,
     train_unigradicon,
 )
-from monai_unireg.engines.unigradicon_workflows import (
-    build_unigradicon,
+from monai_unireg.engines.unigradicon_workflows import build_unigradicon, train_workflow
+from monai_unireg.engines.workflows import (
+    DistributedRun,
+    check_datasets,
+    distributed_training,
     load_validation_pairs,
-    train_workflow,
+    validation_set,
+    wrap_distributed,
 )
 
 __all__ = [
+    "DomainPairLoader",
+    "PromptRegObjective",
+    "train_promptreg",
     "CT_WINDOW",
     "LossTerms",
     "PairLoader",
@@ -58,9 +66,10 @@ __all__ = [
     "SACBNET_CT_WINDOW",
     "SACBNET_LAMBDAS",
     "SACBNetObjective",
-    "diffusion_regularisation",
-    "soft_dice_loss",
     "train_sacbnet",
+    "SACBNET_TASKS",
+    "build_sacbnet",
+    "train_sacbnet_workflow",
     "GradICONObjective",
     "InstanceOptimised",
     "RandomPairAugmentation",
@@ -69,7 +78,12 @@ __all__ = [
     "train_unigradicon",
     "build_unigradicon",
     "train_workflow",
+    "DistributedRun",
+    "check_datasets",
+    "distributed_training",
     "load_validation_pairs",
+    "validation_set",
+    "wrap_distributed",
     "MODALITIES",
     "LoadedPair",
     "RegistrationResult",

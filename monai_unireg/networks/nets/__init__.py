@@ -1,6 +1,7 @@
 """Networks: registration networks (``forward(moving, fixed, **conditions) -> ddf`` ``[B, 3, D, H, W]`` in
 voxels) and the feature extractors they can use (``forward(image) -> features`` ``[B, C, D, H, W]``)."""
 
+from monai_unireg.networks.nets.promptreg import PromptReg, PromptRegOutput, RDPNet, load_promptreg
 from monai_unireg.networks.nets.resized import ResizedRegistration
 from monai_unireg.networks.nets.sacbnet import SACBNET_CHANNELS, SACBNet, load_sacbnet
 from monai_unireg.networks.nets.unigradicon import (
@@ -19,6 +20,9 @@ from monai_unireg.networks.nets.voxelopt import VoxelOpt
 
 __all__ = [
     "GradICONUNet",
+    "PromptReg",
+    "PromptRegOutput",
+    "RDPNet",
     "ResizedRegistration",
     "SACBNET_CHANNELS",
     "SACBNet",
@@ -27,6 +31,7 @@ __all__ = [
     "VoxelOpt",
     "load_unigradicon",
     "load_unigradicon_weights",
+    "load_promptreg",
     "load_sacbnet",
     "load_universal_model_checkpoint",
     "map_universal_model_keys",
