@@ -22,11 +22,12 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn as nn
 
 from monai_unireg.spatial import ddf_mm_to_voxel, ddf_voxel_to_mm
 from monai_unireg.validation import check_affine, check_ddf
 
-__all__ = ["atomic_path", "load_nifti", "save_nifti", "save_ddf", "load_ddf", "load_weights"]
+__all__ = ["atomic_path", "load_nifti", "save_nifti", "save_ddf", "load_ddf", "load_weights", "load_network"]
 
 RAS_TO_LPS = torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64).view(1, 3, 1, 1, 1)
 NIFTI_INTENT_VECTOR = "vector"
@@ -130,3 +131,31 @@ def load_weights(path: str | os.PathLike, name: str = "weights file") -> Any:
         return torch.load(path_str, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for unreadable or unsafe files
         raise ValueError(f"{name} {path_str!r} could not be read as a weights-only PyTorch file: {error}") from error
+
+
+def load_network(path: str | os.PathLike, build: Callable[[dict[str, Any] | None], nn.Module], name: str) -> nn.Module:
+    """A network built from a training checkpoint's ``"config"`` and filled with its ``"model"`` weights.
+
+    Reads ``{"config", "model"}`` files (``model.pt`` / ``checkpoint.pt`` of the trainers) or a bare state dict
+    (``build`` then gets ``None``). Every tensor must fit (strict loading); anything else raises a ``ValueError``
+    naming the file and ``name``.
+
+    Args:
+        path: the weights file.
+        build: ``build(config)`` -> the network to fill (``config`` is ``None`` for a bare state dict).
+        name: the network's name for messages.
+    """
+    path_str = os.fspath(path)
+    state = load_weights(path_str)
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {path_str!r} does not hold a state dict.")
+    config = state.get("config")
+    network = build(config if isinstance(config, dict) else None)
+    weights = state.get("model", state)
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"weights file {path_str!r} does not hold a state dict of tensors.")
+    try:
+        network.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"weights file {path_str!r} does not fit {name}: {error}") from error
+    return network

@@ -8,6 +8,7 @@ in ``shared/reference/METHODS.md``.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from monai_unireg.io import load_weights
+from monai_unireg.io import load_network
 from monai_unireg.networks.blocks.prompt import ConvInsBlock, PromptOutput, RegistrationPromptGenerator
 from monai_unireg.spatial import _compose, _warp, integrate_velocity, resize_ddf
 from monai_unireg.validation import check_bool, check_image_pair, check_integer, plain_tensor
@@ -263,16 +264,10 @@ class PromptReg(RDPNet):
 def load_promptreg(path: str | os.PathLike) -> PromptReg:
     """A :class:`PromptReg` built from a checkpoint's ``"config"`` and filled with its weights (``model.pt`` or
     ``checkpoint.pt`` of training). Mismatched files raise a ``ValueError`` naming the file."""
-    path = os.fspath(path)
-    state = load_weights(path)
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
-        raise ValueError(f"weights file {path!r} is not a PromptReg checkpoint (no 'config').")
-    network = PromptReg(**state["config"])
-    weights = state.get("model")
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise ValueError(f"weights file {path!r} does not hold a state dict of tensors under 'model'.")
-    try:
-        network.load_state_dict(weights, strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"weights file {path!r} does not fit PromptReg: {error}") from error
-    return network
+    return load_network(path, functools.partial(_promptreg_from_config, os.fspath(path)), "PromptReg")
+
+
+def _promptreg_from_config(path: str, config: dict | None) -> PromptReg:
+    if config is None:
+        raise ValueError(f"weights file {path!r} is not a PromptReg checkpoint (no 'config': its size and domains).")
+    return PromptReg(**config)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from monai_unireg.io import load_weights
+from monai_unireg.io import load_network
 from monai_unireg.networks.blocks.sacb import SpatialAwareConvBlock, conv_norm_act, soft_matching_flow
 from monai_unireg.spatial import _compose, _warp, resize_ddf
 from monai_unireg.validation import check_image_pair, check_integer, plain_tensor
@@ -167,17 +167,4 @@ def load_sacbnet(path: str | os.PathLike) -> SACBNet:
     Accepted: ``{"config", "model"}`` files written by the trainer (``model.pt``, ``checkpoint.pt``), or a bare
     state dict of the default network. Every tensor must fit: mismatches raise a ``ValueError`` naming the file.
     """
-    path = os.fspath(path)
-    state = load_weights(path)
-    if not isinstance(state, dict):
-        raise ValueError(f"weights file {path!r} does not hold a state dict.")
-    config = state.get("config")
-    weights = state.get("model", state)
-    network = SACBNet(**config) if isinstance(config, dict) else SACBNet()
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise ValueError(f"weights file {path!r} does not hold a state dict of tensors.")
-    try:
-        network.load_state_dict(weights, strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"weights file {path!r} does not fit SACBNet: {error}") from error
-    return network
+    return load_network(path, lambda config: SACBNet(**config) if config else SACBNet(), "SACBNet")
