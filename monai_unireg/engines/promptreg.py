@@ -40,14 +40,15 @@ __all__ = ["DomainPairLoader", "PromptRegObjective", "train_promptreg"]
 
 
 class DomainPairLoader(PairLoader):
-    """:class:`~monai_unireg.engines.PairLoader` that also returns the pair's ``"domain"`` (int64 scalar): the index
-    of its dataset in the :class:`~monai_unireg.data.PairSampler`, i.e. of its prompt in the knowledge base."""
+    """:class:`~monai_unireg.engines.PairLoader` that also returns the pair's ``"domain"`` (int64 scalar) when it has
+    one: the index of its dataset in the :class:`~monai_unireg.data.PairSampler`, i.e. of its prompt in the
+    knowledge base. Validation pairs (read by the same loader) need none; a training batch without it is refused
+    by :class:`PromptRegObjective`."""
 
     def __call__(self, pair: dict[str, Any]) -> Batch:
         item = super().__call__(pair)
-        if "domain" not in pair:
-            raise ValueError(f"pair {pair.get('fixed_image')!r} has no 'domain' (draw pairs with a PairSampler).")
-        item["domain"] = torch.tensor(int(pair["domain"]))
+        if "domain" in pair:
+            item["domain"] = torch.tensor(int(pair["domain"]))
         return item
 
 

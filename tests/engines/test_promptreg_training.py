@@ -57,8 +57,8 @@ def test_loader_adds_the_domain(tiny_datasets):
     pairs = sampler.pairs_for_epoch(0)
     items = [DomainPairLoader((16, 16, 16))(pair) for pair in pairs]
     assert sorted(int(item["domain"]) for item in items) == [0, 0, 1, 1]
-    with pytest.raises(ValueError, match="domain"):
-        DomainPairLoader((16, 16, 16))({key: value for key, value in pairs[0].items() if key != "domain"})
+    validation_pair = {key: value for key, value in pairs[0].items() if key != "domain"}
+    assert "domain" not in DomainPairLoader((16, 16, 16))(validation_pair)  # validation pairs need none
 
 
 class Interrupted(Exception):
@@ -72,18 +72,23 @@ def test_training_over_two_domains_resumes_exactly(tiny_datasets, tmp_path):
         if line.startswith("epoch 2/2 iteration"):
             raise Interrupted
 
+    validation = [  # labelled pairs without a domain, as a held-out dataset's
+        {key: value for key, value in pair.items() if key != "domain"}
+        for pair in PairSampler([tiny_datasets["labelled"]], pairs_per_dataset=1, seed=1).pairs_for_epoch(0)
+    ]
+
     def run(folder, log=lambda _: None):
         torch.manual_seed(0)
         net = PromptReg(**SMALL)
         sampler = PairSampler(datasets, pairs_per_dataset=2, seed=0)
-        return net, train_promptreg(net, sampler, folder, 2, learning_rate=1e-3, log=log)
+        return net, train_promptreg(net, sampler, folder, 2, learning_rate=1e-3, validation_pairs=validation, log=log)
 
     straight, history = run(tmp_path / "straight")
     with pytest.raises(Interrupted):
         run(tmp_path / "resumed", stop_in_epoch_two)
     resumed, resumed_history = run(tmp_path / "resumed")
     assert (tmp_path / "resumed" / "model.pt").is_file() and len(history) == 2
-    assert {"orthogonality", "task_similarity", "learning_rate"} <= set(history[0])
+    assert {"orthogonality", "task_similarity", "learning_rate", "validation_dice"} <= set(history[0])
     assert all(torch.isfinite(torch.tensor(record["loss"])) for record in history)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
