@@ -1,9 +1,10 @@
 """The ``monai-unireg`` command line (also ``python -m monai_unireg``).
 
 ``monai-unireg register --fixed F --moving M [--fixed-label L] [--moving-label L]
-[--method voxelopt|unigradicon|sacbnet] [--weights PATH] [--io-iterations N] [--modality ct|mri|auto]
-[--device auto|cpu|cuda] --out DIR`` registers any NIfTI pair, with no training and no GPU by default (VoxelOpt
-on MIND-SSC features); ``--method unigradicon`` and ``--method sacbnet`` use the weights a user gives.
+[--method voxelopt|unigradicon|sacbnet|promptreg] [--weights PATH] [--io-iterations N]
+[--modality ct|mri|auto] [--device auto|cpu|cuda] --out DIR`` registers any NIfTI pair, with no training and no
+GPU by default (VoxelOpt on MIND-SSC features); ``--method unigradicon``, ``--method sacbnet`` and
+``--method promptreg`` use the weights a user gives.
 ``monai-unireg demo --out DIR`` does the same on a pair the package generates itself, so it runs on a fresh
 machine without data.
 """
@@ -22,7 +23,13 @@ from monai_unireg import io
 from monai_unireg.data.synthetic import make_synthetic_pair
 from monai_unireg.engines import MODALITIES, InstanceOptimised, register_files
 from monai_unireg.engines.unigradicon import UNIGRADICON_CT_WINDOW
-from monai_unireg.networks.nets import ResizedRegistration, VoxelOpt, load_sacbnet, load_unigradicon
+from monai_unireg.networks.nets import (
+    ResizedRegistration,
+    VoxelOpt,
+    load_promptreg,
+    load_sacbnet,
+    load_unigradicon,
+)
 from monai_unireg.spatial import spacing_from_affine
 
 __all__ = ["main", "build_parser", "METHODS"]
@@ -61,14 +68,32 @@ def _sacbnet(shape: tuple[int, ...], weights: Path | None = None, io_iterations:
     return ResizedRegistration(network, network.input_size)
 
 
+def _promptreg(shape: tuple[int, ...], weights: Path | None = None, io_iterations: int = 0) -> nn.Module:
+    """PromptReg from a checkpoint of ours (``model.pt`` of the trainer or the bundle), run at the size it was
+    trained at (paper: 160^3; the pair is resized to it and the field brought back)."""
+    if weights is None:
+        raise ValueError("--method promptreg needs --weights PATH (a model.pt written by PromptReg training).")
+    if io_iterations:
+        raise ValueError("--io-iterations applies to unigradicon; PromptReg has no instance optimisation.")
+    network = load_promptreg(weights)
+    return ResizedRegistration(network, network.input_size)
+
+
 #: Registration methods by name: a function of the fixed grid's spatial shape (and the user's weights and
 #: instance-optimisation steps, for learned methods) returning the network.
-METHODS: dict[str, Callable[..., nn.Module]] = {"voxelopt": _voxelopt, "unigradicon": _unigradicon, "sacbnet": _sacbnet}
-#: HU window each method's CT preprocessing uses (VoxelOpt Sec. 3.1; uniGradICON Sec. 2.1; SACB-Net Sec. 4).
+METHODS: dict[str, Callable[..., nn.Module]] = {
+    "voxelopt": _voxelopt,
+    "unigradicon": _unigradicon,
+    "sacbnet": _sacbnet,
+    "promptreg": _promptreg,
+}
+#: HU window each method's CT preprocessing uses (VoxelOpt Sec. 3.1; uniGradICON Sec. 2.1; SACB-Net Sec. 4;
+#: PromptReg Sec. 3.1).
 CT_WINDOWS: dict[str, tuple[float, float]] = {
     "voxelopt": (-800.0, 500.0),
     "unigradicon": UNIGRADICON_CT_WINDOW,
     "sacbnet": (-1000.0, 1000.0),
+    "promptreg": (-1000.0, 1000.0),
 }
 
 
@@ -89,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--fixed-label", type=Path, help="fixed label map, for Dice / HD95")
     register.add_argument("--moving-label", type=Path, help="moving label map, warped with the result")
     register.add_argument("--method", choices=sorted(METHODS), default="voxelopt", help="default: voxelopt")
-    register.add_argument("--weights", type=Path, help="weights file of a learned method (unigradicon, sacbnet)")
+    register.add_argument(
+        "--weights",
+        type=Path,
+        help="weights file of a learned method: unigradicon (Step_2_final.trch or a model.pt), sacbnet or promptreg "
+        "(a model.pt of training)",
+    )
     register.add_argument(
         "--io-iterations", type=int, default=0, help="instance optimisation steps of a learned method (paper: 50)"
     )

@@ -200,3 +200,27 @@ def test_sacbnet_method_runs_a_checkpoint_at_its_training_size(small_pair, tmp_p
     extra = ("--method", "sacbnet", "--weights", str(weights), "--io-iterations", "2")
     assert main(register_arguments(paths, tmp_path / "io", *extra)) == 2
     assert "no instance optimisation" in capsys.readouterr().err
+
+
+def test_promptreg_method_runs_a_checkpoint_at_its_training_size(small_pair, tmp_path, capsys):
+    """The 32x36x32 pair is resized to the network's 32^3 (multiples of 8) and the field brought back."""
+    from monai_unireg.cli import CT_WINDOWS
+    from monai_unireg.networks.nets import PromptReg
+
+    _, paths = small_pair
+    torch.manual_seed(0)
+    network = PromptReg(input_size=(32, 32, 32), num_domains=2, channels=2)
+    weights = tmp_path / "model.pt"
+    torch.save({"config": network.config, "model": network.state_dict()}, weights)
+    out = tmp_path / "out"
+    assert main(register_arguments(paths, out, "--method", "promptreg", "--weights", str(weights))) == 0
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    field = nib.load(str(out / "ddf.nii.gz"))
+    assert field.shape == (32, 36, 32, 1, 3) and np.abs(np.asarray(field.dataobj)).max() > 0
+    assert CT_WINDOWS["promptreg"] == (-1000.0, 1000.0)  # paper Sec. 3.1
+
+    assert main(register_arguments(paths, tmp_path / "no_weights", "--method", "promptreg")) == 2
+    assert "--weights" in capsys.readouterr().err
+    extra = ("--method", "promptreg", "--weights", str(weights), "--io-iterations", "2")
+    assert main(register_arguments(paths, tmp_path / "io", *extra)) == 2
+    assert "PromptReg has no instance optimisation" in capsys.readouterr().err

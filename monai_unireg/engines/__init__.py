@@ -1,6 +1,6 @@
 """Engines: end-to-end registration of image files (used by the command line and the bundles); the training loop
 shared by the learned methods, their objectives, fine-tuning and instance optimisation; the workflows of the
-uniGradICON and SACB-Net bundles and the pieces they share (``workflows``)."""
+uniGradICON, SACB-Net and PromptReg bundles and the pieces they share (``workflows``)."""
 
 from monai_unireg.engines.pair_registration import (
     MODALITIES,
@@ -19,6 +19,8 @@ from monai_unireg.engines.pair_registration import (
     write_table,
 )
 from monai_unireg.engines.promptreg import DomainPairLoader, PromptRegObjective, train_promptreg
+from monai_unireg.engines.promptreg_workflows import build_promptreg, evaluate_datasets
+from monai_unireg.engines.promptreg_workflows import train_workflow as train_promptreg_workflow
 from monai_unireg.engines.sacbnet import (
     SACBNET_CT_WINDOW,
     SACBNET_LAMBDAS,
@@ -57,6 +59,9 @@ __all__ = [
     "DomainPairLoader",
     "PromptRegObjective",
     "train_promptreg",
+    "build_promptreg",
+    "evaluate_datasets",
+    "train_promptreg_workflow",
     "CT_WINDOW",
     "LossTerms",
     "PairLoader",
