@@ -11,6 +11,15 @@ from monai_unireg.networks.nets.unigradicon import (
     load_unigradicon_weights,
     published_key_prefixes,
 )
+from monai_unireg.networks.nets.unireg import (
+    DEFAULT_TASK_ALIASES,
+    DEFAULT_TASKS,
+    REGISTRATION_TYPES,
+    ConditionedUniReg,
+    UniReg,
+    UniRegBackbone,
+    load_unireg,
+)
 from monai_unireg.networks.nets.universal_model import (
     UniversalModelFeatures,
     load_universal_model_checkpoint,
@@ -19,6 +28,13 @@ from monai_unireg.networks.nets.universal_model import (
 from monai_unireg.networks.nets.voxelopt import VoxelOpt
 
 __all__ = [
+    "ConditionedUniReg",
+    "DEFAULT_TASKS",
+    "DEFAULT_TASK_ALIASES",
+    "REGISTRATION_TYPES",
+    "UniReg",
+    "UniRegBackbone",
+    "load_unireg",
     "GradICONUNet",
     "PromptReg",
     "PromptRegOutput",
