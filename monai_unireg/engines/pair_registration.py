@@ -168,17 +168,25 @@ def read_pair(
 
 
 def normalise_intensity(
-    image: torch.Tensor, modality: str, ct_window: Sequence[float] = (-800.0, 500.0)
+    image: torch.Tensor,
+    modality: str,
+    ct_window: Sequence[float] = (-800.0, 500.0),
+    output_range: Sequence[float] = (0.0, 1.0),
 ) -> torch.Tensor:
-    """Map an image to [0, 1]: CT by an HU window, MRI by [min, 99th percentile] (see the transforms).
+    """Map an image to ``output_range``: CT by an HU window, MRI by [min, 99th percentile] (see the transforms).
 
     Args:
         image: ``[1, 1, *S]`` image in original intensities.
         modality: ``"ct"`` or ``"mri"`` (resolve ``"auto"`` with :func:`detect_modality` first).
         ct_window: ``(a_min, a_max)`` HU window (VoxelOpt: [-800, 500]).
+        output_range: ``(b_min, b_max)`` the window or percentile range is mapped to ([0, 1]; UniReg [-1, 1]).
     """
     check_option(modality, "modality", ("ct", "mri"))
-    transform = CTWindow(a_min=ct_window[0], a_max=ct_window[1]) if modality == "ct" else MRIPercentile()
+    low, high = output_range
+    if modality == "ct":
+        transform = CTWindow(a_min=ct_window[0], a_max=ct_window[1], b_min=low, b_max=high)
+    else:
+        transform = MRIPercentile(b_min=low, b_max=high)
     return torch.as_tensor(transform(image[0]))[None]
 
 
@@ -194,11 +202,13 @@ def register_pair(
     modality: str = "auto",
     device: str | torch.device | None = "auto",
     ct_window: Sequence[float] = (-800.0, 500.0),
+    intensity_range: Sequence[float] = (0.0, 1.0),
 ) -> RegistrationResult:
     """Run ``network(moving, fixed) -> ddf`` on a normalised pair and warp the original moving image and label.
 
     With ``modality="auto"`` each image is normalised by its own detected modality (a CT-MRI pair gets the CT
     window for the CT and the MRI percentiles for the MR); the result's ``modality`` is then ``"ct/mri"``.
+    Both images are mapped to ``intensity_range`` ([0, 1]; UniReg: [-1, 1]) before the network sees them.
     The runtime covers the network call only (feature extraction included; file I/O excluded).
     """
     check_option(modality, "modality", MODALITIES)
@@ -206,8 +216,8 @@ def register_pair(
     moving_modality = detect_modality(pair.moving) if modality == "auto" else modality
     resolved = fixed_modality if fixed_modality == moving_modality else f"{fixed_modality}/{moving_modality}"
     device = resolve_device(device)
-    fixed = normalise_intensity(pair.fixed, fixed_modality, ct_window).to(device)
-    moving = normalise_intensity(pair.moving, moving_modality, ct_window).to(device)
+    fixed = normalise_intensity(pair.fixed, fixed_modality, ct_window, intensity_range).to(device)
+    moving = normalise_intensity(pair.moving, moving_modality, ct_window, intensity_range).to(device)
     network = network.to(device).eval()
     start = time.perf_counter()
     with torch.no_grad():
@@ -319,12 +329,14 @@ def register_files(
     labels: Sequence[int] | None = None,
     ct_window: Sequence[float] = (-800.0, 500.0),
     log: Log = print,
+    intensity_range: Sequence[float] = (0.0, 1.0),
 ) -> dict:
     """Register one pair of files and write every result file to ``out_dir``; returns the metrics.
 
     Args:
         network: a registration module, or a function of the fixed grid's spatial shape returning one
             (for methods whose configuration depends on the volume size).
+        intensity_range: range the images are normalised to for the network ([0, 1]; UniReg: [-1, 1]).
     """
     check_option(modality, "modality", MODALITIES)
     log(f"[1/4] reading {fixed} and {moving}")
@@ -335,7 +347,7 @@ def register_files(
         log("      moving image resampled onto the fixed grid (physical space)")
     grid = f"grid {tuple(pair.fixed.shape[2:])}, spacing {_rounded(pair.spacing)} mm"
     log(f"[2/4] registering on {resolve_device(device)} ({grid})")
-    result = register_pair(network, pair, modality, device, ct_window)
+    result = register_pair(network, pair, modality, device, ct_window, intensity_range)
     log(f"      {result.runtime_s:.2f} s ({result.modality.upper()} intensities)")
     log("[3/4] evaluating")
     metrics = evaluate_result(pair, result, labels)
@@ -356,9 +368,11 @@ def register_pairs(
     labels: Sequence[int] | None = None,
     ct_window: Sequence[float] = (-800.0, 500.0),
     log: Log = print,
+    intensity_range: Sequence[float] = (0.0, 1.0),
 ) -> list[dict]:
     """Register every pair dict (``fixed_image``, ``moving_image``, optional ``fixed_label``, ``moving_label``)
-    into ``output_dir/<pair name>/``; returns one row per pair (``pair`` name + metrics)."""
+    into ``output_dir/<pair name>/``; returns one row per pair (``pair`` name + metrics). ``intensity_range``: as
+    :func:`register_files`."""
     rows = []
     quiet: Log = lambda message: None  # noqa: E731
     for index, pair in enumerate(pairs, start=1):
@@ -375,6 +389,7 @@ def register_pairs(
             labels,
             ct_window,
             log=quiet,
+            intensity_range=intensity_range,
         )
         summary = f"Dice {metrics['dice_mean']:.4f}, " if metrics.get("dice_mean") is not None else ""
         log(f"[{index}/{len(pairs)}] {name}: {summary}SDlogJ {metrics['sdlogj']:.4f}, {metrics['runtime_s']:.2f} s")

@@ -83,21 +83,27 @@ Objective = Callable[[nn.Module, Batch], LossTerms]
 class PairLoader:
     """Read a pair dictionary of a :class:`~monai_unireg.data.PairSampler` into network inputs at a working size.
 
-    Each image is read with its own grid, brought to [0, 1] (CT: the HU window ``ct_window``; MRI: [min, 99th
-    percentile]; the modality detected per image, :func:`~monai_unireg.engines.detect_modality`) and resized to
-    ``size`` (trilinear, corner-aligned), as uniGradICON and SACB-Net do: no physical-space alignment. Labels, when
-    the pair names them, are resized by nearest neighbour.
+    Each image is read with its own grid, brought to ``intensity_range`` (CT: the HU window ``ct_window``; MRI:
+    [min, 99th percentile]; the modality detected per image, :func:`~monai_unireg.engines.detect_modality`) and
+    resized to ``size`` (trilinear, corner-aligned), as uniGradICON and SACB-Net do: no physical-space alignment.
+    Labels, when the pair names them, are resized by nearest neighbour.
 
     Args:
         size: working size ``(D, H, W)`` (the network's ``input_size``).
-        ct_window: ``(a_min, a_max)`` HU window mapped to [0, 1] (uniGradICON and SACB-Net: [-1000, 1000]).
+        ct_window: ``(a_min, a_max)`` HU window (uniGradICON and SACB-Net: [-1000, 1000]).
+        intensity_range: ``(b_min, b_max)`` of the normalised images ([0, 1]; UniReg: [-1, 1]).
 
     Returns (when called on a pair):
         ``{"moving", "fixed"}`` ``[1, *size]`` float32 and, if available, ``"moving_label"``, ``"fixed_label"``
         ``[1, *size]`` int64.
     """
 
-    def __init__(self, size: Sequence[int], ct_window: Sequence[float] = CT_WINDOW) -> None:
+    def __init__(
+        self,
+        size: Sequence[int],
+        ct_window: Sequence[float] = CT_WINDOW,
+        intensity_range: Sequence[float] = (0.0, 1.0),
+    ) -> None:
         self.size = tuple(check_integer(s, "size", 1) for s in size)
         if len(self.size) != 3:
             raise ValueError(f"size must hold 3 positive integers (D, H, W), got {tuple(size)!r}.")
@@ -105,12 +111,18 @@ class PairLoader:
         if len(window) != 2 or window[0] >= window[1]:
             raise ValueError(f"ct_window must be (a_min, a_max) with a_min < a_max, got {tuple(ct_window)!r}.")
         self.ct_window = window
+        output = tuple(float(check_number(v, "intensity_range")) for v in intensity_range)
+        if len(output) != 2 or output[0] >= output[1]:
+            raise ValueError(
+                f"intensity_range must be (b_min, b_max) with b_min < b_max, got {tuple(intensity_range)!r}."
+            )
+        self.intensity_range = output
 
     def __call__(self, pair: dict[str, Any]) -> Batch:
         item: Batch = {}
         for role in ("moving", "fixed"):
             image, _ = read_volume(pair[f"{role}_image"], f"{role}_image")
-            image = normalise_intensity(image.float(), detect_modality(image), self.ct_window)
+            image = normalise_intensity(image.float(), detect_modality(image), self.ct_window, self.intensity_range)
             item[role] = spatial.resize_image(image, self.size)[0]
             if pair.get(f"{role}_label"):
                 label, _ = read_volume(pair[f"{role}_label"], f"{role}_label")
@@ -124,6 +136,7 @@ def validation_dice(
     loader: Callable[[dict[str, Any]], Batch],
     device: torch.device,
     labels: Sequence[int] | None = None,
+    condition_keys: Sequence[str] = (),
 ) -> float:
     """Mean label Dice of ``network`` over ``pairs`` at the working size (labels warped without interpolation).
 
@@ -132,20 +145,26 @@ def validation_dice(
         pairs: pair dictionaries with labels.
         loader: reads and resizes each pair (e.g. :class:`PairLoader`).
         device: where to run the network.
-        labels: label values to score (``None``: all non-zero labels of the fixed label map).
+        labels: label values to score (``None``: all non-zero labels of each pair's fixed label map).
+        condition_keys: keys of the loaded pair passed on to the network as keyword arguments (UniReg: ``"task"``,
+            ``"reg_type"``), each with a batch axis added.
     """
     was_training = network.training
     network.eval()
-    metric = LabelDiceMetric(labels=labels)
     scores = []
     with torch.no_grad():
         for pair in pairs:
             item = loader(pair)
             if "moving_label" not in item or "fixed_label" not in item:
                 raise ValueError(f"validation pair {pair.get('fixed_image')} has no labels to compute Dice with.")
-            ddf = network(item["moving"][None].to(device), item["fixed"][None].to(device)).cpu()
+            missing = [key for key in condition_keys if key not in item]
+            if missing:
+                raise ValueError(f"validation pair {pair.get('fixed_image')} has no {missing} for the network.")
+            conditions = {key: item[key][None].to(device) for key in condition_keys}
+            ddf = network(item["moving"][None].to(device), item["fixed"][None].to(device), **conditions).cpu()
             warped = spatial.warp_labels(item["moving_label"][None], ddf)
-            scores.append(float(metric(warped, item["fixed_label"][None]).nanmean()))
+            dice = LabelDiceMetric(labels=labels)(warped, item["fixed_label"][None])
+            scores.append(float(dice.nanmean()))
     network.train(was_training)
     return sum(scores) / len(scores)
 
@@ -211,10 +230,12 @@ def train_registration(
     batch_size: int = 1,
     learning_rate: float = 1e-4,
     optimizer_factory: OptimizerFactory = torch.optim.Adam,
+    parameter_groups: Callable[[float], list[dict[str, Any]]] | None = None,
     scheduler_factory: SchedulerFactory | None = None,
     augmentation: Augmentation | None = None,
     validation_pairs: Sequence[dict[str, Any]] = (),
     validation_labels: Sequence[int] | None = None,
+    validation_conditions: Sequence[str] = (),
     device: str | torch.device = "cpu",
     amp: bool = False,
     resume: bool = True,
@@ -253,12 +274,16 @@ def train_registration(
         learning_rate: initial learning rate, given to ``optimizer_factory``.
         optimizer_factory: ``optimizer_factory(parameters, lr=learning_rate)`` (default Adam; e.g.
             ``functools.partial(torch.optim.SGD, momentum=0.99)``).
+        parameter_groups: ``parameter_groups(learning_rate)`` gives the optimiser's parameter groups (e.g. a part
+            of the network with its own rate); ``None``: all of ``network.parameters()`` at ``learning_rate``.
         scheduler_factory: ``scheduler_factory(optimizer, total_iterations)`` gives a scheduler stepped once per
             iteration (``total_iterations = epochs * iterations per epoch``; e.g. :func:`polynomial_decay`);
             ``None``: a constant rate.
         augmentation: ``augmentation(batch, generator) -> batch`` (``None``: none).
         validation_pairs: labelled pairs scored (mean Dice, :func:`validation_dice`) after every epoch.
         validation_labels: label values for that Dice (``None``: all non-zero labels).
+        validation_conditions: keys of each loaded validation pair given to the network as keyword arguments (see
+            :func:`validation_dice`; UniReg: ``("task", "reg_type")``).
         device: training device.
         amp: automatic mixed precision (CUDA only; ignored on the CPU).
         resume: continue from ``checkpoint.pt`` when present.
@@ -298,7 +323,8 @@ def train_registration(
     rank, world = _rank_and_world()
     model = distributed_model or network
     network.to(device)
-    optimizer = optimizer_factory(network.parameters(), lr=learning_rate)
+    parameters = network.parameters() if parameter_groups is None else parameter_groups(learning_rate)
+    optimizer = optimizer_factory(parameters, lr=learning_rate)
     per_epoch = math.ceil(_shared_pairs(len(sampler), world) // world / batch_size)
     per_epoch = min(per_epoch, max_iterations_per_epoch or per_epoch)
     scheduler = scheduler_factory(optimizer, epochs * per_epoch) if scheduler_factory is not None else None
@@ -370,7 +396,9 @@ def train_registration(
         if scheduler is not None:
             record["learning_rate"] = scheduler.get_last_lr()[0]
         if validation_pairs and rank == 0:
-            record["validation_dice"] = validation_dice(network, validation_pairs, loader, device, validation_labels)
+            record["validation_dice"] = validation_dice(
+                network, validation_pairs, loader, device, validation_labels, validation_conditions
+            )
         history.append(record)
         if rank == 0:
             log(

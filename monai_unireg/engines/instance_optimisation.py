@@ -1,0 +1,126 @@
+"""Field-based instance optimisation: refine a network's displacement field on one pair by gradient descent.
+
+The UniReg paper (``shared/papers/unireg.txt``, Table 3, "UniReg + IO") refines the network's prediction on an
+unseen task by instance optimisation (IO), as SAME does: the displacement field itself is the variable, started
+from the network's field and moved by Adam on ``similarity(moving o phi, fixed) + lambda * diffusion(phi)``.
+Unlike uniGradICON's IO (:func:`~monai_unireg.engines.instance_optimise`, which fine-tunes the weights), this needs
+nothing from the network but its field, so it refines the output of any registration network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from monai_unireg import spatial
+from monai_unireg.engines.training import Log
+from monai_unireg.losses import diffusion_regularisation
+from monai_unireg.validation import check_ddf, check_image_pair, check_integer, check_positive, check_same_spatial_shape
+
+__all__ = ["FieldOptimised", "optimise_field"]
+
+Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def optimise_field(
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    initial_ddf: torch.Tensor,
+    similarity: Similarity,
+    smoothness: float = 1.0,
+    iterations: int = 50,
+    learning_rate: float = 0.1,
+    log: Log | None = print,
+) -> tuple[torch.Tensor, list[float]]:
+    r"""Minimise ``similarity(warp(moving, u), fixed) + smoothness * diffusion(u)`` over the field ``u`` with Adam.
+
+    .. math::
+
+        u^* = \arg\min_u \; L_{sim}(I_m \circ (\mathrm{Id} + u), I_f) + \lambda L_{reg}(u)
+
+    from ``u = initial_ddf``, with :func:`~monai_unireg.losses.diffusion_regularisation` as ``L_reg``. The images
+    carry no gradient; only ``u`` is optimised.
+
+    Args:
+        moving: ``[B, C, *S]`` moving image (normalised as for the network).
+        fixed: ``[B, C, *S]`` fixed image on the same grid.
+        initial_ddf: ``[B, 3, *S]`` starting field in voxels (e.g. the network's prediction).
+        similarity: ``similarity(warped, fixed) -> scalar`` loss (e.g. ``LNCCLoss``, ``MINDSSCLoss``).
+        smoothness: ``lambda`` (>= 0).
+        iterations: Adam steps (0 returns the initial field).
+        learning_rate: Adam step size, in voxels.
+        log: progress output every 10 steps (``None``: silent).
+
+    Returns:
+        the optimised ``[B, 3, *S]`` field (no gradient) and the objective before each step and after the last
+        (``iterations + 1`` values).
+    """
+    check_image_pair(moving, fixed, 3)
+    check_ddf(initial_ddf, "initial_ddf")
+    check_same_spatial_shape(moving, initial_ddf, "moving", "initial_ddf")
+    check_integer(iterations, "iterations", 0)
+    smoothness = float(check_positive(smoothness, "smoothness", allow_zero=True))
+    check_positive(learning_rate, "learning_rate")
+    moving, fixed = moving.detach(), fixed.detach()
+    field = nn.Parameter(initial_ddf.detach().clone())
+    optimizer = torch.optim.Adam([field], lr=learning_rate)
+    losses: list[float] = []
+    with torch.enable_grad():
+        for step in range(iterations + 1):
+            optimizer.zero_grad(set_to_none=True)
+            similarity_value = similarity(spatial.warp(moving, field), fixed)
+            regularisation = diffusion_regularisation(field)
+            loss = similarity_value + smoothness * regularisation
+            losses.append(float(loss.detach()))
+            if log is not None and (step % 10 == 0 or step == iterations):
+                log(
+                    f"instance optimisation {step}/{iterations}: loss {losses[-1]:.5f} similarity "
+                    f"{float(similarity_value.detach()):.5f} diffusion {float(regularisation.detach()):.5f}"
+                )
+            if step == iterations:
+                break
+            loss.backward()
+            optimizer.step()
+    return field.detach(), losses
+
+
+class FieldOptimised(nn.Module):
+    """A registration network followed by field instance optimisation (:func:`optimise_field`) on every pair.
+
+    ``forward(moving, fixed) -> ddf``: the network's field, refined. The network runs without gradients.
+
+    Args:
+        network: ``network(moving, fixed) -> ddf`` (e.g. ``UniReg.conditioned(task, reg_type)``).
+        similarity: the IO similarity loss.
+        smoothness: ``lambda`` of the diffusion term (e.g. the task's regularisation prior).
+        iterations: Adam steps per pair.
+        learning_rate: Adam step size in voxels.
+        log: progress output (``None``: silent).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        similarity: Similarity,
+        smoothness: float = 1.0,
+        iterations: int = 50,
+        learning_rate: float = 0.1,
+        log: Log | None = print,
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.similarity = similarity
+        self.smoothness = float(check_positive(smoothness, "smoothness", allow_zero=True))
+        self.iterations = check_integer(iterations, "iterations", 0)
+        self.learning_rate = float(check_positive(learning_rate, "learning_rate"))
+        self.log = log
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            initial = self.network(moving, fixed)
+        ddf, _ = optimise_field(
+            moving, fixed, initial, self.similarity, self.smoothness, self.iterations, self.learning_rate, self.log
+        )
+        return ddf
