@@ -1,10 +1,11 @@
 """The ``monai-unireg`` command line (also ``python -m monai_unireg``).
 
 ``monai-unireg register --fixed F --moving M [--fixed-label L] [--moving-label L]
-[--method voxelopt|unigradicon|sacbnet|promptreg] [--weights PATH] [--io-iterations N]
-[--modality ct|mri|auto] [--device auto|cpu|cuda] --out DIR`` registers any NIfTI pair, with no training and no
-GPU by default (VoxelOpt on MIND-SSC features); ``--method unigradicon``, ``--method sacbnet`` and
-``--method promptreg`` use the weights a user gives.
+[--method voxelopt|unigradicon|sacbnet|promptreg|unireg] [--weights PATH] [--io-iterations N]
+[--task REGION] [--reg-type inter|intra] [--modality ct|mri|auto] [--device auto|cpu|cuda] --out DIR`` registers
+any NIfTI pair, with no training and no GPU by default (VoxelOpt on MIND-SSC features); ``--method unigradicon``,
+``--method sacbnet``, ``--method promptreg`` and ``--method unireg`` use the weights a user gives (UniReg with the
+condition ``--task`` and ``--reg-type``).
 ``monai-unireg demo --out DIR`` does the same on a pair the package generates itself, so it runs on a fresh
 machine without data.
 """
@@ -21,9 +22,19 @@ import torch.nn as nn
 
 from monai_unireg import io
 from monai_unireg.data.synthetic import make_synthetic_pair
-from monai_unireg.engines import MODALITIES, InstanceOptimised, register_files
+from monai_unireg.engines import (
+    MODALITIES,
+    UNIREG_CT_WINDOW,
+    UNIREG_INTENSITY_RANGE,
+    InstanceOptimised,
+    build_unireg,
+    register_files,
+    unireg_registration,
+)
 from monai_unireg.engines.unigradicon import UNIGRADICON_CT_WINDOW
+from monai_unireg.engines.unireg_workflows import DEFAULT_REG_TYPE, DEFAULT_TASK
 from monai_unireg.networks.nets import (
+    REGISTRATION_TYPES,
     ResizedRegistration,
     VoxelOpt,
     load_promptreg,
@@ -63,7 +74,7 @@ def _sacbnet(shape: tuple[int, ...], weights: Path | None = None, io_iterations:
     if weights is None:
         raise ValueError("--method sacbnet needs --weights PATH (a model.pt written by SACB-Net training).")
     if io_iterations:
-        raise ValueError("--io-iterations applies to unigradicon; SACB-Net has no instance optimisation.")
+        raise ValueError("--io-iterations applies to unigradicon and unireg; SACB-Net has no instance optimisation.")
     network = load_sacbnet(weights)
     return ResizedRegistration(network, network.input_size)
 
@@ -74,26 +85,52 @@ def _promptreg(shape: tuple[int, ...], weights: Path | None = None, io_iteration
     if weights is None:
         raise ValueError("--method promptreg needs --weights PATH (a model.pt written by PromptReg training).")
     if io_iterations:
-        raise ValueError("--io-iterations applies to unigradicon; PromptReg has no instance optimisation.")
+        raise ValueError("--io-iterations applies to unigradicon and unireg; PromptReg has no instance optimisation.")
     network = load_promptreg(weights)
     return ResizedRegistration(network, network.input_size)
 
 
+def _unireg(
+    shape: tuple[int, ...],
+    weights: Path | None = None,
+    io_iterations: int = 0,
+    task: str = DEFAULT_TASK,
+    reg_type: str = DEFAULT_REG_TYPE,
+) -> nn.Module:
+    """UniReg from a checkpoint of ours (``model.pt`` of the trainer or the bundle) with the condition ``task`` (a
+    body region it was trained with, or an unseen anatomy's alias: its nearest region) and ``reg_type``, run at the
+    size it was trained at (paper: 192x192x160); with ``io_iterations``, field instance optimisation (NCC + the
+    task's regularisation prior x diffusion, paper Table 3 "UniReg + IO")."""
+    if weights is None:
+        raise ValueError("--method unireg needs --weights PATH (a model.pt written by UniReg training).")
+    return unireg_registration(build_unireg(weights), task, reg_type, io_iterations, log=_log)
+
+
 #: Registration methods by name: a function of the fixed grid's spatial shape (and the user's weights and
-#: instance-optimisation steps, for learned methods) returning the network.
+#: instance-optimisation steps, for learned methods; UniReg's condition) returning the network.
 METHODS: dict[str, Callable[..., nn.Module]] = {
     "voxelopt": _voxelopt,
     "unigradicon": _unigradicon,
     "sacbnet": _sacbnet,
     "promptreg": _promptreg,
+    "unireg": _unireg,
 }
 #: HU window each method's CT preprocessing uses (VoxelOpt Sec. 3.1; uniGradICON Sec. 2.1; SACB-Net Sec. 4;
-#: PromptReg Sec. 3.1).
+#: PromptReg Sec. 3.1; UniReg Sec. 4.3).
 CT_WINDOWS: dict[str, tuple[float, float]] = {
     "voxelopt": (-800.0, 500.0),
     "unigradicon": UNIGRADICON_CT_WINDOW,
     "sacbnet": (-1000.0, 1000.0),
     "promptreg": (-1000.0, 1000.0),
+    "unireg": UNIREG_CT_WINDOW,
+}
+#: Range each method's images are normalised to (UniReg Sec. 4.3: [-1, 1]; the others [0, 1]).
+INTENSITY_RANGES: dict[str, tuple[float, float]] = {
+    "voxelopt": (0.0, 1.0),
+    "unigradicon": (0.0, 1.0),
+    "sacbnet": (0.0, 1.0),
+    "promptreg": (0.0, 1.0),
+    "unireg": UNIREG_INTENSITY_RANGE,
 }
 
 
@@ -117,11 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument(
         "--weights",
         type=Path,
-        help="weights file of a learned method: unigradicon (Step_2_final.trch or a model.pt), sacbnet or promptreg "
-        "(a model.pt of training)",
+        help="weights file of a learned method: unigradicon (Step_2_final.trch or a model.pt), sacbnet, promptreg or "
+        "unireg (a model.pt of training)",
     )
     register.add_argument(
-        "--io-iterations", type=int, default=0, help="instance optimisation steps of a learned method (paper: 50)"
+        "--io-iterations",
+        type=int,
+        default=0,
+        help="instance optimisation steps of unigradicon (paper: 50) or unireg (field instance optimisation)",
+    )
+    register.add_argument(
+        "--task",
+        help=f"unireg: the body region of the pair (default: {DEFAULT_TASK}), one the network was trained with or an "
+        "unseen anatomy's alias (e.g. lung -> chest)",
+    )
+    register.add_argument(
+        "--reg-type",
+        choices=REGISTRATION_TYPES,
+        help=f"unireg: inter (two subjects) or intra (one subject) registration (default: {DEFAULT_REG_TYPE})",
     )
     register.add_argument("--modality", choices=MODALITIES, default="auto", help="intensity normalisation")
     register.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
@@ -140,10 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _conditions(arguments: argparse.Namespace) -> dict[str, str]:
+    """UniReg's ``task`` and ``reg_type`` as given on the command line (its defaults where not given).
+
+    Raises:
+        ValueError: ``--task`` or ``--reg-type`` with another method, which takes no condition.
+    """
+    given = {
+        name: value for name, value in (("task", arguments.task), ("reg_type", arguments.reg_type)) if value is not None
+    }
+    if arguments.method != "unireg" and given:
+        raise ValueError(
+            f"--task and --reg-type set the condition of --method unireg; {arguments.method} takes no condition."
+        )
+    return given
+
+
 def _register(arguments: argparse.Namespace) -> None:
     build = METHODS[arguments.method]
+    conditions = _conditions(arguments)
     register_files(
-        lambda shape: build(shape, arguments.weights, arguments.io_iterations),
+        lambda shape: build(shape, arguments.weights, arguments.io_iterations, **conditions),
         arguments.fixed,
         arguments.moving,
         arguments.out,
@@ -154,6 +221,7 @@ def _register(arguments: argparse.Namespace) -> None:
         labels=arguments.labels,
         ct_window=CT_WINDOWS[arguments.method],
         log=_log,
+        intensity_range=INTENSITY_RANGES[arguments.method],
     )
 
 

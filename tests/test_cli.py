@@ -224,3 +224,66 @@ def test_promptreg_method_runs_a_checkpoint_at_its_training_size(small_pair, tmp
     extra = ("--method", "promptreg", "--weights", str(weights), "--io-iterations", "2")
     assert main(register_arguments(paths, tmp_path / "io", *extra)) == 2
     assert "PromptReg has no instance optimisation" in capsys.readouterr().err
+
+
+def test_unireg_method_with_a_condition_and_instance_optimisation(small_pair, tmp_path, capsys):
+    """A 32^3 UniReg saved as training saves it runs with --task and --reg-type on [-1, 1] images (paper Sec. 4.3)."""
+    from monai_unireg.cli import CT_WINDOWS, INTENSITY_RANGES
+    from monai_unireg.networks.nets import UniReg
+
+    _, paths = small_pair
+    torch.manual_seed(0)
+    network = UniReg(input_size=(32, 32, 32), channels=(4, 8, 8, 8))
+    weights = tmp_path / "model.pt"
+    torch.save({"config": network.config, "model": network.state_dict()}, weights)
+    inputs = []
+    record = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: inputs.append(args[0]) if isinstance(module, UniReg) else None
+    )
+    out = tmp_path / "out"
+    extra = ("--method", "unireg", "--weights", str(weights), "--task", "abdomen", "--reg-type", "inter")
+    try:
+        assert main(register_arguments(paths, out, *extra, "--io-iterations", "2")) == 0
+    finally:
+        record.remove()
+    assert {p.name for p in out.iterdir()} == OUTPUTS
+    printed = capsys.readouterr().out
+    assert "UniReg condition: task abdomen, inter-subject; instance optimisation: 2 steps" in printed
+    assert "instance optimisation 2/2" in printed
+    field = nib.load(str(out / "ddf.nii.gz"))
+    assert field.shape == (32, 36, 32, 1, 3) and np.abs(np.asarray(field.dataobj)).max() > 0
+    assert inputs[0].shape == (1, 1, 32, 32, 32) and float(inputs[0].min()) == pytest.approx(-1.0)
+    assert CT_WINDOWS["unireg"] == (-800.0, 400.0) and INTENSITY_RANGES["unireg"] == (-1.0, 1.0)
+
+
+def test_unireg_method_defaults_aliases_and_refusals(small_pair, tmp_path, capsys):
+    """Without --task / --reg-type: brain, inter; unseen anatomy gets its nearest region; bad input writes nothing."""
+    from monai_unireg.cli import METHODS
+    from monai_unireg.networks.nets import UniReg
+
+    _, paths = small_pair
+    network = UniReg(input_size=(32, 32, 32), channels=(4, 8, 8, 8))
+    weights = tmp_path / "model.pt"
+    torch.save({"config": network.config, "model": network.state_dict()}, weights)
+    default = METHODS["unireg"]((32, 36, 32), weights)
+    assert (default.network.task, default.network.reg_type) == ("brain", "inter")
+    unseen = METHODS["unireg"]((32, 36, 32), weights, task="lung", reg_type="intra")
+    assert unseen.network.network.tasks[unseen.network.network.resolve_task(unseen.network.task)] == "chest"
+    capsys.readouterr()
+
+    def refused(*extra: str) -> str:
+        out = tmp_path / "refused"
+        assert main(register_arguments(paths, out, *extra)) == 2
+        assert not out.exists() or not any(out.iterdir())
+        return capsys.readouterr().err
+
+    assert "--method unireg needs --weights PATH" in refused("--method", "unireg")
+    assert "unknown task 'elbow'" in refused("--method", "unireg", "--weights", str(weights), "--task", "elbow")
+    message = "--task and --reg-type set the condition of --method unireg; voxelopt takes no condition"
+    assert message in refused("--task", "abdomen")
+    assert "promptreg takes no condition" in refused(
+        "--method", "promptreg", "--weights", str(weights), "--reg-type", "intra"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(register_arguments(paths, tmp_path / "out", "--method", "unireg", "--reg-type", "sideways"))
+    assert exit_info.value.code == 2 and "sideways" in capsys.readouterr().err

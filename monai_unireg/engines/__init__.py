@@ -1,7 +1,8 @@
 """Engines: end-to-end registration of image files (used by the command line and the bundles); the training loop
 shared by the learned methods, their objectives, fine-tuning and instance optimisation; the workflows of the
-uniGradICON, SACB-Net and PromptReg bundles and the pieces they share (``workflows``)."""
+uniGradICON, SACB-Net, PromptReg and UniReg bundles and the pieces they share (``workflows``)."""
 
+from monai_unireg.engines.instance_optimisation import FieldOptimised, optimise_field
 from monai_unireg.engines.pair_registration import (
     MODALITIES,
     LoadedPair,
@@ -46,16 +47,41 @@ from monai_unireg.engines.unigradicon import (
     train_unigradicon,
 )
 from monai_unireg.engines.unigradicon_workflows import build_unigradicon, train_workflow
+from monai_unireg.engines.unireg import (
+    UNIREG_CT_WINDOW,
+    UNIREG_INTENSITY_RANGE,
+    UNIREG_LAMBDAS,
+    UniRegObjective,
+    UniRegPairLoader,
+    train_unireg,
+)
+from monai_unireg.engines.unireg_workflows import build_unireg, evaluate_unireg, unireg_registration
+from monai_unireg.engines.unireg_workflows import train_workflow as train_unireg_workflow
 from monai_unireg.engines.workflows import (
     DistributedRun,
     check_datasets,
+    check_resumable,
     distributed_training,
     load_validation_pairs,
+    size_text,
     validation_set,
+    working_size,
     wrap_distributed,
 )
 
 __all__ = [
+    "FieldOptimised",
+    "optimise_field",
+    "UNIREG_CT_WINDOW",
+    "UNIREG_INTENSITY_RANGE",
+    "UNIREG_LAMBDAS",
+    "UniRegObjective",
+    "UniRegPairLoader",
+    "train_unireg",
+    "build_unireg",
+    "evaluate_unireg",
+    "train_unireg_workflow",
+    "unireg_registration",
     "DomainPairLoader",
     "PromptRegObjective",
     "train_promptreg",
@@ -85,6 +111,9 @@ __all__ = [
     "train_workflow",
     "DistributedRun",
     "check_datasets",
+    "check_resumable",
+    "size_text",
+    "working_size",
     "distributed_training",
     "load_validation_pairs",
     "validation_set",

@@ -32,7 +32,15 @@ from monai_unireg.data import PairSampler, load_learn2reg, read_learn2reg
 from monai_unireg.engines.pair_registration import register_pairs, resolve_device, write_table
 from monai_unireg.engines.promptreg import train_promptreg
 from monai_unireg.engines.training import CT_WINDOW
-from monai_unireg.engines.workflows import check_datasets, distributed_training, validation_set, wrap_distributed
+from monai_unireg.engines.workflows import (
+    check_datasets,
+    check_resumable,
+    distributed_training,
+    size_text,
+    validation_set,
+    working_size,
+    wrap_distributed,
+)
 from monai_unireg.networks.nets import ResizedRegistration
 from monai_unireg.networks.nets.promptreg import PromptReg, load_promptreg
 from monai_unireg.validation import check_bool, check_integer, check_option
@@ -55,20 +63,6 @@ DEFAULT_INPUT_SIZE = (160, 160, 160)
 SPREADS = ("std", "sem")
 
 
-def _working_size(input_size: int | Sequence[int]) -> tuple[int, ...]:
-    """``input_size`` as 3 sizes (an int is a cube), each a multiple of 8 (PromptReg's three stride-2 levels)."""
-    sizes = (input_size,) * 3 if isinstance(input_size, int) else tuple(input_size)
-    if len(sizes) != 3 or any(check_integer(s, "input_size", 8) % 8 for s in sizes):
-        raise ValueError(
-            f"input_size must be one size or 3 sizes (D, H, W), each a multiple of 8 (paper: 160), got {input_size!r}."
-        )
-    return sizes
-
-
-def _size_text(size: Sequence[int]) -> str:
-    return "x".join(str(s) for s in size)
-
-
 def _new_network(
     input_size: int | Sequence[int],
     num_domains: int,
@@ -82,7 +76,7 @@ def _new_network(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return PromptReg(
-            _working_size(input_size),
+            working_size(input_size, 8),
             num_domains=check_integer(num_domains, "num_domains", 1),
             channels=channels,
             temperature=temperature,
@@ -93,7 +87,7 @@ def _new_network(
 def _describe_network(network: PromptReg) -> str:
     config = network.config
     prompt = f"{config['num_domains']} prompts, tau {config['temperature']:g}" if network.use_prompt else "no RPG"
-    return f"working size {_size_text(network.input_size)}, channels {config['channels']}, {prompt}"
+    return f"working size {size_text(network.input_size)}, channels {config['channels']}, {prompt}"
 
 
 def build_promptreg(
@@ -212,37 +206,6 @@ def _initial_network(
             "fine-tune on as many datasets, in the order the prompts were trained (each dataset keeps its prompt)."
         )
     return network
-
-
-def _check_resumable(output_dir: str | os.PathLike, network: PromptReg, domains: Sequence[str]) -> None:
-    """Refuse to resume from a checkpoint of another network or of another set of training datasets.
-
-    Raises:
-        ValueError: ``<output_dir>/checkpoint.pt`` holds a configuration other than ``network.config``, or was
-            trained on other datasets (another held-out dataset, say).
-    """
-    path = Path(output_dir) / "checkpoint.pt"
-    if not path.exists():
-        return
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = state.get("config") or {}
-    if saved != network.config:
-        changed = sorted(key for key in {*saved, *network.config} if saved.get(key) != network.config.get(key))
-        raise ValueError(
-            f"{path} was written for a network with {_describe(saved, changed)}, but this run builds one with "
-            f"{_describe(network.config, changed)}; resume with the same settings, or pass --resume False (which "
-            "starts over) or another output_dir."
-        )
-    trained_on = list((state.get("sampler") or {}).get("datasets", []))
-    if trained_on != list(domains):
-        raise ValueError(
-            f"{path} was trained on the datasets {trained_on}, but this run trains on {list(domains)}; resume with "
-            "the same datasets and held_out, or pass --resume False (which starts over) or another output_dir."
-        )
-
-
-def _describe(config: dict[str, Any], keys: Sequence[str]) -> str:
-    return ", ".join(f"{key}={config.get(key)!r}" for key in keys)
 
 
 def train_workflow(
@@ -365,7 +328,7 @@ def train_workflow(
             logger.info("process %d of %d (%s) on %s", run.rank, run.world_size, run.backend, run.device)
         network = _initial_network(input_size, len(domains), channels, temperature, use_prompt, seed, init_weights)
         if resume:
-            _check_resumable(output_dir, network, domains)
+            check_resumable(output_dir, network.config, domains, " and held_out")
         network.to(run.device)
         if run.rank == 0:
             if held is not None:

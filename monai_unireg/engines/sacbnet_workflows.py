@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +22,15 @@ import torch
 from monai_unireg.data import PairSampler
 from monai_unireg.engines.pair_registration import resolve_device
 from monai_unireg.engines.sacbnet import SACBNET_CT_WINDOW, SACBNET_LAMBDAS, train_sacbnet
-from monai_unireg.engines.workflows import check_datasets, distributed_training, validation_set, wrap_distributed
+from monai_unireg.engines.workflows import (
+    check_datasets,
+    check_resumable,
+    distributed_training,
+    size_text,
+    validation_set,
+    working_size,
+    wrap_distributed,
+)
 from monai_unireg.networks.nets import ResizedRegistration
 from monai_unireg.networks.nets.sacbnet import SACBNET_CHANNELS, SACBNet, load_sacbnet
 from monai_unireg.validation import check_bool, check_integer, check_option, check_positive
@@ -37,18 +44,6 @@ SACBNET_TASKS = tuple(SACBNET_LAMBDAS)
 
 #: Working size of a new network: the paper's IXI size (Sec. 4), the default of :class:`SACBNet`.
 DEFAULT_INPUT_SIZE = (160, 192, 224)
-
-
-def _working_size(input_size: int | Sequence[int]) -> tuple[int, ...]:
-    """``input_size`` as 3 sizes (an int is a cube); :class:`SACBNet` checks that each is a multiple of 16."""
-    sizes = (input_size,) * 3 if isinstance(input_size, int) else tuple(input_size)
-    if len(sizes) != 3:
-        raise ValueError(f"input_size must be one size or 3 sizes (D, H, W), got {input_size!r}.")
-    return tuple(check_integer(s, "input_size", 16) for s in sizes)
-
-
-def _size_text(size: Sequence[int]) -> str:
-    return "x".join(str(s) for s in size)
 
 
 def _new_network(
@@ -65,7 +60,7 @@ def _new_network(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return SACBNet(
-            _working_size(input_size),
+            working_size(input_size, 16),
             channels=channels,
             num_clusters=num_clusters,
             kmeans_iterations=kmeans_iterations,
@@ -128,7 +123,7 @@ def build_sacbnet(
         logger.info(
             "loaded %s: working size %s, channels %s, %s clusters",
             os.fspath(weights),
-            _size_text(network.input_size),
+            size_text(network.input_size),
             network.config["channels"],
             network.config["num_clusters"],
         )
@@ -151,35 +146,12 @@ def _initial_network(
             input_size, num_clusters, channels, kmeans_iterations, kmeans_tolerance, kmeans_fit_points, seed
         )
     network = load_sacbnet(init_weights)
-    size = _working_size(input_size)
+    size = working_size(input_size, 16)
     if network.input_size == size:
         return network
     resized = SACBNet(**{**network.config, "input_size": size})  # the weights do not depend on the size
     resized.load_state_dict(network.state_dict())
     return resized
-
-
-def _check_resumable(output_dir: str | os.PathLike, network: SACBNet) -> None:
-    """Refuse to resume from a checkpoint of another network (its weights would not fit, or mean another model).
-
-    Raises:
-        ValueError: ``<output_dir>/checkpoint.pt`` holds a configuration other than ``network.config``.
-    """
-    path = Path(output_dir) / "checkpoint.pt"
-    if not path.exists():
-        return
-    saved = torch.load(path, map_location="cpu", weights_only=True).get("config") or {}
-    if saved != network.config:
-        changed = sorted(key for key in {*saved, *network.config} if saved.get(key) != network.config.get(key))
-        raise ValueError(
-            f"{path} was written for a network with {_describe(saved, changed)}, but this run builds one with "
-            f"{_describe(network.config, changed)}; resume with the same settings, or pass --resume False (which "
-            "starts over) or another output_dir."
-        )
-
-
-def _describe(config: dict[str, Any], keys: Sequence[str]) -> str:
-    return ", ".join(f"{key}={config.get(key)!r}" for key in keys)
 
 
 def train_workflow(
@@ -312,7 +284,7 @@ def train_workflow(
             init_weights,
         )
         if resume:
-            _check_resumable(output_dir, network)
+            check_resumable(output_dir, network.config)
         network.to(run.device)
         sampler = PairSampler(datasets, pairs_per_dataset=pairs_per_dataset, seed=seed)
         pairs, validation_labels = validation_set(
@@ -330,7 +302,7 @@ def train_workflow(
                 "batch %d%s, lambda %g, Dice weight %g",
                 f" ({task})" if task else "",
                 f", fine-tuning {os.fspath(init_weights)}," if init_weights is not None else "",
-                _size_text(network.input_size),
+                size_text(network.input_size),
                 network.config["channels"],
                 network.config["num_clusters"],
                 sum(p.numel() for p in network.parameters()),

@@ -1,9 +1,11 @@
-"""Pieces shared by the bundles' training workflows (``bundles/unigradicon``, ``bundles/sacbnet``).
+"""Pieces shared by the bundles' training workflows (uniGradICON, SACB-Net, PromptReg, UniReg).
 
-:func:`check_datasets` and :func:`load_validation_pairs` / :func:`validation_set` check the data a workflow is
-given; :func:`distributed_training` joins ``torch.distributed`` when ``torchrun`` launched the process (NCCL on
-CUDA, each process on ``cuda:LOCAL_RANK``; Gloo on the CPU) and :func:`wrap_distributed` gives the
-``DistributedDataParallel`` copy of a network that :func:`~monai_unireg.engines.train_registration` trains.
+:func:`working_size` and :func:`size_text` read and print a network's working size; :func:`check_resumable`
+refuses to resume from another run's checkpoint; :func:`check_datasets` and :func:`load_validation_pairs` /
+:func:`validation_set` check the data a workflow is given; :func:`distributed_training` joins ``torch.distributed``
+when ``torchrun`` launched the process (NCCL on CUDA, each process on ``cuda:LOCAL_RANK``; Gloo on the CPU) and
+:func:`wrap_distributed` gives the ``DistributedDataParallel`` copy of a network that
+:func:`~monai_unireg.engines.train_registration` trains.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,11 +27,68 @@ from monai_unireg.validation import check_bool, check_integer
 __all__ = [
     "DistributedRun",
     "check_datasets",
+    "check_resumable",
+    "size_text",
+    "working_size",
     "distributed_training",
     "load_validation_pairs",
     "validation_set",
     "wrap_distributed",
 ]
+
+
+def working_size(input_size: int | Sequence[int], multiple: int) -> tuple[int, ...]:
+    """``input_size`` as 3 sizes ``(D, H, W)`` (an int is a cube), each a positive multiple of ``multiple``."""
+    sizes = (input_size,) * 3 if isinstance(input_size, int) else tuple(input_size)
+    if len(sizes) != 3 or any(check_integer(s, "input_size", multiple) % multiple for s in sizes):
+        raise ValueError(
+            f"input_size must be one size or 3 sizes (D, H, W), each a multiple of {multiple}, got {input_size!r}."
+        )
+    return sizes
+
+
+def size_text(size: Sequence[int]) -> str:
+    """``"160x192x224"``."""
+    return "x".join(str(s) for s in size)
+
+
+def _describe(config: dict[str, Any], keys: Sequence[str]) -> str:
+    return ", ".join(f"{key}={config.get(key)!r}" for key in keys)
+
+
+def check_resumable(
+    output_dir: str | os.PathLike, config: dict[str, Any], datasets: Sequence[str] | None = None, hint: str = ""
+) -> None:
+    """Refuse to resume from a checkpoint of another network (its weights would not fit, or mean another model) or,
+    with ``datasets``, of other training datasets.
+
+    Args:
+        output_dir: the training folder (its ``checkpoint.pt``, if any, is checked).
+        config: the new network's ``config``.
+        datasets: the names of the datasets this run trains on (``None``: not checked).
+        hint: what else must stay the same, added to the datasets message (e.g. ``" and held_out"``).
+
+    Raises:
+        ValueError: the checkpoint holds another configuration, or was trained on other datasets.
+    """
+    path = Path(output_dir) / "checkpoint.pt"
+    if not path.exists():
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state.get("config") or {}
+    if saved != config:
+        changed = sorted(key for key in {*saved, *config} if saved.get(key) != config.get(key))
+        raise ValueError(
+            f"{path} was written for a network with {_describe(saved, changed)}, but this run builds one with "
+            f"{_describe(config, changed)}; resume with the same settings, or pass --resume False (which starts over) "
+            "or another output_dir."
+        )
+    trained_on = list((state.get("sampler") or {}).get("datasets", []))
+    if datasets is not None and trained_on != list(datasets):
+        raise ValueError(
+            f"{path} was trained on the datasets {trained_on}, but this run trains on {list(datasets)}; resume with "
+            f"the same datasets{hint}, or pass --resume False (which starts over) or another output_dir."
+        )
 
 
 def check_datasets(datasets: Sequence[str | os.PathLike]) -> list[str | os.PathLike]:

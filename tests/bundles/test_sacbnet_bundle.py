@@ -10,9 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
+from bundle_runner import BundleRunner, read_checkpoint
 
 from monai_unireg.data import load_learn2reg, pair_name
 from monai_unireg.engines import SACBNET_LAMBDAS, build_sacbnet, train_sacbnet_workflow
@@ -28,6 +26,10 @@ from monai_unireg.networks.nets import ResizedRegistration, SACBNet
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = PROJECT_ROOT / "bundles" / "sacbnet"
+_RUNNER = BundleRunner(BUNDLE)
+bundle_command = _RUNNER.command
+run_bundle = _RUNNER.run
+parse = _RUNNER.parse
 TRAIN = ["configs/train.yaml"]
 TRAIN_LPBA = ["configs/train.yaml", "configs/lpba.yaml"]
 MULTI_GPU_TRAIN = ["configs/train.yaml", "configs/multi_gpu_train.yaml"]
@@ -40,43 +42,6 @@ TASKS = {
     "lpba": ([160, 192, 160], 1.0, 600),
     "abdomen_ct": ([192, 160, 224], 0.4, 342),
 }
-
-
-def bundle_command(config_files: list[str], launcher: list[str] | None = None, **overrides: object) -> list[str]:
-    """``python -m monai.bundle run`` (after ``launcher``, e.g. torchrun) on the CPU with ``--key value`` overrides."""
-    command = [
-        *(launcher or [sys.executable]), "-m", "monai.bundle", "run",
-        "--config_file", str(config_files),
-        "--meta_file", "configs/metadata.json",
-        "--logging_file", "configs/logging.conf",
-        "--bundle_root", str(BUNDLE),
-        "--device", "$torch.device('cpu')",
-    ]  # fmt: skip
-    for key, value in overrides.items():
-        command += [f"--{key}", str(value)]
-    return command
-
-
-def run_bundle(config_files: list[str], succeed: bool = True, launcher: list[str] | None = None, **overrides) -> str:
-    """Run the bundle; returns its log. Fails the test when the run fails (``succeed=False``: when it succeeds)."""
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BUNDLE), os.environ.get("PYTHONPATH", "")])}
-    command = bundle_command(config_files, launcher, **overrides)
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=BUNDLE)
-    log = result.stdout + result.stderr
-    assert (result.returncode == 0) == succeed, f"bundle run exited with {result.returncode}:\n{log[-6000:]}"
-    return log
-
-
-def read_checkpoint(folder: Path) -> dict:
-    return torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
-
-
-def parse(config_files: list[str], **overrides: object) -> ConfigParser:
-    """The bundle's configs merged as ``monai.bundle run`` merges them, without running anything."""
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / name) for name in config_files])
-    parser.update({"bundle_root": str(BUNDLE), **overrides})
-    return parser
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +196,7 @@ def test_bad_overrides_are_refused(brainsynth, tmp_path):
     assert "task must be one of ['ixi', 'lpba', 'abdomen_ct'], got 'brain'" in log
     overrides = {"dataset_json": brainsynth, "output_dir": tmp_path / "b", "input_size": "[30, 32, 32]"}
     log = run_bundle(["configs/inference.yaml"], succeed=False, **overrides)
-    assert "input_size must be 3 sizes, each a multiple of 16" in log
+    assert "each a multiple of 16" in log
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

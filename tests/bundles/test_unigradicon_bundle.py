@@ -6,9 +6,7 @@ optimisation followed by evaluate.yaml's table, two-process training, and stage 
 from __future__ import annotations
 
 import csv
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,45 +14,20 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_runner import BundleRunner, read_checkpoint
 
 from monai_unireg.data import load_learn2reg, pair_name
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = PROJECT_ROOT / "bundles" / "unigradicon"
+_RUNNER = BundleRunner(BUNDLE)
+bundle_command = _RUNNER.command
+run_bundle = _RUNNER.run
 TRAIN = ["configs/train.yaml"]
 MULTI_GPU_TRAIN = ["configs/train.yaml", "configs/multi_gpu_train.yaml"]
 EVALUATE = ["configs/inference.yaml", "configs/evaluate.yaml"]
 #: A network small enough for a CPU test: 32^3 working size, three UNet levels of 4, 8, 8 channels.
 SMALL_NETWORK = {"input_size": 32, "down_channels": "[4, 8, 8]", "up_channels": "[4, 8, 8]"}
-
-
-def bundle_command(config_files: list[str], launcher: list[str] | None = None, **overrides: object) -> list[str]:
-    """``python -m monai.bundle run`` (after ``launcher``, e.g. torchrun) on the CPU with ``--key value`` overrides."""
-    command = [
-        *(launcher or [sys.executable]), "-m", "monai.bundle", "run",
-        "--config_file", str(config_files),
-        "--meta_file", "configs/metadata.json",
-        "--logging_file", "configs/logging.conf",
-        "--bundle_root", str(BUNDLE),
-        "--device", "$torch.device('cpu')",
-    ]  # fmt: skip
-    for key, value in overrides.items():
-        command += [f"--{key}", str(value)]
-    return command
-
-
-def run_bundle(config_files: list[str], succeed: bool = True, launcher: list[str] | None = None, **overrides) -> str:
-    """Run the bundle; returns its log. Fails the test when the run fails (``succeed=False``: when it succeeds)."""
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BUNDLE), os.environ.get("PYTHONPATH", "")])}
-    command = bundle_command(config_files, launcher, **overrides)
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=BUNDLE)
-    log = result.stdout + result.stderr
-    assert (result.returncode == 0) == succeed, f"bundle run exited with {result.returncode}:\n{log[-6000:]}"
-    return log
-
-
-def read_checkpoint(folder: Path) -> dict:
-    return torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")

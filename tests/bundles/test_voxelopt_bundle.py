@@ -7,15 +7,13 @@ import csv
 import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_runner import BundleRunner
 
 from monai_unireg import io
 from monai_unireg.data import load_learn2reg, pair_name
@@ -24,6 +22,8 @@ from monai_unireg.networks.nets import UniversalModelFeatures
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = PROJECT_ROOT / "bundles" / "voxelopt"
+_RUNNER = BundleRunner(BUNDLE)
+run_bundle = _RUNNER.run
 INFERENCE = ["configs/inference.yaml"]
 EVALUATE = ["configs/inference.yaml", "configs/evaluate.yaml"]
 TABLE_COLUMNS = ["pair", "dice_mean", "hd95_mm_mean", "sdlogj", "folding_percent", "runtime_s"]
@@ -41,26 +41,6 @@ def _conformance_module():
 def tiny_dataset(tmp_path_factory) -> Path:
     """The conformance test's dataset: 3 cases of 24x28x32 voxels, labels 1 and 2, two registration_val pairs."""
     return _conformance_module().write_tiny_dataset(tmp_path_factory.mktemp("tiny_learn2reg"))
-
-
-def run_bundle(config_files: list[str], succeed: bool = True, **overrides: str) -> str:
-    """Run the bundle on the CPU with ``--key value`` overrides; returns the log. Fails the test when the run
-    fails (``succeed=False``: when it succeeds)."""
-    command = [
-        sys.executable, "-m", "monai.bundle", "run",
-        "--config_file", str(config_files),
-        "--meta_file", "configs/metadata.json",
-        "--logging_file", "configs/logging.conf",
-        "--bundle_root", str(BUNDLE),
-        "--device", "$torch.device('cpu')",
-    ]  # fmt: skip
-    for key, value in overrides.items():
-        command += [f"--{key}", str(value)]
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BUNDLE), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=BUNDLE)
-    log = result.stdout + result.stderr
-    assert (result.returncode == 0) == succeed, f"bundle run exited with {result.returncode}:\n{log[-6000:]}"
-    return log
 
 
 def read_table(output_dir: Path) -> tuple[list[dict], dict]:

@@ -1,0 +1,58 @@
+"""Running a bundle in the tests: ``python -m monai.bundle run`` on the CPU with overrides, or its merged configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+
+
+class BundleRunner:
+    """Commands, runs and merged configs of the bundle in ``bundle`` (its folder, e.g. ``bundles/unireg``)."""
+
+    def __init__(self, bundle: Path) -> None:
+        self.bundle = bundle
+
+    def command(self, config_files: list[str], launcher: list[str] | None = None, **overrides: object) -> list[str]:
+        """``python -m monai.bundle run`` (after ``launcher``, e.g. torchrun) on the CPU with ``--key value``
+        overrides."""
+        command = [
+            *(launcher or [sys.executable]), "-m", "monai.bundle", "run",
+            "--config_file", str(config_files),
+            "--meta_file", "configs/metadata.json",
+            "--logging_file", "configs/logging.conf",
+            "--bundle_root", str(self.bundle),
+            "--device", "$torch.device('cpu')",
+        ]  # fmt: skip
+        for key, value in overrides.items():
+            command += [f"--{key}", str(value)]
+        return command
+
+    def run(
+        self, config_files: list[str], succeed: bool = True, launcher: list[str] | None = None, **overrides: object
+    ) -> str:
+        """Run the bundle; returns its log. Fails the test when the run fails (``succeed=False``: when it
+        succeeds)."""
+        paths = [str(self.bundle), os.environ.get("PYTHONPATH", "")]
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+        command = self.command(config_files, launcher, **overrides)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=self.bundle)
+        log = result.stdout + result.stderr
+        assert (result.returncode == 0) == succeed, f"bundle run exited with {result.returncode}:\n{log[-6000:]}"
+        return log
+
+    def parse(self, config_files: list[str], **overrides: object) -> ConfigParser:
+        """The bundle's configs merged as ``monai.bundle run`` merges them, without running anything."""
+        parser = ConfigParser()
+        parser.read_config([str(self.bundle / name) for name in config_files])
+        parser.update({"bundle_root": str(self.bundle), **overrides})
+        return parser
+
+
+def read_checkpoint(folder: Path) -> dict:
+    """The ``checkpoint.pt`` of a training folder."""
+    return torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
