@@ -142,10 +142,11 @@ def validation_dice(
 
     Args:
         network: registration network (put in eval mode for the evaluation, restored afterwards).
-        pairs: pair dictionaries with labels.
+        pairs: pair dictionaries with labels (and, optionally, the ``"evaluation_labels"`` of their dataset).
         loader: reads and resizes each pair (e.g. :class:`PairLoader`).
         device: where to run the network.
-        labels: label values to score (``None``: all non-zero labels of each pair's fixed label map).
+        labels: label values to score (``None``: each pair's ``"evaluation_labels"``, or all non-zero labels of its
+            fixed label map when it has none).
         condition_keys: keys of the loaded pair passed on to the network as keyword arguments (UniReg: ``"task"``,
             ``"reg_type"``), each with a batch axis added.
     """
@@ -163,7 +164,8 @@ def validation_dice(
             conditions = {key: item[key][None].to(device) for key in condition_keys}
             ddf = network(item["moving"][None].to(device), item["fixed"][None].to(device), **conditions).cpu()
             warped = spatial.warp_labels(item["moving_label"][None], ddf)
-            dice = LabelDiceMetric(labels=labels)(warped, item["fixed_label"][None])
+            scored = labels if labels is not None else pair.get("evaluation_labels")
+            dice = LabelDiceMetric(labels=scored)(warped, item["fixed_label"][None])
             scores.append(float(dice.nanmean()))
     network.train(was_training)
     return sum(scores) / len(scores)

@@ -345,13 +345,17 @@ def _validation_pairs(
     entries: Sequence[DatasetEntry], section: str, max_pairs: int | None, logger: logging.Logger
 ) -> list[dict[str, str]]:
     """The labelled pairs of ``section`` of every dataset (the first ``max_pairs`` of each; 0: none), each tagged
-    with its dataset's name, so it is registered with its dataset's condition."""
+    with its dataset's name (so it is registered with its dataset's condition) and its ``evaluation_labels`` (so
+    each dataset is scored over its own labels unless ``validation_labels`` is given)."""
     if max_pairs is not None:
         check_integer(max_pairs, "max_validation_pairs", 0)
     pairs: list[dict[str, str]] = []
     for entry in entries:
+        evaluation_labels = read_learn2reg(entry.json).evaluation_labels
         labelled = [
-            pair for pair in load_learn2reg(entry.json, section) if "fixed_label" in pair and "moving_label" in pair
+            {**pair, "evaluation_labels": evaluation_labels}
+            for pair in load_learn2reg(entry.json, section)
+            if "fixed_label" in pair and "moving_label" in pair
         ][:max_pairs]
         if not labelled and max_pairs != 0:
             logger.info("%s has no labelled %s pairs: not validated", entry.name, section)
@@ -440,7 +444,8 @@ def train_workflow(
         ct_window: HU window of CT images (paper: [-800, 400]).
         init_weights: a ``model.pt`` to fine-tune.
         validation_section: the section of each json validated after every epoch.
-        validation_labels: label values of the validation Dice (``None``: every non-zero label of each fixed map).
+        validation_labels: label values of the validation Dice (``None``: each dataset's ``evaluation_labels``, its
+            json's or every non-zero label of each fixed map when it names none).
         max_validation_pairs: validate only the first labelled pairs of each dataset (``None``: all; 0: none).
         resume: continue from ``<output_dir>/checkpoint.pt`` when it exists.
         seed: seed of the pair sampler and of a new network's initial weights.

@@ -225,6 +225,21 @@ def test_training_resumes_exactly_and_checks_its_configuration(tiny_datasets, tm
         )
 
 
+def test_validation_scores_each_pairs_own_evaluation_labels(tiny_datasets):
+    network = _network()
+    _visible_field(network, torch.Generator().manual_seed(0))
+    loader = UniRegPairLoader(network, CONDITIONS)
+    pairs = _validation(tiny_datasets)
+    cpu, conditions = torch.device("cpu"), ("task", "reg_type")
+    for labels in ([1], [2, 3]):
+        tagged = [{**pair, "evaluation_labels": labels} for pair in pairs]
+        expected = validation_dice(network, pairs, loader, cpu, labels, conditions)
+        assert validation_dice(network, tagged, loader, cpu, None, conditions) == expected
+        assert validation_dice(network, tagged, loader, cpu, [1, 2, 3, 4], conditions) == validation_dice(
+            network, pairs, loader, cpu, [1, 2, 3, 4], conditions
+        )  # an explicit list wins
+
+
 def test_field_instance_optimisation_recovers_a_known_deformation():
     pair = make_synthetic_pair((24, 24, 24), max_displacement=2.0, seed=3)
     moving, fixed = pair.moving / pair.moving.max(), pair.fixed / pair.fixed.max()
