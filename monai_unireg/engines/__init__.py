@@ -67,6 +67,7 @@ from monai_unireg.engines.workflows import (
     validation_set,
     working_size,
     wrap_distributed,
+    write_result_table,
 )
 
 __all__ = [
@@ -114,6 +115,7 @@ __all__ = [
     "check_resumable",
     "size_text",
     "working_size",
+    "write_result_table",
     "distributed_training",
     "load_validation_pairs",
     "validation_set",

@@ -15,7 +15,6 @@ Transfer", MICCAI 2025 (``shared/papers/promptreg.txt``).
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -27,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from monai_unireg import io
 from monai_unireg.data import PairSampler, load_learn2reg, read_learn2reg
 from monai_unireg.engines.pair_registration import register_pairs, resolve_device, write_table
 from monai_unireg.engines.promptreg import train_promptreg
@@ -40,6 +38,7 @@ from monai_unireg.engines.workflows import (
     validation_set,
     working_size,
     wrap_distributed,
+    write_result_table,
 )
 from monai_unireg.networks.nets import ResizedRegistration
 from monai_unireg.networks.nets.promptreg import PromptReg, load_promptreg
@@ -470,20 +469,13 @@ def evaluate_datasets(
         scores = [row["dice_mean"] for row in rows if row.get("dice_mean") is not None]
         results[description.name] = _dice_summary(scores, spread)
         cells.append(_dice_cell(results[description.name], spread))
-    header = ["training set", *names]
-    with io.atomic_path(output / "dice_table.csv") as temporary:
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerows([header, [row_name, *cells]])
     counts = ", ".join(f"{name} {results[name]['n']}" for name in names)
-    markdown = [
-        f"| {' | '.join(header)} |",
-        f"|{'---|' * len(header)}",
-        f"| {' | '.join([row_name, *cells])} |",
-        "",
+    write_result_table(
+        output / "dice_table",
+        ["training set", *names],
+        [[row_name, *cells]],
         f"Dice (%), mean ± {'standard deviation' if spread == 'std' else 'standard error'} over the {section} pairs "
         f"with labels ({counts}).",
-    ]
-    with io.atomic_path(output / "dice_table.md") as temporary:
-        temporary.write_text("\n".join(markdown) + "\n", encoding="utf-8")
+    )
     log(f"Dice (%) per dataset, {row_name}: " + ", ".join(f"{n} {c}" for n, c in zip(names, cells)))
     return results

@@ -80,6 +80,16 @@ class LossTerms:
 Objective = Callable[[nn.Module, Batch], LossTerms]
 
 
+def _increasing_pair(values: Sequence[float], name: str, letter: str) -> tuple[float, float]:
+    """``values`` as ``(low, high)`` floats, ``low < high`` (the error calls them ``<letter>_min, <letter>_max``)."""
+    pair = tuple(float(check_number(v, name)) for v in values)
+    if len(pair) != 2 or pair[0] >= pair[1]:
+        raise ValueError(
+            f"{name} must be ({letter}_min, {letter}_max) with {letter}_min < {letter}_max, got {tuple(values)!r}."
+        )
+    return pair
+
+
 class PairLoader:
     """Read a pair dictionary of a :class:`~monai_unireg.data.PairSampler` into network inputs at a working size.
 
@@ -107,16 +117,8 @@ class PairLoader:
         self.size = tuple(check_integer(s, "size", 1) for s in size)
         if len(self.size) != 3:
             raise ValueError(f"size must hold 3 positive integers (D, H, W), got {tuple(size)!r}.")
-        window = tuple(float(check_number(v, "ct_window")) for v in ct_window)
-        if len(window) != 2 or window[0] >= window[1]:
-            raise ValueError(f"ct_window must be (a_min, a_max) with a_min < a_max, got {tuple(ct_window)!r}.")
-        self.ct_window = window
-        output = tuple(float(check_number(v, "intensity_range")) for v in intensity_range)
-        if len(output) != 2 or output[0] >= output[1]:
-            raise ValueError(
-                f"intensity_range must be (b_min, b_max) with b_min < b_max, got {tuple(intensity_range)!r}."
-            )
-        self.intensity_range = output
+        self.ct_window = _increasing_pair(ct_window, "ct_window", "a")
+        self.intensity_range = _increasing_pair(intensity_range, "intensity_range", "b")
 
     def __call__(self, pair: dict[str, Any]) -> Batch:
         item: Batch = {}

@@ -29,6 +29,7 @@ from monai_unireg.engines.workflows import (
     check_datasets,
     distributed_training,
     load_validation_pairs,
+    size_text,
     validation_set,
     wrap_distributed,
 )
@@ -95,7 +96,7 @@ def build_unigradicon(
             "loaded %s: %d UNets, working size %s, encoder channels %s",
             os.fspath(weights),
             len(network.unets),
-            "x".join(str(s) for s in network.input_size),
+            size_text(network.input_size),
             network.config["down_channels"],
         )
     if io_iterations:
@@ -256,7 +257,7 @@ def train_workflow(
                 "uniGradICON stage %d: %d UNets at %s, %d pairs per epoch from %s, %d epochs, batch %d%s",
                 stage,
                 len(network.unets),
-                "x".join(str(s) for s in network.input_size),
+                size_text(network.input_size),
                 len(sampler),
                 list(sampler.domains),
                 epochs,

@@ -42,6 +42,7 @@ __all__ = [
     "UniRegObjective",
     "UniRegPairLoader",
     "train_unireg",
+    "unireg_similarity",
 ]
 
 #: HU window of UniReg's CT preprocessing, mapped to :data:`UNIREG_INTENSITY_RANGE` (paper Sec. 4.3).
@@ -51,6 +52,16 @@ UNIREG_INTENSITY_RANGE = (-1.0, 1.0)
 UNIREG_LAMBDAS = {"head_neck": 0.05, "chest": 1.0, "abdomen": 0.1, "liver": 10.0}
 UNIREG_SIMILARITIES = ("lncc", "mind")
 UNIREG_OPTIMIZERS = ("sgd", "adam")
+
+
+def unireg_similarity(name: str, reduction: str = "mean") -> nn.Module:
+    """UniReg's similarity loss ``(warped, fixed)``: ``"lncc"``, :class:`~monai_unireg.losses.LNCCLoss` on a 9^3 box
+    window (NCC, the paper's); ``"mind"``, :class:`~monai_unireg.losses.MINDSSCLoss` (radius 2, dilation 2; the
+    paper's suggestion for MR and multimodal pairs). ``reduction`` as those losses' (``"none"``: per voxel)."""
+    check_option(name, "similarity", UNIREG_SIMILARITIES)
+    if name == "lncc":
+        return LNCCLoss(spatial_dims=3, kernel_type="box", kernel_size=9, reduction=reduction)
+    return MINDSSCLoss(radius=2, dilation=2, reduction=reduction)
 
 
 class UniRegPairLoader(PairLoader):
@@ -146,12 +157,7 @@ class UniRegObjective(nn.Module):
         }
         self.supervised = frozenset(supervised_tasks)
         self.dice_weight = float(check_positive(dice_weight, "dice_weight", allow_zero=True))
-        check_option(similarity, "similarity", UNIREG_SIMILARITIES)
-        self.similarity_loss = (
-            LNCCLoss(spatial_dims=3, kernel_type="box", kernel_size=9, reduction="none")
-            if similarity == "lncc"
-            else MINDSSCLoss(radius=2, dilation=2, reduction="none")
-        )
+        self.similarity_loss = unireg_similarity(similarity, reduction="none")
 
     def task_lambda(self, task: str) -> float:
         """``lambda`` of ``task`` (a clear error when the configuration gives none)."""

@@ -16,7 +16,6 @@ Li et al., "UniReg: Foundation Model for Controllable Medical Image Registration
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from monai_unireg.engines.unireg import (
     UNIREG_OPTIMIZERS,
     UNIREG_SIMILARITIES,
     train_unireg,
+    unireg_similarity,
 )
 from monai_unireg.engines.workflows import (
     check_resumable,
@@ -48,8 +48,8 @@ from monai_unireg.engines.workflows import (
     size_text,
     working_size,
     wrap_distributed,
+    write_result_table,
 )
-from monai_unireg.losses import LNCCLoss, MINDSSCLoss
 from monai_unireg.networks.nets import ResizedRegistration
 from monai_unireg.networks.nets.unireg import DEFAULT_TASKS, REGISTRATION_TYPES, UNIREG_CHANNELS, UniReg, load_unireg
 from monai_unireg.validation import check_bool, check_integer, check_option, check_positive
@@ -194,13 +194,6 @@ def build_unireg(
     return network
 
 
-def _similarity(name: str) -> nn.Module:
-    """The similarity loss of instance optimisation: UniReg's training similarity, averaged over the voxels."""
-    if name == "lncc":
-        return LNCCLoss(spatial_dims=3, kernel_type="box", kernel_size=9)
-    return MINDSSCLoss(radius=2, dilation=2)
-
-
 def _region(network: UniReg, task: str, where: str) -> str:
     """The network's region of ``task`` (aliases resolved); the error names ``where`` the task came from."""
     if not isinstance(task, str):
@@ -273,7 +266,7 @@ def unireg_registration(
     if io_iterations:
         smoothness = _task_lambda(region, lambdas)
         registration = FieldOptimised(
-            registration, _similarity(similarity), smoothness, io_iterations, io_learning_rate, log
+            registration, unireg_similarity(similarity), smoothness, io_iterations, io_learning_rate, log
         )
         text += f"; instance optimisation: {io_iterations} steps of {similarity} + {smoothness:g} x diffusion"
     if log is not None:
@@ -665,19 +658,13 @@ def evaluate_unireg(
             ]
         )
         log(f"{entry.name}: " + ", ".join(f"{h} {c}" for h, c in zip(TABLE_HEADER[4:], table[-1][4:])))
-    with io.atomic_path(output / "evaluation_table.csv") as temporary:
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerows([TABLE_HEADER, *table])
-    markdown = [
-        f"| {' | '.join(TABLE_HEADER)} |",
-        f"|{'---|' * len(TABLE_HEADER)}",
-        *(f"| {' | '.join(row)} |" for row in table),
-        "",
+    write_result_table(
+        output / "evaluation_table",
+        TABLE_HEADER,
+        table,
         f"{method} on the {section} pairs: DSC (%) and HD95 (mm), mean ± standard deviation over the pairs with "
         "labels; SDlogJ and folding (% of voxels with a non-positive Jacobian determinant), means over the pairs.",
-    ]
-    with io.atomic_path(output / "evaluation_table.md") as temporary:
-        temporary.write_text("\n".join(markdown) + "\n", encoding="utf-8")
+    )
     with io.atomic_path(output / "evaluation.json") as temporary:
         temporary.write_text(json.dumps({"method": method, "section": section, "datasets": results}, indent=2))
     return results

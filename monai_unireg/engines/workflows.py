@@ -1,7 +1,8 @@
 """Pieces shared by the bundles' training workflows (uniGradICON, SACB-Net, PromptReg, UniReg).
 
 :func:`working_size` and :func:`size_text` read and print a network's working size; :func:`check_resumable`
-refuses to resume from another run's checkpoint; :func:`check_datasets` and :func:`load_validation_pairs` /
+refuses to resume from another run's checkpoint; :func:`write_result_table` writes an evaluation table as CSV and
+markdown; :func:`check_datasets` and :func:`load_validation_pairs` /
 :func:`validation_set` check the data a workflow is given; :func:`distributed_training` joins ``torch.distributed``
 when ``torchrun`` launched the process (NCCL on CUDA, each process on ``cuda:LOCAL_RANK``; Gloo on the CPU) and
 :func:`wrap_distributed` gives the ``DistributedDataParallel`` copy of a network that
@@ -11,6 +12,7 @@ when ``torchrun`` launched the process (NCCL on CUDA, each process on ``cuda:LOC
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from monai_unireg import io
 from monai_unireg.data import load_learn2reg, read_learn2reg
 from monai_unireg.validation import check_bool, check_integer
 
@@ -30,6 +33,7 @@ __all__ = [
     "check_resumable",
     "size_text",
     "working_size",
+    "write_result_table",
     "distributed_training",
     "load_validation_pairs",
     "validation_set",
@@ -89,6 +93,30 @@ def check_resumable(
             f"{path} was trained on the datasets {trained_on}, but this run trains on {list(datasets)}; resume with "
             f"the same datasets{hint}, or pass --resume False (which starts over) or another output_dir."
         )
+
+
+def write_result_table(path_stem: Path, header: Sequence[str], rows: Sequence[Sequence[str]], footnote: str) -> None:
+    """Write a table as ``<path_stem>.csv`` and as ``<path_stem>.md`` (a markdown table and ``footnote`` below it),
+    each atomically.
+
+    Args:
+        path_stem: the files' path without suffix, e.g. ``out/evaluation_table``.
+        header: the column names.
+        rows: the cells, one sequence per row.
+        footnote: what the numbers are (the markdown file's last paragraph).
+    """
+    with io.atomic_path(path_stem.with_suffix(".csv")) as temporary:
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([header, *rows])
+    markdown = [
+        f"| {' | '.join(header)} |",
+        f"|{'---|' * len(header)}",
+        *(f"| {' | '.join(row)} |" for row in rows),
+        "",
+        footnote,
+    ]
+    with io.atomic_path(path_stem.with_suffix(".md")) as temporary:
+        temporary.write_text("\n".join(markdown) + "\n", encoding="utf-8")
 
 
 def check_datasets(datasets: Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
