@@ -59,6 +59,20 @@ def test_matches_reference(radius, dilation, generator):
         np.testing.assert_allclose(got[i].numpy(), expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_flat_and_8_bit_quantised_regions_match_the_reference(dtype, generator):
+    """The authors' MIND (ConvexAdam / Learn2Reg) on an exactly flat background and 8-bit intensities: the variance
+    clamp at 1e-3 of the mean keeps exact-zero distances finite, and a flat region is exactly 1 in every channel."""
+    image = torch.zeros(1, 1, 24, 24, 24, dtype=torch.float64)
+    image[..., 6:18, 6:18, 6:18] = torch.round(smooth_volume((1, 1, 12, 12, 12), generator) * 255) / 255
+    got = MINDSSC(radius=2, dilation=2)(image.to(dtype))
+    expected = reference_mind(image[0, 0].numpy(), 2, 2)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(got[0].double().numpy(), expected, rtol=0, atol=tolerance)
+    far_from_the_object = got[0, :, :1, :, :]  # 4 voxels (radius + dilation) and more from the textured cube
+    assert torch.equal(far_from_the_object, torch.ones_like(far_from_the_object))
+
+
 def test_values_in_unit_interval_with_maximum_one(generator):
     mind = MINDSSC()(smooth_volume((1, 1, 12, 12, 12), generator))
     assert mind.min() > 0 and mind.max() <= 1.0

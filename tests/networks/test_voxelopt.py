@@ -10,7 +10,12 @@ import torch
 
 from monai_unireg import spatial
 from monai_unireg.metrics import LabelDiceMetric
-from monai_unireg.networks.blocks import NEIGHBOUR_OFFSETS, adaptive_gaussian_filter, neighbour_cost_volume
+from monai_unireg.networks.blocks import (
+    NEIGHBOUR_OFFSETS,
+    adaptive_gaussian_filter,
+    neighbour_cost_volume,
+    tied_argmin_field,
+)
 from monai_unireg.networks.nets import VoxelOpt
 
 SHAPE = (32, 32, 32)
@@ -211,3 +216,80 @@ def test_cuda_matches_cpu(generator):
 def test_bad_input(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flat and quantised intensities: voxels without information must not move on their own
+
+
+def test_tied_offsets_are_averaged():
+    offsets = NEIGHBOUR_OFFSETS
+    cost = torch.rand(5, 27, generator=torch.Generator().manual_seed(1)) + 1
+    cost[0] = 0.5  # all 27 tied: no information
+    cost[1, [4, 22]] = 0.0  # (-1, 0, 0) and (1, 0, 0): a symmetric tie
+    cost[2, 5] = 0.0  # a unique minimum at (-1, 0, 1)
+    cost[3, [14, 20]] = 0.0  # (0, 0, 1) and (1, -1, 1): an asymmetric tie
+    cost[4, 13] = 0.0
+    cost[4, 14] = 1e-7  # within the tolerance of the minimum
+    field = tied_argmin_field(cost, 1e-6, offsets)
+    expected = torch.tensor([[0, 0, 0], [0, 0, 0], [-1, 0, 1], [0.5, -0.5, 1], [0, 0, 0.5]])
+    torch.testing.assert_close(field, expected, atol=0, rtol=0)
+    assert torch.equal(tied_argmin_field(cost[2:3], 0.0, offsets), offsets[5:6])
+
+
+def quantised_object(size: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """An 8-bit-quantised textured ball ``[1, 1, size^3]`` in an exactly flat (zero) background, and its mask."""
+    generator = torch.Generator().manual_seed(seed)
+    axis = torch.linspace(-1, 1, size)
+    radius = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).norm(dim=0)
+    inside = radius < 0.6
+    coarse = torch.rand(1, 1, 12, 12, 12, generator=generator)
+    texture = torch.nn.functional.interpolate(coarse, size=(size,) * 3, mode="trilinear", align_corners=True)
+    image = torch.where(inside, 0.2 + 0.8 * texture, torch.zeros(()))
+    return torch.round(image * 255) / 255, inside
+
+
+def test_identity_pair_with_flat_background_and_8_bit_intensities_stays_still():
+    image, _ = quantised_object()
+    assert image.unique().numel() <= 256 and (image == 0).float().mean() > 0.4
+    for net in (VoxelOpt(num_levels=VoxelOpt.levels_for(image.shape[2:]), mind_radius=1, mind_dilation=1),
+                VoxelOpt(num_levels=3)):  # fmt: skip
+        assert net(image, image).abs().max() < 0.05
+
+
+def test_known_field_on_flat_background_and_8_bit_intensities():
+    """A smooth field inside the object is recovered, and the flat background, which it does not move, stays."""
+    image, inside = quantised_object()
+    generator = torch.Generator().manual_seed(3)
+    axis = torch.linspace(-1, 1, image.shape[2])
+    radius = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).norm(dim=0)
+    coarse = torch.nn.functional.interpolate(torch.randn(1, 3, 4, 4, 4, generator=generator), size=image.shape[2:],
+                                             mode="trilinear", align_corners=True)  # fmt: skip
+    velocity = coarse / coarse.abs().max() * 10.0 * (0.55 - radius).clamp(0, 0.4) / 0.4  # 0 outside r = 0.55
+    true_field = spatial.integrate_velocity(velocity)
+    moving = torch.round(spatial.warp(image, spatial.integrate_velocity(-velocity)) * 255) / 255
+    net = VoxelOpt(num_levels=VoxelOpt.levels_for(image.shape[2:]), mind_radius=1, mind_dilation=1)
+    ddf = net(moving, image)
+    initial = true_field.norm(dim=1)[0][inside].mean()
+    error = (ddf - true_field).norm(dim=1)[0][inside].mean()
+    assert initial > 1.0 and error < 0.8 * initial
+    assert ddf.norm(dim=1)[0][~inside].max() < 0.5
+
+
+def test_intensity_offset_and_scale_give_the_same_field():
+    image, _ = quantised_object()
+    moving = spatial.warp(image, constant_shift((1.0, -1.0, 0.5), image.shape[2:]))
+    net = VoxelOpt(num_levels=VoxelOpt.levels_for(image.shape[2:]), mind_radius=1, mind_dilation=1)
+    reference = net(moving, image)
+    for scale, offset in ((3.0, 0.0), (1.0, 0.25), (0.5, -0.1)):
+        changed = net(scale * moving + offset, scale * image + offset)
+        torch.testing.assert_close(changed, reference, atol=1e-3, rtol=0)
+
+
+def test_progress_is_reported_per_level(generator):
+    image = smooth_volume(generator)
+    net = VoxelOpt(num_levels=3)
+    calls = []
+    net.progress = lambda done, total: calls.append((done, total))
+    net(image, image)
+    assert calls == [(1, 3), (2, 3), (3, 3)]

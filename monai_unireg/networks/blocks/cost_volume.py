@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from monai_unireg.validation import check_image, check_option
 
-__all__ = ["NEIGHBOUR_OFFSETS", "neighbour_cost_volume", "offsets_to_field"]
+__all__ = ["NEIGHBOUR_OFFSETS", "neighbour_cost_volume", "offsets_to_field", "tied_argmin_field"]
 
 #: ``[27, 3]`` offsets ``o`` in voxels, in ``itertools.product((-1, 0, 1), repeat=3)`` order (index 13 is zero).
 NEIGHBOUR_OFFSETS = torch.tensor(list(itertools.product((-1, 0, 1), repeat=3)), dtype=torch.float32)
@@ -67,3 +67,26 @@ def offsets_to_field(index: torch.Tensor) -> torch.Tensor:
     """
     components = NEIGHBOUR_OFFSETS.T.to(index.device)  # [3, 27]
     return components[:, index].movedim(0, 1).contiguous()
+
+
+def tied_argmin_field(cost: torch.Tensor, tolerance: float | torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Per-voxel displacement of the cheapest offset, ties resolved by the mean of every tied offset.
+
+    ``v(x) = mean {o : C(x, o) <= min_o' C(x, o') + tolerance}``. Where the costs carry no information (all 27
+    equal, as in an exactly flat region of both images, or any symmetric set of equal minima) this is exactly 0,
+    so such a voxel does not move on its own; a unique minimum gives that offset, as a plain argmin does. The
+    authors' VoxelOpt code sums the tied offsets instead (zero only for symmetric ties) and ``argmin`` takes the
+    first one: both are biases that compound over the pyramid (``shared/reference/METHODS.md``). Deterministic:
+    one matrix product over the 27 offsets per voxel, no thread-dependent reduction order.
+
+    Args:
+        cost: ``[N, 27]`` costs, one row per voxel.
+        tolerance: costs within this of the row's minimum count as tied (>= 0): a number, or ``[N, 1]`` per row.
+        offsets: ``[27, 3]`` offsets (:data:`NEIGHBOUR_OFFSETS` on ``cost``'s device and dtype).
+
+    Returns:
+        ``[N, 3]`` displacement per voxel, each component in [-1, 1].
+    """
+    threshold = cost.amin(-1, keepdim=True).add_(tolerance)
+    tied = (cost <= threshold).to(cost.dtype)
+    return (tied @ offsets).div_(tied.sum(-1, keepdim=True))

@@ -8,14 +8,14 @@ Registration", MICCAI 2025 (``shared/papers/voxelopt.txt``); details of the auth
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from monai_unireg.losses.mind import MINDSSC
 from monai_unireg.networks.blocks.adaptive_filter import adaptive_gaussian_filter
-from monai_unireg.networks.blocks.cost_volume import NEIGHBOUR_OFFSETS, neighbour_cost_volume, offsets_to_field
+from monai_unireg.networks.blocks.cost_volume import NEIGHBOUR_OFFSETS, neighbour_cost_volume, tied_argmin_field
 from monai_unireg.spatial import compose, integrate_velocity, resize_ddf, resize_image, warp
 from monai_unireg.validation import check_bool, check_image_pair, check_integer, check_option, check_positive
 
@@ -42,10 +42,21 @@ class VoxelOpt(nn.Module):
     2. displacement entropy ``E(x) = -sum_o P log P`` with ``P = softmax(-C / beta)`` (Eq. 4), mapped to a
        per-voxel filter width ``sigma(x)`` (see ``sigma_mapping``);
     3. pre-filter ``C`` with the voxel-adaptive Gaussian (``prefilter_passes`` passes, Table 2 #3 vs #7);
-    4. ``v = argmin_o C`` (hard; ties go to the first offset in :data:`NEIGHBOUR_OFFSETS` order, so results are
-       deterministic), ``u = adaptive filter of v`` (``filter_passes`` passes); then for each coupling weight
-       ``c`` (Eq. 5, theta decreasing): ``v = argmin_o C(x, o) + c ||u(x) - o||^2``, ``u = filter(v)``;
+    4. ``v = argmin_o C`` (hard; tied offsets are averaged, see below), ``u = adaptive filter of v``
+       (``filter_passes`` passes); then for each coupling weight ``c`` (Eq. 5, theta decreasing):
+       ``v = argmin_o C(x, o) + c ||u(x) - o||^2``, ``u = filter(v)``;
     5. integrate ``u`` by scaling and squaring (``integration_steps``) and compose: ``phi <- compose(phi, exp(u))``.
+
+    Ties (ours; the paper does not say): offsets whose cost lies within ``tie_tolerance`` times the sample's mean
+    cost of the minimum are all optimal, and ``v`` is their mean (:func:`tied_argmin_field`). A voxel with no
+    information (exactly flat in both images: MIND-SSC is then 1 in every channel and all 27 costs are equal) gets
+    ``v = 0`` and, its entropy being maximal, the widest filter, so it follows its neighbours instead of moving on
+    its own. ``argmin``'s first-offset rule (``(-1, -1, -1)``) and the authors' sum of the tied offsets both drift:
+    on an identity pair of BrainVXM2mm (2 mm, 67 % exact-zero background) the first-offset rule moved the
+    background by up to 7.1 voxels (mean 3.5 mm), the tie mean by 0; with a known smooth field the endpoint error
+    inside the brain stays 0.83 mm with both, on the original and on an 8-bit-quantised copy.
+    Padding: moving features outside the volume are zero (the authors' code); replicate padding changed neither
+    the endpoint error nor the background motion on those pairs (0.83 mm, 0.92 mm).
 
     Defaults and why:
         - ``num_levels=5``, ``beta=0.1``, 6 coupling steps, 3 filter passes, 7 integration steps, MIND-SSC
@@ -84,6 +95,12 @@ class VoxelOpt(nn.Module):
         finest_level: last pyramid level optimised (0: the input resolution, as in the paper; 1: half resolution,
             as the authors' code registers 192x160x256 volumes at 96x80x128); the field is then upsampled to the
             input size. Features are still computed at the input resolution.
+        tie_tolerance: costs within ``tie_tolerance x`` (the sample's mean cost at that level) of a voxel's minimum
+            count as tied (0: exact ties only); float32 rounding of the filtered costs is about ``1e-7`` relative.
+
+    Attributes:
+        progress: ``None``, or ``progress(levels_done, levels_total)`` called after each pyramid level (the command
+            line shows a progress bar with it).
     """
 
     def __init__(
@@ -102,6 +119,7 @@ class VoxelOpt(nn.Module):
         mind_radius: int = 2,
         mind_dilation: int = 2,
         finest_level: int = 0,
+        tie_tolerance: float = 1e-5,
     ) -> None:
         super().__init__()
         self.feature_extractor = _feature_extractor(features, mind_radius, mind_dilation)
@@ -116,6 +134,8 @@ class VoxelOpt(nn.Module):
         self.adaptive = check_bool(adaptive, "adaptive")
         self.integration_steps = check_integer(integration_steps, "integration_steps", 0)
         self.finest_level = check_integer(finest_level, "finest_level", 0)
+        self.tie_tolerance = float(check_positive(tie_tolerance, "tie_tolerance", allow_zero=True))
+        self.progress: Callable[[int, int], None] | None = None
         if self.finest_level >= self.num_levels:
             raise ValueError(f"finest_level must be below num_levels={self.num_levels}, got {finest_level}.")
 
@@ -135,11 +155,14 @@ class VoxelOpt(nn.Module):
             fixed_pyramid = _feature_pyramid(self._features(fixed), sizes)
             moving_pyramid = _feature_pyramid(self._features(moving), sizes)
             ddf = torch.zeros(fixed.shape[0], 3, *sizes[-1], device=fixed.device, dtype=torch.float32)
-            for level in reversed(range(self.finest_level, self.num_levels)):
+            levels = list(reversed(range(self.finest_level, self.num_levels)))
+            for done, level in enumerate(levels, start=1):
                 if tuple(ddf.shape[2:]) != sizes[level]:
                     ddf = resize_ddf(ddf, sizes[level])
                 increment = self.solve_level(fixed_pyramid[level], warp(moving_pyramid[level], ddf))
                 ddf = compose(ddf, integrate_velocity(increment, self.integration_steps))
+                if self.progress is not None:
+                    self.progress(done, len(levels))
             if self.finest_level:
                 ddf = resize_ddf(ddf, sizes[0])
         return ddf.to(fixed.dtype)
@@ -186,11 +209,17 @@ class VoxelOpt(nn.Module):
         cost = adaptive_gaussian_filter(cost, sigma, self.prefilter_passes)
         offsets = NEIGHBOUR_OFFSETS.to(device=cost.device, dtype=cost.dtype)
         grid_shape = (cost.shape[0], *cost.shape[2:])
-        # [B * prod(S), 27]: one contiguous row of costs per voxel, for fast argmins over the offsets
+        voxels = math.prod(grid_shape[1:])
+        # costs within tie_tolerance x (the sample's mean cost) of the minimum are ties, one value per voxel row
+        tolerance = cost.flatten(1).abs().mean(1).mul_(self.tie_tolerance).repeat_interleave(voxels).unsqueeze(1)
+        # [B * prod(S), 27]: one contiguous row of costs per voxel, for fast minima over the offsets
         cost = cost.movedim(1, -1).contiguous().view(-1, len(offsets))
-        velocity = adaptive_gaussian_filter(
-            offsets_to_field(cost.argmin(-1).view(grid_shape)), sigma, self.filter_passes
-        )
+
+        def choose(costs: torch.Tensor) -> torch.Tensor:
+            field = tied_argmin_field(costs, tolerance, offsets).view(*grid_shape, 3).movedim(-1, 1).contiguous()
+            return adaptive_gaussian_filter(field, sigma, self.filter_passes)
+
+        velocity = choose(cost)
         # C + w ||u - o||^2 = C + w ||o||^2 - 2 w u.o + w ||u||^2; the last term does not depend on o, and the
         # rest is one matrix product [u, 1] @ [[-2 w o^T], [w ||o||^2]] added to C, written into one buffer
         rows = torch.ones(cost.shape[0], 4, device=cost.device, dtype=cost.dtype)
@@ -198,8 +227,7 @@ class VoxelOpt(nn.Module):
         for weight in self.coupling:
             coupling = torch.cat([-2 * weight * offsets.T, weight * offsets.square().sum(1, keepdim=True).T])
             rows[:, :3] = velocity.movedim(1, -1).reshape(-1, 3)
-            choice = torch.addmm(cost, rows, coupling, out=coupled).argmin(-1).view(grid_shape)
-            velocity = adaptive_gaussian_filter(offsets_to_field(choice), sigma, self.filter_passes)
+            velocity = choose(torch.addmm(cost, rows, coupling, out=coupled))
         return velocity
 
     def filter_width(self, cost: torch.Tensor) -> torch.Tensor:
