@@ -112,7 +112,8 @@ class MINDSSC(nn.Module):
         distance = _box_mean(_edge_differences(x, self.dilation).square(), self.radius)
         distance = distance - distance.min(dim=1, keepdim=True).values
         variance = distance.mean(dim=1, keepdim=True)
-        mean_variance = variance.detach().mean(dim=(2, 3, 4), keepdim=True)
+        # summed in float64, so that the rounded float32 value does not depend on how many threads summed it
+        mean_variance = variance.detach().mean(dim=(2, 3, 4), keepdim=True, dtype=torch.float64).to(variance.dtype)
         lower = (1e-3 * mean_variance).clamp_min(_MIN_VARIANCE)
         upper = (1e3 * mean_variance).clamp_min(_MIN_VARIANCE)
         variance = torch.minimum(torch.maximum(variance, lower), upper)

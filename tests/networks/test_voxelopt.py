@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import nibabel as nib
 import pytest
@@ -293,3 +295,33 @@ def test_progress_is_reported_per_level(generator):
     net.progress = lambda done, total: calls.append((done, total))
     net(image, image)
     assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_bit_identical_across_runs_processes_and_thread_counts(tmp_path):
+    """The same pair gives the same field bit for bit: twice in this process, and in a fresh process on 1 thread
+    (large reductions, e.g. MIND-SSC's mean variance and the tie tolerance, are summed in float64)."""
+    script = tmp_path / "field.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from monai_unireg.networks.nets import VoxelOpt\n"
+        "torch.set_num_threads(int(sys.argv[1]))\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "coarse = torch.rand(2, 1, 8, 8, 8, generator=g)\n"
+        "images = torch.nn.functional.interpolate(coarse, size=(40, 36, 32), mode='trilinear', align_corners=True)\n"
+        "images = torch.round(images * 255) / 255\n"
+        "ddf = VoxelOpt(num_levels=3, mind_radius=1, mind_dilation=1)(images[:1], images[1:])\n"
+        "torch.save(ddf, sys.argv[2])\n"
+    )
+    fields = []
+    for threads, name in ((2, "a.pt"), (2, "b.pt"), (1, "c.pt")):
+        subprocess.run([sys.executable, str(script), str(threads), str(tmp_path / name)], check=True)
+        fields.append(torch.load(tmp_path / name))
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.rand(2, 1, 8, 8, 8, generator=g)
+    images = torch.nn.functional.interpolate(coarse, size=(40, 36, 32), mode="trilinear", align_corners=True)
+    images = torch.round(images * 255) / 255
+    net = VoxelOpt(num_levels=3, mind_radius=1, mind_dilation=1)
+    fields += [net(images[:1], images[1:]), net(images[:1], images[1:])]
+    assert fields[0].abs().max() > 0.1
+    for other in fields[1:]:
+        assert torch.equal(other, fields[0])

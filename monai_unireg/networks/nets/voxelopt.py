@@ -211,7 +211,9 @@ class VoxelOpt(nn.Module):
         grid_shape = (cost.shape[0], *cost.shape[2:])
         voxels = math.prod(grid_shape[1:])
         # costs within tie_tolerance x (the sample's mean cost) of the minimum are ties, one value per voxel row
-        tolerance = cost.flatten(1).abs().mean(1).mul_(self.tie_tolerance).repeat_interleave(voxels).unsqueeze(1)
+        # (the mean is summed in float64: its float32 value must not depend on the thread count)
+        scale = cost.flatten(1).abs().mean(1, dtype=torch.float64).to(cost.dtype)
+        tolerance = scale.mul_(self.tie_tolerance).repeat_interleave(voxels).unsqueeze(1)
         # [B * prod(S), 27]: one contiguous row of costs per voxel, for fast minima over the offsets
         cost = cost.movedim(1, -1).contiguous().view(-1, len(offsets))
 
