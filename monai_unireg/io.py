@@ -13,7 +13,11 @@ Displacement fields on disk follow the ITK / ANTs convention for NIfTI displacem
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,30 +31,81 @@ import torch.nn as nn
 from monai_unireg.spatial import ddf_mm_to_voxel, ddf_voxel_to_mm
 from monai_unireg.validation import check_affine, check_ddf
 
-__all__ = ["atomic_path", "load_nifti", "save_nifti", "save_ddf", "load_ddf", "load_weights", "load_network"]
+__all__ = [
+    "TEMPORARY_INFIX",
+    "atomic_path",
+    "remove_stale_temporaries",
+    "load_nifti",
+    "save_nifti",
+    "save_ddf",
+    "load_ddf",
+    "load_weights",
+    "load_network",
+    "check_checkpoint_method",
+]
 
 RAS_TO_LPS = torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64).view(1, 3, 1, 1, 1)
 NIFTI_INTENT_VECTOR = "vector"
+
+
+#: Infix of every temporary file this package writes beside a target (``.<name>.<random>.partial<suffixes>``), so
+#: that one left by a killed process is recognised and removed by :func:`remove_stale_temporaries`.
+TEMPORARY_INFIX = ".partial"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(path: Path) -> None:
+    """Give ``path`` the mode a plainly created file gets (``0o666`` less the umask); ``mkstemp`` makes it 0600."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
 
-    Readers never see a half-written file, and a failure leaves no partial output behind.
-    The temporary name keeps the target's suffixes (``.nii.gz``) so format detection still works.
+    Readers never see a half-written file, and a failure leaves no partial output behind. The finished file is
+    readable as the umask says (as if created directly). The temporary name keeps the target's suffixes
+    (``.nii.gz``) so format detection still works, and carries :data:`TEMPORARY_INFIX`, so a temporary left by a
+    killed process is recognisable (:func:`remove_stale_temporaries`).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(target.suffixes)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".partial{suffix}", dir=target.parent)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=f"{TEMPORARY_INFIX}{suffix}", dir=target.parent
+    )
     os.close(handle)
     temporary_path = Path(temporary)
     try:
         yield temporary_path
+        _apply_umask(temporary_path)
         os.replace(temporary_path, target)
     finally:
         temporary_path.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries (:func:`atomic_path`'s files, ``.partial-*`` staging folders) that a killed run left
+    in ``folder``; returns what was removed. Finished files are never touched."""
+    removed = []
+    directory = Path(folder)
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        name = entry.name
+        if not name.startswith(".") or TEMPORARY_INFIX not in name:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def _write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -121,41 +176,98 @@ def load_ddf(path: str | os.PathLike) -> tuple[torch.Tensor, np.ndarray]:
 def load_weights(path: str | os.PathLike, name: str = "weights file") -> Any:
     """Read a user's weights file with ``torch.load(map_location="cpu", weights_only=True)`` (no code in it runs).
 
-    Raises a ``ValueError`` naming ``name`` and the path when the file is missing or is not a weights-only
-    PyTorch file; what it holds (state dict, checkpoint dictionary) is for the caller to check.
+    Raises a ``ValueError`` of one line naming ``name`` and the path when the file is missing, empty, truncated or
+    corrupt, not a PyTorch file, or holds Python objects that weights-only loading refuses (such a file is never
+    unpickled: it may run code). What it holds (state dict, checkpoint dictionary) is for the caller to check.
     """
     path_str = os.fspath(path)
     if not os.path.isfile(path_str):
         raise ValueError(f"{name} {path_str!r} does not exist or is not a file.")
     try:
         return torch.load(path_str, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for unreadable or unsafe files
-        raise ValueError(f"{name} {path_str!r} could not be read as a weights-only PyTorch file: {error}") from error
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):  # garbage rather than a pickled object
+            raise ValueError(f"{name} {path_str!r} {_unreadable_reason(path_str)}.") from None
+        raise ValueError(
+            f"{name} {path_str!r} holds Python objects besides tensors and plain containers; it was refused without "
+            f"being run (weights-only loading). Give a plain state dict or a checkpoint written by monai_unireg "
+            f"({_first_line(error)})."
+        ) from None
+    except Exception as error:  # torch raises several types for unreadable files
+        raise ValueError(f"{name} {path_str!r} {_unreadable_reason(path_str)}.") from None
+
+
+def _first_line(error: BaseException) -> str:
+    """What torch's weights-only refusal refused (e.g. ``Unsupported global: GLOBAL module.Class``), without its
+    advice to allowlist the object or to disable the check (wrong advice for a file of unknown origin)."""
+    match = re.search(r"Unsupported global: [^ ]+(?: [^ ]+)?", str(error))
+    return match.group(0).rstrip(".") if match else "unsupported content"
+
+
+def _unreadable_reason(path: str) -> str:
+    size = os.path.getsize(path)
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return f"is truncated or corrupt ({size} bytes; not a complete PyTorch zip archive): write or copy it again"
+    if magic == b"PK\x03\x04":
+        return "is a zip archive but not a readable PyTorch file (corrupt or of another program)"
+    return "is not a PyTorch weights file (torch.save format)"
+
+
+def check_checkpoint_method(state: dict[str, Any], expected: str, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint written for another network: ``state["method"]`` (the network class name that
+    monai_unireg's trainers store) must be ``expected`` when present.
+
+    Raises:
+        ValueError: naming the file, the network it holds and the one asked for.
+    """
+    method = state.get("method")
+    if method is not None and method != expected:
+        raise ValueError(
+            f"weights file {os.fspath(path)!r} holds a {method} checkpoint, not {expected}: give a {expected} weights "
+            f"file or choose the method that wrote it."
+        )
 
 
 def load_network(path: str | os.PathLike, build: Callable[[dict[str, Any] | None], nn.Module], name: str) -> nn.Module:
     """A network built from a training checkpoint's ``"config"`` and filled with its ``"model"`` weights.
 
-    Reads ``{"config", "model"}`` files (``model.pt`` / ``checkpoint.pt`` of the trainers) or a bare state dict
-    (``build`` then gets ``None``). Every tensor must fit (strict loading); anything else raises a ``ValueError``
+    Reads ``{"method", "config", "model"}`` files (``model.pt`` / ``checkpoint.pt`` of the trainers) or a bare state
+    dict (``build`` then gets ``None``). Every tensor must fit (strict loading); a checkpoint of another network
+    (by its ``"method"`` or by a ``config`` the network does not take) or anything else raises a ``ValueError``
     naming the file and ``name``.
 
     Args:
         path: the weights file.
         build: ``build(config)`` -> the network to fill (``config`` is ``None`` for a bare state dict).
-        name: the network's name for messages.
+        name: the network's class name (what the trainers store as ``"method"``).
     """
     path_str = os.fspath(path)
     state = load_weights(path_str)
     if not isinstance(state, dict):
         raise ValueError(f"weights file {path_str!r} does not hold a state dict.")
+    check_checkpoint_method(state, name, path_str)
     config = state.get("config")
-    network = build(config if isinstance(config, dict) else None)
+    try:
+        network = build(config if isinstance(config, dict) else None)
+    except TypeError as error:  # a config of another network: unexpected or missing constructor arguments
+        raise ValueError(
+            f"weights file {path_str!r} was not written for {name}: its network config does not fit ({error})."
+        ) from None
     weights = state.get("model", state)
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ValueError(f"weights file {path_str!r} does not hold a state dict of tensors.")
     try:
         network.load_state_dict(weights, strict=True)
     except RuntimeError as error:
-        raise ValueError(f"weights file {path_str!r} does not fit {name}: {error}") from error
+        raise ValueError(f"weights file {path_str!r} does not fit {name}: {_key_summary(error)}") from None
     return network
+
+
+def _key_summary(error: RuntimeError) -> str:
+    """torch's strict-loading error on one line: the first missing / unexpected keys and size mismatches."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= 400 else text[:400] + " ..."

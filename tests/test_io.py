@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
 
 from monai_unireg import io, spatial
+from monai_unireg.io import load_network, load_weights, remove_stale_temporaries, save_nifti
 
 
 def oblique_affine() -> np.ndarray:
@@ -85,3 +89,58 @@ def test_itk_applies_the_saved_field_like_our_warp(tmp_path, generator):
     inside = ((coords >= 0) & (coords <= torch.tensor(shape).view(3, 1, 1, 1) - 1)).all(0)
     inside[[0, -1]] = inside[:, [0, -1]] = inside[:, :, [0, -1]] = False
     torch.testing.assert_close(warped_itk[inside], ours[inside], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights files: one-line refusals naming the file, checkpoints that carry their method, files readable as the umask
+
+
+class _NotAWeight:
+    """A pickled object that weights-only loading must refuse (it could run code when unpickled)."""
+
+
+def test_weights_files_refused_in_one_line(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.ones(3)}}, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": _NotAWeight()}, pickled)
+    text = tmp_path / "text.pt"
+    text.write_text("weights")
+    cases = {truncated: "truncated or corrupt", empty: "is empty", pickled: "refused without being run", text: "not a "}
+    for path, expected in cases.items():
+        with pytest.raises(ValueError, match=expected) as caught:
+            load_weights(path, "--weights")
+        message = str(caught.value)
+        assert "\n" not in message and str(path) in message and message.startswith("--weights")
+        assert "weights_only=False" not in message and "trust" not in message
+    assert torch.equal(load_weights(good)["model"]["w"], torch.ones(3))
+
+
+def test_checkpoint_of_another_method_is_refused_by_name(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"method": "SACBNet", "config": {}, "model": {}}, path)
+    with pytest.raises(ValueError, match="holds a SACBNet checkpoint, not PromptReg"):
+        load_network(path, lambda config: torch.nn.Linear(1, 1), "PromptReg")
+    torch.save({"config": {"channels": 3}, "model": {}}, path)  # no method tag: the config does not fit
+    with pytest.raises(ValueError, match="not written for Linear"):
+        load_network(path, lambda config: torch.nn.Linear(**config), "Linear")
+
+
+def test_outputs_follow_the_umask_and_killed_temporaries_are_recognised(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        written = save_nifti(torch.zeros(4, 4, 4), np.eye(4), tmp_path / "a.nii.gz")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o644
+    stale = [tmp_path / ".ddf.nii.gz.x1y2.partial.nii.gz", tmp_path / ".partial-abc"]
+    stale[0].write_bytes(b"half")
+    stale[1].mkdir()
+    kept = tmp_path / ".hidden"
+    kept.write_text("user file")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert written.exists() and kept.exists() and not any(path.exists() for path in stale)

@@ -256,9 +256,10 @@ def train_registration(
     ``objective(model, batch)`` (``model``: ``distributed_model`` or ``network``), takes one optimiser step on
     ``terms.total`` and then one scheduler step.
 
-    ``<output_dir>/checkpoint.pt`` holds ``{"config", "model", "optimizer", "sampler", "epoch", "history"}`` (plus
-    ``"scheduler"`` with a scheduler and ``"scaler"`` with AMP) after every epoch; ``<output_dir>/model.pt`` holds
-    ``{"config", "model"}`` alone (what inference loads; ``config`` is ``network.config``, the constructor
+    ``<output_dir>/checkpoint.pt`` holds ``{"method", "config", "model", "optimizer", "sampler", "epoch",
+    "history"}`` (plus ``"scheduler"`` with a scheduler and ``"scaler"`` with AMP) after every epoch; ``<output_dir>/model.pt`` holds
+    ``{"method", "config", "model"}`` alone (what inference loads; ``method`` is the network's class name, so a
+    loader refuses another method's file by name; ``config`` is ``network.config``, the constructor
     arguments). Both are written atomically (:func:`monai_unireg.io.atomic_path`): a crash leaves the previous ones
     intact. When ``checkpoint.pt`` exists and ``resume`` is on, training continues from it: an interrupted run
     called again with the same arguments ends exactly as an uninterrupted one. The augmentation generator and the
@@ -325,6 +326,8 @@ def train_registration(
     device = torch.device(device)
     output = Path(output_dir)
     rank, world = _rank_and_world()
+    if rank == 0:  # temporaries of a run killed while saving (finished files are always complete)
+        io.remove_stale_temporaries(output)
     model = distributed_model or network
     network.to(device)
     parameters = network.parameters() if parameter_groups is None else parameter_groups(learning_rate)
@@ -337,7 +340,13 @@ def train_registration(
     start_epoch, history = 0, []
     checkpoint_path = output / "checkpoint.pt"
     if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        state = io.load_weights(checkpoint_path, "checkpoint to resume")
+        if not isinstance(state, dict) or not {"model", "optimizer", "sampler"} <= state.keys():
+            raise ValueError(
+                f"checkpoint to resume {str(checkpoint_path)!r} is not a training checkpoint (it needs 'model', "
+                "'optimizer' and 'sampler'); remove it or choose another output_dir."
+            )
+        io.check_checkpoint_method(state, type(network).__name__, checkpoint_path)
         if ("scheduler" in state) != (scheduler is not None):
             raise ValueError(
                 f"checkpoint {checkpoint_path} was written {'with' if 'scheduler' in state else 'without'} a "
@@ -427,6 +436,7 @@ def _save_checkpoint(
     leaves the previous ones intact."""
     output.mkdir(parents=True, exist_ok=True)
     state = {
+        "method": type(network).__name__,
         "config": network.config,
         "model": network.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -441,4 +451,4 @@ def _save_checkpoint(
     with io.atomic_path(output / "checkpoint.pt") as temporary:
         torch.save(state, temporary)
     with io.atomic_path(output / "model.pt") as temporary:
-        torch.save({"config": network.config, "model": network.state_dict()}, temporary)
+        torch.save({"method": type(network).__name__, "config": network.config, "model": network.state_dict()}, temporary)

@@ -78,7 +78,9 @@ def check_resumable(
     path = Path(output_dir) / "checkpoint.pt"
     if not path.exists():
         return
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = io.load_weights(path, "checkpoint to resume")
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint to resume {str(path)!r} does not hold a training checkpoint dictionary.")
     saved = state.get("config") or {}
     if saved != config:
         changed = sorted(key for key in {*saved, *config} if saved.get(key) != config.get(key))

@@ -161,9 +161,9 @@ def test_checkpoints_are_written_atomically(tmp_path, tiny_datasets, tiny_networ
     network = tiny_network()
     train(network, [tiny_datasets["labelled"]], tmp_path, 1)
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert set(checkpoint) == {"config", "model", "optimizer", "sampler", "epoch", "history"}
+    assert set(checkpoint) == {"method", "config", "model", "optimizer", "sampler", "epoch", "history"}
     model = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert set(model) == {"config", "model"}
+    assert set(model) == {"method", "config", "model"} and model["method"] == type(network).__name__
     rebuilt = type(network)(**model["config"])
     rebuilt.load_state_dict(model["model"])
     assert_same(rebuilt.state_dict(), network.state_dict())
@@ -177,6 +177,18 @@ def test_checkpoints_are_written_atomically(tmp_path, tiny_datasets, tiny_networ
     with pytest.raises(OSError, match="disk full"):
         train(tiny_network(), [tiny_datasets["labelled"]], tmp_path, 2)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == saved
+
+
+def test_a_killed_save_is_cleaned_and_a_truncated_checkpoint_refused(tmp_path, tiny_datasets, tiny_network):
+    train(tiny_network(), [tiny_datasets["labelled"]], tmp_path, 1)
+    leftover = tmp_path / ".checkpoint.pt.k1ll3d.partial.pt"  # what a kill during torch.save leaves
+    leftover.write_bytes(b"half a checkpoint")
+    train(tiny_network(), [tiny_datasets["labelled"]], tmp_path, 2)
+    assert not leftover.exists()
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="checkpoint to resume .* is truncated or corrupt"):
+        train(tiny_network(), [tiny_datasets["labelled"]], tmp_path, 3)
 
 
 def test_batches_hold_labels_only_when_every_pair_has_them(tmp_path, tiny_datasets, tiny_network):

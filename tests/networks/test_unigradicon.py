@@ -154,7 +154,7 @@ def test_own_checkpoint_and_stage_one_layout_load(tmp_path, generator):
     "content, message",
     [
         (None, "does not exist"),
-        (b"not a torch file", "could not be read"),
+        (b"not a torch file", "is not a PyTorch weights file"),
         ({"netPhi.other.weight": torch.zeros(1)}, "outside the 4-step"),
         ({"unets.0.lastConv.bias": torch.zeros(5)}, "does not fit"),
         ({"model": {"unets.0.lastConv.bias": "text"}}, "state dict of tensors"),

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from monai_unireg.io import load_weights
+from monai_unireg.io import check_checkpoint_method, load_weights
 from monai_unireg.spatial import _compose, _normalized_voxel_size, _warp, resize_ddf, resize_image
 from monai_unireg.validation import check_bool, check_image_pair, check_integer
 
@@ -336,7 +336,13 @@ def load_unigradicon(path: str | os.PathLike) -> UniGradICON:
     any other file (e.g. the released ``Step_2_final.trch``) gets the published 4-step network at 175^3.
     """
     config = _read_state(os.fspath(path)).get("config")
-    network = UniGradICON(**config) if isinstance(config, dict) else UniGradICON()
+    try:
+        network = UniGradICON(**config) if isinstance(config, dict) else UniGradICON()
+    except TypeError as error:  # a config of another network: unexpected or missing constructor arguments
+        raise ValueError(
+            f"weights file {os.fspath(path)!r} was not written for UniGradICON: its network config does not fit "
+            f"({error})."
+        ) from None
     return load_unigradicon_weights(network, path)
 
 
@@ -345,6 +351,7 @@ def _read_state(path: str) -> dict:
     state = load_weights(path)
     if not isinstance(state, dict):
         raise ValueError(f"weights file {path!r} does not hold a state dict of tensors.")
+    check_checkpoint_method(state, "UniGradICON", path)
     return state
 
 
