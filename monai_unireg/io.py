@@ -193,7 +193,7 @@ def load_weights(path: str | os.PathLike, name: str = "weights file") -> Any:
             f"being run (weights-only loading). Give a plain state dict or a checkpoint written by monai_unireg "
             f"({_first_line(error)})."
         ) from None
-    except Exception as error:  # torch raises several types for unreadable files
+    except Exception:  # torch raises several types for unreadable files
         raise ValueError(f"{name} {path_str!r} {_unreadable_reason(path_str)}.") from None
 
 

@@ -257,7 +257,8 @@ def train_registration(
     ``terms.total`` and then one scheduler step.
 
     ``<output_dir>/checkpoint.pt`` holds ``{"method", "config", "model", "optimizer", "sampler", "epoch",
-    "history"}`` (plus ``"scheduler"`` with a scheduler and ``"scaler"`` with AMP) after every epoch; ``<output_dir>/model.pt`` holds
+    "history"}`` (plus ``"scheduler"`` with a scheduler and ``"scaler"`` with AMP) after every epoch;
+    ``<output_dir>/model.pt`` holds
     ``{"method", "config", "model"}`` alone (what inference loads; ``method`` is the network's class name, so a
     loader refuses another method's file by name; ``config`` is ``network.config``, the constructor
     arguments). Both are written atomically (:func:`monai_unireg.io.atomic_path`): a crash leaves the previous ones
@@ -451,4 +452,4 @@ def _save_checkpoint(
     with io.atomic_path(output / "checkpoint.pt") as temporary:
         torch.save(state, temporary)
     with io.atomic_path(output / "model.pt") as temporary:
-        torch.save({"method": type(network).__name__, "config": network.config, "model": network.state_dict()}, temporary)
+        torch.save({key: state[key] for key in ("method", "config", "model")}, temporary)
