@@ -19,6 +19,7 @@ from monai_unireg.networks.blocks import (
     tied_argmin_field,
 )
 from monai_unireg.networks.nets import VoxelOpt
+from monai_unireg.networks.nets.voxelopt import AUTHORS_PYRAMID
 
 SHAPE = (32, 32, 32)
 
@@ -134,7 +135,7 @@ def test_half_resolution_finest_level(generator):
     # which a discrete solver stopping at that level cannot resolve
     true_field = constant_shift((2.0, 2.0, -4.0), (40, 40, 40))
     moving = spatial.warp(fixed, -true_field)
-    ddf = VoxelOpt(num_levels=3, finest_level=1)(moving, fixed)
+    ddf = VoxelOpt(num_levels=2, finest_level=1)(moving, fixed)
     assert ddf.shape == (1, 3, 40, 40, 40)
     inner = ddf[..., 10:-10, 10:-10, 10:-10].mean(dim=(2, 3, 4))[0]
     torch.testing.assert_close(inner, torch.tensor([2.0, 2.0, -4.0]), atol=0.3, rtol=0)
@@ -210,7 +211,11 @@ def test_cuda_matches_cpu(generator):
         (lambda: VoxelOpt(sigma_range=(0.5, 0.1)), "sigma_range"),
         (lambda: VoxelOpt(num_levels=0), "num_levels"),
         (lambda: VoxelOpt(beta=0.0), "beta"),
-        (lambda: VoxelOpt(num_levels=3, finest_level=3), "finest_level"),
+        (
+            lambda: VoxelOpt(num_levels=3, finest_level=2)(torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)),
+            "finest_level=2",
+        ),  # fmt: skip
+        (lambda: VoxelOpt(finest_level=-1), "finest_level"),
         (lambda: neighbour_cost_volume(torch.rand(1, 2, 4, 4, 4), torch.rand(1, 3, 4, 4, 4)), "same shape"),
         (lambda: adaptive_gaussian_filter(torch.rand(1, 2, 4, 4, 4), torch.rand(1, 2, 4, 4, 4)), "sigma"),
     ],
@@ -325,3 +330,17 @@ def test_bit_identical_across_runs_processes_and_thread_counts(tmp_path):
     assert fields[0].abs().max() > 0.1
     for other in fields[1:]:
         assert torch.equal(other, fields[0])
+
+
+def test_pyramid_placement_and_reach():
+    """Ours: 5 levels from the input resolution; the authors': halved once, then 5 levels (METHODS.md)."""
+    ours, authors = VoxelOpt(), VoxelOpt(**AUTHORS_PYRAMID)
+    shape = (192, 160, 256)
+    assert ours.pyramid_sizes(shape)[-1] == (12, 10, 16) and len(ours.pyramid_sizes(shape)) == 5
+    assert authors.pyramid_sizes(shape)[-1] == (6, 5, 8) and len(authors.pyramid_sizes(shape)) == 6
+    assert ours.reach() == 31 and authors.reach() == 62  # voxels: 62 mm and 124 mm at 2 mm
+    levels = []
+    net = VoxelOpt(num_levels=2, finest_level=1)
+    net.progress = lambda done, total: levels.append((done, total))
+    net(torch.zeros(1, 1, 16, 16, 16), torch.zeros(1, 1, 16, 16, 16))
+    assert levels == [(1, 2), (2, 2)]

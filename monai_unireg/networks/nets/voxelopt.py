@@ -19,12 +19,16 @@ from monai_unireg.networks.blocks.cost_volume import NEIGHBOUR_OFFSETS, neighbou
 from monai_unireg.spatial import compose, integrate_velocity, resize_ddf, resize_image, warp
 from monai_unireg.validation import check_bool, check_image_pair, check_integer, check_option, check_positive
 
-__all__ = ["VoxelOpt", "PAPER_COUPLING", "REFERENCE_COUPLING"]
+__all__ = ["VoxelOpt", "PAPER_COUPLING", "REFERENCE_COUPLING", "AUTHORS_PYRAMID"]
 
 #: Interaction weights ``1 / (2 theta)`` for the paper's ``theta = {150, 50, 15, 5, 1.5, 0.5}`` (Sec. 3.2).
 PAPER_COUPLING = tuple(1.0 / (2.0 * theta) for theta in (150.0, 50.0, 15.0, 5.0, 1.5, 0.5))
 #: Interaction weights of the authors' code (METHODS.md): nearly the same schedule, rounded.
 REFERENCE_COUPLING = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+#: The authors' code's pyramid placement (METHODS.md): features halved once, then 5 levels (deepest 6x5x8 for
+#: 192x160x256 inputs). ``VoxelOpt(**AUTHORS_PYRAMID)``.
+AUTHORS_PYRAMID = {"num_levels": 5, "finest_level": 1}
 
 FEATURE_NAMES = ("mind", "raw")
 SIGMA_MAPPINGS = ("paper", "reference")
@@ -34,8 +38,9 @@ class VoxelOpt(nn.Module):
     """Training-free deformable registration by discrete optimisation on a feature pyramid.
 
     For both images, features ``f`` (fixed) and ``m`` (moving) are computed once at the input resolution and
-    downsampled by two (trilinear, corner-aligned, each level from the previous one) ``num_levels - 1`` times.
-    From the coarsest level to the finest, with ``phi`` the field found so far (upsampled, values rescaled):
+    downsampled by two (trilinear, corner-aligned, each level from the previous one) ``finest_level + num_levels - 1``
+    times; the ``num_levels`` coarsest levels are optimised. From the coarsest level to the finest, with ``phi`` the
+    field found so far (upsampled, values rescaled):
 
     1. warp ``m`` with ``phi`` and build the 27-neighbour L1 cost volume ``C(x, o) = mean_c |f(x) - m(x + o)|``
        (Eq. 3, zero padding);
@@ -59,8 +64,12 @@ class VoxelOpt(nn.Module):
     the endpoint error nor the background motion on those pairs (0.83 mm, 0.92 mm).
 
     Defaults and why:
-        - ``num_levels=5``, ``beta=0.1``, 6 coupling steps, 3 filter passes, 7 integration steps, MIND-SSC
-          radius 2 / dilation 2: the paper (Sec. 3.2) and the authors' code agree on these.
+        - From the paper (Sec. 3.2): ``num_levels=5``, 27 neighbours (k = 1), L1 cost, 6 coupling steps with the
+          theta schedule below, 7 integration steps, ``alpha=1.5``, separable 1D filters along the three axes.
+        - From the authors' code (METHODS.md; the paper gives none of these): ``beta=0.1``, 3 filter passes per
+          u-step and 3 pre-filter passes, MIND-SSC radius 2 / dilation 2, zero padding of the moving features,
+          and the pyramid placement of :data:`AUTHORS_PYRAMID` (``finest_level=1``; our default 0 reads the paper's
+          "5-level pyramid" as starting at the input resolution, see ``finest_level``).
         - ``coupling="paper"``: ``1 / (2 theta)`` for the paper's theta schedule; ``"reference"`` gives the code's
           rounded values (the difference is below 10 % at every step).
         - ``sigma_mapping="paper"``: Eq. 6, ``sigma = alpha ln(E / max E + 1)``, ``alpha = 1.5``: weak-signal voxels
@@ -79,7 +88,7 @@ class VoxelOpt(nn.Module):
 
     Args:
         features: ``"mind"`` (MIND-SSC, 12 channels), ``"raw"`` (intensities) or an ``nn.Module`` feature extractor.
-        num_levels: pyramid levels (each coarser level halves every axis).
+        num_levels: pyramid levels optimised (each coarser level halves every axis); the paper's "5-level pyramid".
         beta: softmax temperature of the entropy (Eq. 4).
         sigma_mapping: ``"reference"`` or ``"paper"`` (see above).
         alpha: blurring strength of the paper's mapping (Eq. 6).
@@ -92,9 +101,11 @@ class VoxelOpt(nn.Module):
         integration_steps: scaling-and-squaring steps per level.
         mind_radius: MIND-SSC patch radius.
         mind_dilation: MIND-SSC neighbourhood dilation.
-        finest_level: last pyramid level optimised (0: the input resolution, as in the paper; 1: half resolution,
-            as the authors' code registers 192x160x256 volumes at 96x80x128); the field is then upsampled to the
-            input size. Features are still computed at the input resolution.
+        finest_level: how many times the features are halved before the finest optimised level. 0 (ours, the
+            paper's text read literally): the 5 levels run from the input resolution, deepest 12x10x16 at 192x160x256,
+            reach about 31 voxels (62 mm at 2 mm). 1 (the authors' code, :data:`AUTHORS_PYRAMID`): the features are
+            halved once and the 5 levels run from there, deepest 6x5x8, reach about 62 voxels (124 mm); the field is
+            upsampled to the input size, so the finest motion is a 2-voxel step. See :meth:`reach`.
         tie_tolerance: costs within ``tie_tolerance x`` (the sample's mean cost at that level) of a voxel's minimum
             count as tied (0: exact ties only); float32 rounding of the filtered costs is about ``1e-7`` relative.
 
@@ -136,8 +147,6 @@ class VoxelOpt(nn.Module):
         self.finest_level = check_integer(finest_level, "finest_level", 0)
         self.tie_tolerance = float(check_positive(tie_tolerance, "tie_tolerance", allow_zero=True))
         self.progress: Callable[[int, int], None] | None = None
-        if self.finest_level >= self.num_levels:
-            raise ValueError(f"finest_level must be below num_levels={self.num_levels}, got {finest_level}.")
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """Register ``moving`` to ``fixed``.
@@ -155,7 +164,7 @@ class VoxelOpt(nn.Module):
             fixed_pyramid = _feature_pyramid(self._features(fixed), sizes)
             moving_pyramid = _feature_pyramid(self._features(moving), sizes)
             ddf = torch.zeros(fixed.shape[0], 3, *sizes[-1], device=fixed.device, dtype=torch.float32)
-            levels = list(reversed(range(self.finest_level, self.num_levels)))
+            levels = list(reversed(range(self.finest_level, len(sizes))))
             for done, level in enumerate(levels, start=1):
                 if tuple(ddf.shape[2:]) != sizes[level]:
                     ddf = resize_ddf(ddf, sizes[level])
@@ -182,17 +191,26 @@ class VoxelOpt(nn.Module):
         return levels
 
     def pyramid_sizes(self, shape: Sequence[int]) -> list[tuple[int, ...]]:
-        """Spatial sizes from the input resolution (first) to the coarsest level (last); each halves every axis."""
+        """Spatial sizes from the input resolution (first) to the coarsest level (last); each halves every axis.
+
+        ``finest_level + num_levels`` sizes: the first ``finest_level`` are not optimised."""
         sizes = [tuple(int(s) for s in shape)]
-        for _ in range(self.num_levels - 1):
+        halvings = self.finest_level + self.num_levels - 1
+        for _ in range(halvings):
             sizes.append(tuple(s // 2 for s in sizes[-1]))
         if min(sizes[-1]) < 2:
             raise ValueError(
-                f"moving and fixed of spatial shape {tuple(shape)} are too small for num_levels={self.num_levels}: "
-                f"the coarsest level would be {sizes[-1]}; use fewer levels or at least "
-                f"{2**self.num_levels} voxels per axis."
+                f"moving and fixed of spatial shape {tuple(shape)} are too small for num_levels={self.num_levels} "
+                f"with finest_level={self.finest_level}: the coarsest level would be {sizes[-1]}; use fewer levels "
+                f"or at least {2 ** (halvings + 1)} voxels per axis."
             )
         return sizes
+
+    def reach(self) -> int:
+        """Largest displacement along an axis, in input voxels, that the pyramid can build: each level's velocity
+        moves at most one of its voxels (``2^l`` input voxels at level ``l``), ``sum_l 2^l`` over the optimised
+        levels (scaling and squaring of a varying field can exceed it slightly)."""
+        return sum(2**level for level in range(self.finest_level, self.finest_level + self.num_levels))
 
     def solve_level(self, fixed_features: torch.Tensor, moving_features: torch.Tensor) -> torch.Tensor:
         """One level's discrete optimisation (steps 1-4 of the class docstring).
