@@ -62,21 +62,21 @@ to the work folder and resamples the moving image once, as part of the call); Gr
 moving image once); ConvexAdam: ``convex_adam_pt``. Not timed: imports, reading the NIfTI files, exporting/reading
 the dense field, the peers' own resampling for the convention check and the scoring.
 
-Whole processes (``--process``): each tool as a user runs it, on one pair (the first of ``--process-case``), in a
-fresh process started by this script, from start-up and imports to the written outputs: ours ``python -m
-monai_unireg register --fixed F --moving M --out DIR --device cpu`` (what the ``monai-unireg`` console script runs:
-reads, resamples if needed, registers, evaluates the Jacobian, writes the warped image and field); ANTs: no
-``antsRegistration`` binary comes with ANTsPy, so a ``python -c`` that reads the pair, runs
-``ants.registration(type_of_transform="SyNOnly")`` (which writes the transforms) and writes the warped image;
-Greedy: picsl-greedy ships no ``greedy`` binary (only the Python extension), so a ``python -c`` running the two CLI
-command strings a user would run (registration ``-i F M -o warp.nii.gz`` with the settings below but greedy's
-default ``-wp 0.1``, then reslicing ``-rf F -rm M warped.nii.gz -r warp.nii.gz``) through ``Greedy3D.execute``;
-FireANTs: a ``python -c`` loading the pair, registering, writing the ANTs-format warp and the moved image. Each runs
-under a small launcher (``LAUNCHER``, as ``/usr/bin/time -v`` would: forked from this script, the tool's
-``ru_maxrss`` would start at this script's RSS), which measures the tool's own process with ``os.wait4``: wall time,
-CPU time (user + system) and peak RSS (``ru_maxrss``); the 1/5/15-minute load averages (``os.getloadavg``, as
-``uptime`` prints them) before and after each run are printed beside the times. ``--process-repeats N`` runs the
-tools in turn N times (median reported).
+Whole processes (``--process``): each tool as a user runs it, on one pair (the first pair of ``--process-case``, by
+default of the first of ``--cases``), in a fresh process started by this script, from start-up and imports to the
+written outputs: ours ``python -m monai_unireg register --fixed F --moving M --out DIR --device cpu`` (what the
+``monai-unireg`` console script runs: reads, resamples if needed, registers, evaluates the Jacobian, writes the
+warped image and field); ANTs: no ``antsRegistration`` binary comes with ANTsPy, so a ``python -c`` that reads the
+pair, runs ``ants.registration(type_of_transform="SyNOnly")`` (which writes the transforms) and writes the warped
+image; Greedy: picsl-greedy ships no ``greedy`` binary (only the Python extension), so a ``python -c`` running the
+two CLI command strings a user would run (registration ``-i F M -o warp.nii.gz`` with the settings below but
+greedy's default ``-wp 0.1``, then reslicing ``-rf F -rm M warped.nii.gz -r warp.nii.gz``) through
+``Greedy3D.execute``; FireANTs: a ``python -c`` loading the pair, registering, writing the ANTs-format warp and the
+moved image. Each runs under a small launcher (``LAUNCHER``, as ``/usr/bin/time -v`` would: forked from this script,
+the tool's ``ru_maxrss`` would start at this script's RSS), which measures the tool's own process with ``os.wait4``:
+wall time, CPU time (user + system) and peak RSS (``ru_maxrss``); the 1/5/15-minute load averages
+(``os.getloadavg``, as ``uptime`` prints them) before and after each run are printed beside the times.
+``--process-repeats N`` runs the tools in turn N times (median reported).
 
 Memory (per-method runs): each method runs on each pair in its own child process (``multiprocessing`` spawn).
 Just before the timed block the child resets its peak resident set size (``echo 5 > /proc/self/clear_refs``, Linux
