@@ -1,46 +1,93 @@
-"""Deformable registration side by side: VoxelOpt against ANTs SyN, elastix B-spline and ConvexAdam.
+"""Deformable registration side by side: VoxelOpt against ANTs SyN, Greedy, FireANTs, elastix B-spline and ConvexAdam.
 
-Pairs (from ``../shared/data``, beside the checkout):
+Cases (``--cases``; data from ``../shared/data``, beside the checkout):
 
-- BrainSynth ``registration_val`` (first ``--pairs``; affinely pre-aligned, so only deformable stages run). Dice is
-  the mean over the dataset's ``dice_top30_labels`` (the 30 largest brain structures), HD95 (mm) over the same
-  labels; SDlogJ (Learn2Reg "+3" convention) and % folding from our Jacobian metric (2-voxel border crop).
-- "known": BrainVXM2mm against itself warped by a smooth random diffeomorphism, so the true field is known. With
-  ``v`` Gaussian-smoothed white noise (seeded, sigma 6 voxels, max |v| 4 voxels = 8 mm), the moving image (and
-  labels) are the fixed ones warped by ``exp(-v)``; the registration field to recover is ``u = exp(v)``
-  (``warp(moving, u) = fixed``). EPE = mean over the brain mask (fixed label > 0) of ``|ddf - u|`` in mm. The
-  floor of that construction, ``|compose(exp(-v), exp(v))|`` (should be 0), is printed. Dice over the dataset's
-  ``evaluation_labels``.
+- ``brainsynth``: BrainSynth ``registration_val`` (first ``--pairs``; affinely pre-aligned, so only deformable stages
+  run). Dice is the mean over the dataset's ``dice_top30_labels`` (the 30 largest brain structures), HD95 (mm) over
+  the same labels; the table shows the means over the pairs.
+- Known-field cases: an image against itself warped by a smooth random diffeomorphism, so the true field is known.
+  With ``v`` Gaussian-smoothed white noise (seeded, sigma 6 voxels, max |v| 4 voxels), the moving image (and
+  labels) are the fixed ones warped by ``exp(-v)`` (trilinear, border padding; labels one-hot); the registration
+  field to recover is ``u = exp(v)`` (``warp(moving, u) = fixed``). EPE = mean over the object mask of
+  ``|ddf - u|`` in mm. The floor of that construction, ``|compose(exp(-v), exp(v))|`` (should be 0), is printed
+  with the mean and max of ``|u|``.
+
+  - ``vxm2mm``: BrainVXM2mm (80x96x112, 2 mm); object = brain (fixed label > 0); Dice over ``evaluation_labels``.
+  - ``vxm2mm-8bit`` / ``vxm1mm-8bit``: the same construction on 8-bit copies of BrainVXM2mm / BrainVXM1mm
+    (160x192x224, 1 mm): intensities rounded to 256 levels evenly spaced over the image's [min, max], voxels that
+    were exactly 0 kept at exactly 0; the moving image is quantised again onto the same levels after warping, so
+    both images are 8-bit as a user's pair would be (the fraction of fixed voxels the rounding changed is printed;
+    BrainVXM1mm is already k/255, so its copy differs only by the re-spacing over [0, 0.976]).
+  - ``ct``: CTTotalSeg case 0001 (122x101x30, 3 mm) in HU with the air around the body kept (the moving image is
+    rounded back to integer HU); object = the body (largest connected component of HU > -500, holes filled per
+    axial slice, so the lungs count as inside); Dice over ``evaluation_labels`` (TotalSegmentator predictions).
+    The dataset's other "pair" is not used: case 0002 is the same scan (case 0001 is exactly its slices 82-111,
+    same world frame), so once brought onto the fixed grid the pair is an identity, and case 0002 has no labels.
+
+  "bg |u|" is the mean |ddf| (mm) over the flat background of the fixed image: exact zeros outside the labels
+  (brains), air (HU < -900) outside the body (CT). It is not an error (the true field of a known case is not zero
+  there; its mean over that region is printed with the case); it shows what a method does where the images hold
+  no information: it should stay small and close to the identity's 0.
+
+Scores (the same code for every method): the moving labels are warped with ``spatial.warp_labels`` (one-hot,
+trilinear majority) using the method's field; SDlogJ (Learn2Reg "+3" convention) and % folding from our Jacobian
+metric (2-voxel border crop). Every case is also scored with the zero field ("identity", the affine starting
+point) in the parent process; ">=id" says whether a run is never worse than that on its pair: Dice >= the
+identity's (labelled cases) and EPE <= the identity's (known-field cases).
 
 Every method returns a field in our convention (``[1, 3, D, H, W]`` voxels of the fixed grid, ``warped(x) =
-moving(x + ddf(x))``); all methods are scored by the same code: the moving labels are warped with
-``spatial.warp_labels`` (one-hot/trilinear majority) using that field.
+moving(x + ddf(x))``).
 
-Conversion of the peers' fields, and how it is verified: ANTs' forward warp (``fwdtransforms``, an ITK
-displacement field, LPS mm, fixed grid) is read with ``monai_unireg.io.load_ddf``; elastix's B-spline transform
-is exported as a dense field with ``itk.transformix_deformation_field`` (LPS mm, fixed grid) and converted with
-``spatial.ddf_mm_to_voxel``; ConvexAdam returns ``[D, H, W, 3]`` voxel displacements in array-axis order,
-pull-back (``convexAdam.apply_convex`` samples ``moving`` at ``x + disp(x)``), i.e. already our convention. For
-every run, the peer's own linear resampling of the moving image (``ants.apply_transforms``, elastix's result image,
-``apply_convex``) is compared with ``spatial.warp(moving, ddf, padding_mode="zeros")`` at the voxels whose sample
-point lies at least one voxel inside the grid (the borders differ by padding rule only); ``--check-conventions``
-turns a difference above ``CONVENTION_TOLERANCE`` into a failure (exit status 1).
+Conversion of the peers' fields, and how it is verified: ANTs' forward warp (``fwdtransforms``, an ITK displacement
+field, LPS mm, fixed grid) is read with ``monai_unireg.io.load_ddf``; Greedy's warp (``-o``, written to a NIfTI file
+as its CLI does) is read with ``load_ddf`` too: although its documentation (``docs/reference.rst``, "-o") words it
+as ``ras(A) + warp[A] = ras(B)``, the file holds ITK's LPS mm displacements on the fixed grid (read as LPS it
+reproduces Greedy's own reslicing to ~1e-6, read as RAS it misses by ~0.6 on [0, 1] images); FireANTs'
+``save_as_ants_transforms`` writes an ITK displacement field (LPS mm, fixed grid), read with ``load_ddf``; elastix's
+B-spline transform is exported as a dense field with ``itk.transformix_deformation_field`` (LPS mm, fixed grid) and
+converted with ``spatial.ddf_mm_to_voxel``; ConvexAdam returns ``[D, H, W, 3]`` voxel displacements in array-axis
+order, pull-back (``convexAdam.apply_convex`` samples ``moving`` at ``x + disp(x)``), i.e. already our convention.
+For every run, the peer's own linear resampling of the moving image (``ants.apply_transforms``, Greedy's reslice
+mode ``-rf -rm -r``, FireANTs' ``evaluate``, elastix's result image, ``apply_convex``) is compared with
+``spatial.warp(moving, ddf, padding_mode="zeros")`` at the voxels whose sample point lies at least one voxel inside
+the grid (the borders differ by padding rule only); ``--check-conventions`` turns a difference above
+``CONVENTION_TOLERANCE`` times the moving image's intensity range into a failure (exit status 1).
 
 What is timed (wall clock, ``time.perf_counter``), per method and pair, with the inputs already in memory:
-VoxelOpt: the network call ``network(moving, fixed)``, features included; ANTs: ``ants.registration`` (it writes
-its transforms to the work folder and resamples the moving image once, as part of the call); elastix:
-``itk.elastix_registration_method`` (which also resamples the moving image once); ConvexAdam: ``convex_adam_pt``.
-Not timed: imports, reading the NIfTI files, exporting/reading the dense field and the scoring.
+VoxelOpt: the network call ``network(moving, fixed)``, features included (the intensity normalisation of
+``monai-unireg register`` is done before, untimed, as there); ANTs: ``ants.registration`` (it writes its transforms
+to the work folder and resamples the moving image once, as part of the call); Greedy: the registration
+``Greedy3D.execute`` call (images passed in memory, warp written uncompressed to the work folder); FireANTs: building
+``GreedyRegistration`` and ``optimize()``; elastix: ``itk.elastix_registration_method`` (which also resamples the
+moving image once); ConvexAdam: ``convex_adam_pt``. Not timed: imports, reading the NIfTI files, exporting/reading
+the dense field, the peers' own resampling for the convention check and the scoring.
 
-Memory: each method runs on each pair in its own child process (``multiprocessing`` spawn). Just before the timed
-block the child resets its peak resident set size (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0) and reads
-its current RSS; after it, ``VmHWM`` from ``/proc/self/status``. "peak MiB" is that peak RSS of the whole
-process during registration (libraries and inputs included), "+MiB" the rise over the RSS just before it. Both
-are CPU memory (everything runs on the CPU). The child's CPU time over the block is kept too (``cpu_s``), to show
-the thread limit held: ``--threads`` sets ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``,
-``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` and ``torch.set_num_threads`` in every child. ``--timeout`` bounds each
-child, its start-up and imports included. The methods take turns pair by pair, so a busy machine slows them
-alike; still, compare wall times only from a quiet machine (``cpu s`` moves less with the load).
+Whole processes (``--process``): each tool as a user runs it, on one pair (the first pair of ``--process-case``, by
+default of the first of ``--cases``), in a fresh process started by this script, from start-up and imports to the
+written outputs: ours ``python -m monai_unireg register --fixed F --moving M --out DIR --device cpu`` (what the
+``monai-unireg`` console script runs: reads, resamples if needed, registers, evaluates the Jacobian, writes the
+warped image and field); ANTs: no ``antsRegistration`` binary comes with ANTsPy, so a ``python -c`` that reads the
+pair, runs ``ants.registration(type_of_transform="SyNOnly")`` (which writes the transforms) and writes the warped
+image; Greedy: picsl-greedy ships no ``greedy`` binary (only the Python extension), so a ``python -c`` running the
+two CLI command strings a user would run (registration ``-i F M -o warp.nii.gz`` with the settings below but
+greedy's default ``-wp 0.1``, then reslicing ``-rf F -rm M warped.nii.gz -r warp.nii.gz``) through
+``Greedy3D.execute``; FireANTs: a ``python -c`` loading the pair, registering, writing the ANTs-format warp and the
+moved image. Each runs under a small launcher (``LAUNCHER``, as ``/usr/bin/time -v`` would: forked from this script,
+the tool's ``ru_maxrss`` would start at this script's RSS), which measures the tool's own process with ``os.wait4``:
+wall time, CPU time (user + system) and peak RSS (``ru_maxrss``); the 1/5/15-minute load averages
+(``os.getloadavg``, as ``uptime`` prints them) before and after each run are printed beside the times.
+``--process-repeats N`` runs the tools in turn N times (median reported).
+
+Memory (per-method runs): each method runs on each pair in its own child process (``multiprocessing`` spawn).
+Just before the timed block the child resets its peak resident set size (``echo 5 > /proc/self/clear_refs``, Linux
+>= 4.0) and reads its current RSS; after it, ``VmHWM`` from ``/proc/self/status``. "peak MiB" is that peak RSS of
+the whole process during registration (libraries and inputs included), "+MiB" the rise over the RSS just before
+it. Both are CPU memory (everything runs on the CPU). The child's CPU time over the block is kept too (``cpu_s``),
+to show the thread limit held: ``--threads`` sets ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``,
+``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` and ``torch.set_num_threads`` in every child (and the environment of every
+``--process`` child), and Greedy's ``-threads``. ``--timeout`` bounds each child, its start-up and imports
+included. The methods take turns pair by pair, so a busy machine slows them alike; still, compare wall times only
+from a quiet machine (``cpu s`` moves less with the load; the load average is printed with every run).
 
 Method settings:
 
@@ -48,6 +95,26 @@ Method settings:
   0], iterations 40x20x0 at shrink 4x2x1: the full-resolution level is skipped).
 - ``ants-synonly-fine``: the same with ``reg_iterations=(100, 70, 50, 20)`` (shrink 8x4x2x1, smoothing 3x2x1x0
   voxels: runs at full resolution).
+- ``greedy``: picsl-greedy 1.4.0.3, ``-d 3 -m NCC 2x2x2 -n 100x50x10 -threads N -wp 0``, everything else at
+  Greedy's defaults (``-s 1.732vox 0.7071vox``, step ``-e 1.0``, ``-tscale SCALE``, pure greedy updates, NCC noise
+  0.001, double precision). Sources: Greedy documentation, ``docs/reference.rst`` (defaults: "-s ... Default:
+  1.732vox, 0.7071vox", "matches the default in SyN"; ``-n`` 3 levels 4x/2x/1x; NCC radius 2x2x2 = 5^3 patch)
+  and ``docs/quick_start.rst`` (deformable brain MRI example with ``-n 100x50x10`` and a 2x2x2 NCC patch radius;
+  pyushkevich/greedy repository, greedy.readthedocs.io). ``-wp 0`` only turns off the 0.1-voxel rounding of the
+  saved warp (default ``-wp 0.1``), so that the field we score is the one Greedy computed; it does not change the
+  registration. No ``-ia``/``-it``: the pairs share one world frame and are pre-aligned.
+- ``greedy-sv``: the quick start's deformable command as written there: ``-m WNCC 2x2x2 -sv -n 100x50x10``
+  (weighted NCC and the stationary-velocity / log-Demons mode, "almost always worth it" per the quick start), with
+  the same ``-threads N -wp 0``. Reported beside ``greedy``; the targets use ``greedy``.
+- ``fireants``: fireants 1.5.0 on the CPU, ``GreedyRegistration(scales=[4, 2, 1], iterations=[200, 100, 25],
+  cc_kernel_size=5, deformation_type="compositive", smooth_grad_sigma=1, optimizer="adam", optimizer_lr=0.5)``
+  (the rest at the class defaults: loss ``"cc"``, ``smooth_warp_sigma=0.5``, tolerance 1e-6 over 10 iterations),
+  exactly the deformable step of the documentation's brain-MRI quick start (rohitrango/FireANTs
+  ``docs/docs/quickstart.md``, "Deformable Registration"), without its affine initialisation (pre-aligned pairs).
+  float32; no fused CUDA ops on the CPU. It fails on volumes with an axis under 32 voxels (the CT case, 30 slices):
+  ``GreedyRegistration.optimize`` sizes every level to at least ``MIN_IMG_SIZE = 32`` voxels per axis, the full
+  level included, so the moved image (32 slices) no longer matches the fixed one (30) in the CC loss
+  ("ValueError: ground truth has differing shape"); recorded as a failure, not worked around.
 - ``elastix-bspline``: ``GetDefaultParameterMap("bspline")`` (4 resolutions, Mattes MI + bending energy, adaptive
   stochastic gradient descent, 256 iterations per resolution) with an 8 mm final grid spacing (default 10 mm),
   4096 random samples per iteration (default 2048), a fixed random seed and a linear final resampler (for the
@@ -59,15 +126,26 @@ Method settings:
   ITK's global thread pool instead.
 - ``convexadam``: ``convex_adam_pt`` with the package's MIND defaults (MIND r1 d2, grid 6, search 4, lambda 1.25,
   80 Adam iterations at grid 2, inverse consistency), float32 on the CPU.
-- ``voxelopt``: VoxelOpt on MIND-SSC features exactly as ``monai-unireg register`` builds it
-  (``monai_unireg.cli.METHODS["voxelopt"]``: the paper's defaults with Eq. 6's sigma mapping, pyramid depth from
-  ``VoxelOpt.levels_for``, MIND radius 1 / dilation 1 for native-resolution scans).
+- ``voxelopt``: VoxelOpt exactly as ``monai-unireg register`` builds and feeds it: the network from
+  ``monai_unireg.cli.METHODS["voxelopt"]`` for the fixed grid's shape (whatever that currently is: today the
+  paper's defaults with Eq. 6's sigma mapping, pyramid depth from ``VoxelOpt.levels_for``, MIND radius 1 /
+  dilation 1), on images normalised as ``register`` does (``detect_modality``: CT by the HU window
+  ``cli.CT_WINDOWS["voxelopt"]``, MRI by [min, 99th percentile], to ``cli.INTENSITY_RANGES["voxelopt"]``).
+- ``voxelopt-paper``: plain ``VoxelOpt()`` (the paper's defaults: 5 levels, MIND-SSC radius 2 / dilation 2) on the
+  same normalised images; on a volume too small for 5 levels (CT, 30 slices) the deepest pyramid that fits.
 - ``identity``: zero field (the affine starting point), for reference.
 
-Run (in the peers' environment: ``pip install -e ".[peers]"`` beside ``torch==2.13.0``, see benchmarks/README.md)::
+Targets (PASS/FAIL lines and the summary at the end; N/A where a contender did not run): VoxelOpt never worse than
+identity on any pair; on every known-field case EPE <= ANTs SyNOnly default and <= Greedy; on every labelled case
+(the BrainSynth mean and each known-field case) mean Dice >= the best of ANTs SyNOnly default, Greedy and FireANTs;
+with ``--process``, the whole ``monai-unireg register`` process <= 0.5x the ANTs SyNOnly process and <= the Greedy
+process on the same pair (same threads). The in-process registration time ratio to ANTs is printed too.
 
-    python benchmarks/peers.py [--methods voxelopt ants-synonly ...] [--pairs 10] [--threads 2]
-                               [--check-conventions] [--out results.json|results.csv]
+Run (in the peers' environment, see benchmarks/README.md)::
+
+    python benchmarks/peers.py [--cases brainsynth vxm2mm ...] [--methods voxelopt ants-synonly greedy ...]
+                               [--pairs 10] [--threads 2] [--check-conventions] [--process [--process-only]]
+                               [--out results.json|results.csv]
 """
 
 from __future__ import annotations
@@ -81,6 +159,8 @@ import math
 import multiprocessing
 import os
 import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -103,7 +183,14 @@ DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve(
 KNOWN_SEED = 0
 KNOWN_SIGMA_VOXELS = 6.0
 KNOWN_MAX_VOXELS = 4.0
-#: Largest |ours - peer's own resampling| (intensities in [0, 1]) accepted by ``--check-conventions``.
+#: Levels of the 8-bit copies.
+QUANTISATION_LEVELS = 256
+#: CT body: largest connected component above this (HU), holes filled per axial slice.
+CT_BODY_HU = -500.0
+#: CT flat background: air below this (HU) outside the body.
+CT_AIR_HU = -900.0
+#: Largest |ours - peer's own resampling|, as a fraction of the moving image's intensity range, accepted by
+#: ``--check-conventions``.
 CONVENTION_TOLERANCE = 1e-3
 THREAD_VARIABLES = (
     "OMP_NUM_THREADS",
@@ -112,7 +199,25 @@ THREAD_VARIABLES = (
     "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
 )
 BASELINE = "ants-synonly"
+GREEDY = "greedy"
+FIREANTS = "fireants"
 CANDIDATE = "voxelopt"
+#: Peers the targets compare VoxelOpt with: EPE on known-field cases, Dice on labelled cases.
+EPE_PEERS = (BASELINE, GREEDY)
+DICE_PEERS = (BASELINE, GREEDY, FIREANTS)
+#: Greedy deformable settings (module docstring); ``-threads`` and ``-wp 0`` are added by the runner.
+GREEDY_SETTINGS = "-m NCC 2x2x2 -n 100x50x10"
+GREEDY_SV_SETTINGS = "-m WNCC 2x2x2 -sv -n 100x50x10"
+#: FireANTs deformable settings (module docstring: its brain-MRI quick start).
+FIREANTS_SETTINGS: dict[str, object] = {
+    "scales": [4, 2, 1],
+    "iterations": [200, 100, 25],
+    "cc_kernel_size": 5,
+    "deformation_type": "compositive",
+    "smooth_grad_sigma": 1,
+    "optimizer": "adam",
+    "optimizer_lr": 0.5,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,6 +238,11 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def load_text() -> str:
+    """The 1/5/15-minute load averages, as ``uptime`` prints them."""
+    return "load " + " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 class Meter:
     """Context manager timing one block and measuring the process's peak RSS during it (module docstring)."""
 
@@ -142,6 +252,7 @@ class Meter:
         self.rss_before_mib = math.nan
         self.peak_rss_mib = math.nan
         self.peak_was_reset = False
+        self.load_before = (math.nan,) * 3
 
     def __enter__(self) -> Meter:
         try:
@@ -150,6 +261,7 @@ class Meter:
         except OSError:
             self.peak_was_reset = False
         self.rss_before_mib = _status_mib("VmRSS")
+        self.load_before = os.getloadavg()
         self._cpu_start = _cpu_seconds()
         self._start = time.perf_counter()
         return self
@@ -160,13 +272,14 @@ class Meter:
         self.peak_rss_mib = _status_mib("VmHWM")
 
     def stats(self) -> dict[str, float | bool]:
-        """The measurements, as stored per run (``time_s``, ``cpu_s``, ``peak_rss_mib``, ``rss_rise_mib``)."""
+        """The measurements, as stored per run (``time_s``, ``cpu_s``, ``peak_rss_mib``, ``rss_rise_mib``, load)."""
         return {
             "time_s": self.seconds,
             "cpu_s": self.cpu_seconds,
             "peak_rss_mib": self.peak_rss_mib,
             "rss_rise_mib": self.peak_rss_mib - self.rss_before_mib,
             "peak_was_reset": self.peak_was_reset,
+            "load_1min": self.load_before[0],
         }
 
 
@@ -194,6 +307,19 @@ def _lps_field_to_ddf(lps_xyz: np.ndarray, affine: np.ndarray) -> torch.Tensor:
     return spatial.ddf_mm_to_voxel(lps * RAS_TO_LPS, torch.from_numpy(affine)).to(torch.float32)
 
 
+def _load_field_on_fixed_grid(path: Path, fixed_path: Path, peer: str) -> torch.Tensor:
+    """An ITK displacement field file (LPS mm) read with ``load_ddf``, after checking it lies on the fixed grid."""
+    ddf, field_affine = load_ddf(path)
+    _, fixed_affine = load_nifti(fixed_path)
+    if not np.allclose(field_affine, fixed_affine, atol=1e-3):
+        raise RuntimeError(f"{peer} warp is not on the fixed grid: affine {field_affine} vs {fixed_affine}")
+    return ddf
+
+
+def _threads() -> int:
+    return int(os.environ["OMP_NUM_THREADS"])
+
+
 def run_identity(fixed_path: Path, moving_path: Path, workdir: Path, meter: Meter) -> RunnerOutput:
     """Zero field: the (affine) starting point."""
     fixed = _image_tensor(fixed_path)
@@ -202,13 +328,42 @@ def run_identity(fixed_path: Path, moving_path: Path, workdir: Path, meter: Mete
     return RunnerOutput(ddf)
 
 
-def run_voxelopt(fixed_path: Path, moving_path: Path, workdir: Path, meter: Meter) -> RunnerOutput:
-    """VoxelOpt (MIND) exactly as ``monai-unireg register`` builds it for the fixed grid; times the forward pass."""
-    from monai_unireg.cli import METHODS
+def _normalised_pair(fixed_path: Path, moving_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair normalised as ``monai-unireg register`` normalises it for VoxelOpt (modality detected per image)."""
+    from monai_unireg.cli import CT_WINDOWS, INTENSITY_RANGES
+    from monai_unireg.engines.pair_registration import detect_modality, normalise_intensity
 
-    fixed, moving = _image_tensor(fixed_path), _image_tensor(moving_path)
-    model = METHODS["voxelopt"](tuple(fixed.shape[2:])).eval()
-    with meter:
+    images = []
+    for path in (fixed_path, moving_path):
+        image = _image_tensor(path)
+        images.append(
+            normalise_intensity(image, detect_modality(image), CT_WINDOWS["voxelopt"], INTENSITY_RANGES["voxelopt"])
+        )
+    return images[0], images[1]
+
+
+def run_voxelopt(fixed_path: Path, moving_path: Path, workdir: Path, meter: Meter) -> RunnerOutput:
+    """VoxelOpt exactly as ``monai-unireg register`` builds and feeds it; times the forward pass."""
+    from monai_unireg.cli import METHODS as CLI_METHODS
+
+    fixed, moving = _normalised_pair(fixed_path, moving_path)
+    model = CLI_METHODS["voxelopt"](tuple(fixed.shape[2:])).eval()
+    with meter, torch.no_grad():
+        ddf = model(moving, fixed)
+    return RunnerOutput(ddf.float())
+
+
+def run_voxelopt_paper(fixed_path: Path, moving_path: Path, workdir: Path, meter: Meter) -> RunnerOutput:
+    """Plain ``VoxelOpt()`` (paper defaults; fewer levels only where 5 do not fit), same normalised inputs."""
+    from monai_unireg.networks.nets import VoxelOpt
+
+    fixed, moving = _normalised_pair(fixed_path, moving_path)
+    shape = tuple(fixed.shape[2:])
+    model = VoxelOpt()
+    if min(shape) // 2 ** (model.num_levels - 1) < 2:
+        model = VoxelOpt(num_levels=VoxelOpt.levels_for(shape, coarsest=2, maximum=model.num_levels))
+    model = model.eval()
+    with meter, torch.no_grad():
         ddf = model(moving, fixed)
     return RunnerOutput(ddf.float())
 
@@ -229,10 +384,7 @@ def _run_ants(fixed_path: Path, moving_path: Path, workdir: Path, meter: Meter, 
         raise RuntimeError(f"expected one forward warp field (and the identity initial transform), got {transforms}")
     if any(not np.allclose(p, [1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0], atol=1e-6) for p in initial):
         raise RuntimeError(f"SyNOnly's initial transform is not the identity: {initial}")
-    ddf, field_affine = load_ddf(warps[0])
-    _, fixed_affine = load_nifti(fixed_path)
-    if not np.allclose(field_affine, fixed_affine, atol=1e-3):
-        raise RuntimeError(f"ANTs warp is not on the fixed grid: affine {field_affine} vs {fixed_affine}")
+    ddf = _load_field_on_fixed_grid(Path(warps[0]), fixed_path, "ANTs")
     peer_warped = ants.apply_transforms(fixed, moving, transforms, interpolator="linear").numpy()
     return RunnerOutput(ddf, peer_warped)
 
@@ -245,6 +397,61 @@ def run_ants_synonly(fixed_path: Path, moving_path: Path, workdir: Path, meter: 
 def run_ants_synonly_fine(fixed_path: Path, moving_path: Path, workdir: Path, meter: Meter) -> RunnerOutput:
     """ANTs ``SyNOnly`` with ``reg_iterations=(100, 70, 50, 20)`` (four levels, full resolution included)."""
     return _run_ants(fixed_path, moving_path, workdir, meter, reg_iterations=(100, 70, 50, 20))
+
+
+def _run_greedy(fixed_path: Path, moving_path: Path, workdir: Path, meter: Meter, settings: str) -> RunnerOutput:
+    """Greedy deformable registration (``settings``), images in memory, warp written as its CLI writes it.
+
+    The warp file is an ITK displacement field (LPS mm, fixed grid) despite the documentation's RAS wording: read
+    with ``load_ddf``, it reproduces Greedy's own reslicing to ~1e-6 (the convention check), the RAS reading does
+    not (~0.6 on [0, 1] images). Written uncompressed (``.nii``) so that the timed block spends no time in gzip.
+    """
+    import SimpleITK as sitk
+    from picsl_greedy import Greedy3D
+
+    fixed = sitk.ReadImage(str(fixed_path), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(moving_path), sitk.sitkFloat32)
+    warp_path = workdir / "greedy_warp.nii"
+    threads = f"-d 3 -threads {_threads()}"
+    greedy = Greedy3D()
+    with meter:
+        greedy.execute(f"{threads} {settings} -wp 0 -i fixed moving -o {warp_path}", fixed=fixed, moving=moving)
+    ddf = _load_field_on_fixed_grid(warp_path, fixed_path, "Greedy")
+    greedy.execute(f"{threads} -rf fixed -rm moving resliced -r {warp_path}", fixed=fixed, moving=moving, resliced=None)
+    peer_warped = sitk.GetArrayFromImage(greedy["resliced"]).transpose(2, 1, 0)
+    return RunnerOutput(ddf, peer_warped)
+
+
+def run_greedy(fixed_path: Path, moving_path: Path, workdir: Path, meter: Meter) -> RunnerOutput:
+    """Greedy with ``GREEDY_SETTINGS`` (NCC 2x2x2, 100x50x10, default smoothing)."""
+    return _run_greedy(fixed_path, moving_path, workdir, meter, GREEDY_SETTINGS)
+
+
+def run_greedy_sv(fixed_path: Path, moving_path: Path, workdir: Path, meter: Meter) -> RunnerOutput:
+    """Greedy with ``GREEDY_SV_SETTINGS`` (the quick start's WNCC 2x2x2, -sv, 100x50x10)."""
+    return _run_greedy(fixed_path, moving_path, workdir, meter, GREEDY_SV_SETTINGS)
+
+
+def run_fireants(fixed_path: Path, moving_path: Path, workdir: Path, meter: Meter) -> RunnerOutput:
+    """FireANTs ``GreedyRegistration`` (``FIREANTS_SETTINGS``) on the CPU; warp saved in ANTs format."""
+    import logging
+
+    from fireants.io import BatchedImages, Image
+    from fireants.registration.greedy import GreedyRegistration
+
+    logging.getLogger("fireants").setLevel(logging.ERROR)
+    fixed = BatchedImages([Image.load_file(str(fixed_path), device="cpu")])
+    moving = BatchedImages([Image.load_file(str(moving_path), device="cpu")])
+    with meter:
+        registration = GreedyRegistration(fixed_images=fixed, moving_images=moving, **FIREANTS_SETTINGS)
+        registration.optimize()
+    warp_path = workdir / "fireants_warp.nii.gz"
+    registration.save_as_ants_transforms(str(warp_path))
+    ddf = _load_field_on_fixed_grid(warp_path, fixed_path, "FireANTs")
+    with torch.no_grad():
+        # FireANTs arrays are SimpleITK's [z, y, x]: back to the NIfTI (i, j, k) order.
+        peer_warped = registration.evaluate(fixed, moving)[0, 0].numpy().transpose(2, 1, 0)
+    return RunnerOutput(ddf, peer_warped)
 
 
 def _itk_grid_matches(image: object, affine: np.ndarray) -> bool:
@@ -316,12 +523,18 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "identity": Method(run_identity, "torch", "identity (affine only)"),
-    "voxelopt": Method(run_voxelopt, "monai_unireg.networks.nets:VoxelOpt", "VoxelOpt (MIND)"),
+    "voxelopt": Method(run_voxelopt, "monai_unireg.networks.nets:VoxelOpt", "VoxelOpt (register)"),
+    "voxelopt-paper": Method(run_voxelopt_paper, "monai_unireg.networks.nets:VoxelOpt", "VoxelOpt (paper)"),
     "ants-synonly": Method(run_ants_synonly, "ants", "ANTs SyNOnly default"),
     "ants-synonly-fine": Method(run_ants_synonly_fine, "ants", "ANTs SyNOnly 100x70x50x20"),
+    "greedy": Method(run_greedy, "picsl_greedy:Greedy3D", "Greedy NCC 2x2x2"),
+    "greedy-sv": Method(run_greedy_sv, "picsl_greedy:Greedy3D", "Greedy WNCC -sv"),
+    "fireants": Method(run_fireants, "fireants.registration.greedy:GreedyRegistration", "FireANTs greedy"),
     "elastix-bspline": Method(run_elastix_bspline, "itk:elastix_registration_method", "elastix B-spline"),
     "convexadam": Method(run_convexadam, "convexAdam.convex_adam_MIND", "ConvexAdam (MIND)"),
 }
+#: Methods run when ``--methods`` is not given (``voxelopt-paper`` and ``greedy-sv`` only on request).
+DEFAULT_METHODS = [m for m in METHODS if m not in ("voxelopt-paper", "greedy-sv")]
 
 
 def missing_requirement(requires: str) -> str | None:
@@ -342,9 +555,16 @@ def _set_thread_environment(threads: int) -> None:
 
 
 def worker(method: str, fixed_path: str, moving_path: str, workdir: str, threads: int) -> None:
-    """Child-process entry: run one method on one pair; write ``result.npz`` and ``stats.json`` to ``workdir``."""
+    """Child-process entry: run one method on one pair; write ``result.npz``, ``stats.json`` and the method's own
+    output (``log.txt``) to ``workdir``."""
     out = Path(workdir)
     os.chdir(out)  # some peers write side files into the working directory
+    # The peers' own progress output (Greedy prints every iteration) goes to a log file beside the results.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log = os.open(out / "log.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
     try:
         _set_thread_environment(threads)
         torch.set_num_threads(threads)
@@ -361,22 +581,31 @@ def worker(method: str, fixed_path: str, moving_path: str, workdir: str, threads
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pairs
+# Cases
 
 
 @dataclass
 class Case:
-    """One registration pair; ``true_ddf`` (voxels, our convention) is set for the known-field pair."""
+    """One registration pair; ``true_ddf`` (voxels, our convention) is set for the known-field cases.
+
+    ``group`` is what the table aggregates over (``"brainsynth"``: the mean over its pairs; otherwise the case
+    itself); ``object_mask`` / ``background_mask`` are boolean ``[D, H, W]`` masks of the fixed grid (EPE inside the
+    object, mean |field| over the flat background); ``identity`` holds the zero field's scores.
+    """
 
     name: str
+    key: str
     group: str
     fixed_image: Path
     moving_image: Path
     fixed_labels: Path
     moving_labels: Path
     dice_labels: tuple[int, ...]
+    object_mask: torch.Tensor
+    background_mask: torch.Tensor | None = None
     true_ddf: torch.Tensor | None = None
     notes: dict[str, float] = field(default_factory=dict)
+    identity: dict[str, float] = field(default_factory=dict)
 
     @property
     def slug(self) -> str:
@@ -388,16 +617,35 @@ def _label_path(image: Path) -> Path:
     return Path(str(image).replace("/imagesTr/", "/labelsTr/"))
 
 
+def _dataset(name: str) -> tuple[Path, dict]:
+    folder = DATA / name
+    return folder, json.loads((folder / f"{name}_dataset.json").read_text())
+
+
 def brainsynth_cases(count: int) -> list[Case]:
     """The first ``count`` BrainSynth ``registration_val`` pairs, scored on ``dice_top30_labels``."""
-    folder = DATA / "BrainSynth"
-    meta = json.loads((folder / "BrainSynth_dataset.json").read_text())
+    folder, meta = _dataset("BrainSynth")
     cases = []
     for entry in meta["registration_val"][:count]:
         fixed, moving = (folder / entry["fixed"]).resolve(), (folder / entry["moving"]).resolve()
         name = f"BrainSynth {fixed.name[11:15]}<-{moving.name[11:15]}"
         labels = tuple(meta["dice_top30_labels"])
-        cases.append(Case(name, "brainsynth", fixed, moving, _label_path(fixed), _label_path(moving), labels))
+        fixed_labels = torch.from_numpy(np.asarray(load_nifti(_label_path(fixed))[0]) > 0)
+        flat = torch.from_numpy(np.asarray(load_nifti(fixed)[0]) == 0) & ~fixed_labels
+        cases.append(
+            Case(
+                name,
+                "brainsynth",
+                "brainsynth",
+                fixed,
+                moving,
+                _label_path(fixed),
+                _label_path(moving),
+                labels,
+                fixed_labels,
+                flat,
+            )
+        )
     return cases
 
 
@@ -408,46 +656,159 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
-def known_case(workdir: Path, seed: int = KNOWN_SEED) -> Case:
-    """BrainVXM2mm against itself warped by ``exp(-v)``; true field ``exp(v)`` (module docstring)."""
-    folder = DATA / "BrainVXM2mm"
-    meta = json.loads((folder / "BrainVXM2mm_dataset.json").read_text())
-    fixed_path = (folder / meta["training"][0]["image"]).resolve()
-    labels_path = (folder / meta["training"][0]["label"]).resolve()
-    image, affine = load_nifti(fixed_path)
-    labels, _ = load_nifti(labels_path)
-    image_t = torch.from_numpy(np.asarray(image, dtype=np.float32))[None, None]
-    labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))[None, None]
+def quantise(image: torch.Tensor, low: float, high: float, levels: int = QUANTISATION_LEVELS) -> torch.Tensor:
+    """``image`` rounded to ``levels`` values evenly spaced over ``[low, high]``; exact zeros stay exactly 0."""
+    step = (high - low) / (levels - 1)
+    rounded = torch.round((image.clamp(low, high) - low) / step) * step + low
+    return torch.where(image == 0, torch.zeros_like(image), rounded).to(image.dtype)
 
+
+def _known_case(
+    key: str,
+    name: str,
+    workdir: Path,
+    image: torch.Tensor,
+    affine: np.ndarray,
+    labels_path: Path,
+    dice_labels: tuple[int, ...],
+    object_mask: torch.Tensor,
+    background_mask: torch.Tensor | None,
+    fixed_path: Path | None = None,
+    finish: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    notes: dict[str, float] | None = None,
+    seed: int = KNOWN_SEED,
+) -> Case:
+    """``image`` (``[1, 1, *S]``) against itself warped by ``exp(-v)``; true field ``exp(v)`` (module docstring).
+
+    The fixed image is written to ``workdir`` unless ``fixed_path`` (its file) is given; ``finish`` maps the warped
+    moving image to how it is stored (8-bit rounding, integer HU).
+    """
+    labels, _ = load_nifti(labels_path)
+    labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))[None, None]
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(1, 3, *image_t.shape[2:], generator=generator, dtype=torch.float64)
+    noise = torch.randn(1, 3, *image.shape[2:], generator=generator, dtype=torch.float64)
     velocity = separable_filter(noise, _gaussian_kernel(KNOWN_SIGMA_VOXELS), 3)
     velocity = (velocity * (KNOWN_MAX_VOXELS / velocity.norm(dim=1).max())).to(torch.float32)
     true_ddf = spatial.integrate_velocity(velocity)
     inverse = spatial.integrate_velocity(-velocity)
+    del noise, velocity
 
-    moving_path, moving_labels_path = workdir / "known_moving.nii.gz", workdir / "known_moving_labels.nii.gz"
-    save_nifti(spatial.warp(image_t, inverse)[0, 0], affine, moving_path)
+    if fixed_path is None:
+        fixed_path = workdir / f"{key}_fixed.nii.gz"
+        save_nifti(image[0, 0], affine, fixed_path)
+    moving = spatial.warp(image, inverse)
+    moving = finish(moving) if finish is not None else moving
+    moving_path, moving_labels_path = workdir / f"{key}_moving.nii.gz", workdir / f"{key}_moving_labels.nii.gz"
+    save_nifti(moving[0, 0], affine, moving_path)
     save_nifti(spatial.warp_labels(labels_t, inverse)[0, 0].to(torch.int16), affine, moving_labels_path)
-    brain = labels_t[0, 0] > 0
-    floor = _mm_norm(spatial.compose(inverse, true_ddf), affine)[brain]
-    true_mm = _mm_norm(true_ddf, affine)[brain]
-    notes = {
-        "true_mean_mm": float(true_mm.mean()),
-        "true_max_mm": float(true_mm.max()),
-        "floor_mm": float(floor.mean()),
-    }
+    floor = _mm_norm(spatial.compose(inverse, true_ddf), affine)
+    true_mm = _mm_norm(true_ddf, affine)
+    notes = dict(notes or {})
+    notes.update(
+        true_mean_mm=float(true_mm[object_mask].mean()),
+        true_max_mm=float(true_mm[object_mask].max()),
+        floor_mm=float(floor[object_mask].mean()),
+    )
+    if background_mask is not None and bool(background_mask.any()):
+        notes["true_bg_mean_mm"] = float(true_mm[background_mask].mean())
     return Case(
-        "BrainVXM2mm known field",
-        "known",
+        name,
+        key,
+        key,
         fixed_path,
         moving_path,
-        labels_path,
+        labels_path.resolve(),
         moving_labels_path,
-        tuple(meta["evaluation_labels"]),
+        dice_labels,
+        object_mask,
+        background_mask,
         true_ddf,
         notes,
     )
+
+
+def _vxm_case(workdir: Path, dataset: str, key: str, eight_bit: bool) -> Case:
+    """A BrainVXM known-field case (brain = label > 0; flat background = exact zeros outside it), optionally 8-bit."""
+    folder, meta = _dataset(dataset)
+    image_path = (folder / meta["training"][0]["image"]).resolve()
+    labels_path = (folder / meta["training"][0]["label"]).resolve()
+    array, affine = load_nifti(image_path)
+    image = torch.from_numpy(np.asarray(array, dtype=np.float32))[None, None]
+    brain = torch.from_numpy(np.asarray(load_nifti(labels_path)[0]) > 0)
+    fixed_path, finish, notes = image_path, None, {}
+    if eight_bit:
+        low, high = float(image.min()), float(image.max())
+        quantised = quantise(image, low, high)
+        notes["rounded_fraction"] = float((quantised != image).float().mean())
+        image, fixed_path = quantised, None
+        finish = lambda moving: quantise(moving, low, high)  # noqa: E731
+    flat = (image[0, 0] == 0) & ~brain
+    name = f"{dataset} {'8-bit ' if eight_bit else ''}known field"
+    return _known_case(
+        key,
+        name,
+        workdir,
+        image,
+        affine,
+        labels_path,
+        tuple(meta["evaluation_labels"]),
+        brain,
+        flat,
+        fixed_path=fixed_path,
+        finish=finish,
+        notes=notes,
+    )
+
+
+def ct_body_mask(hu: np.ndarray) -> np.ndarray:
+    """The body of a CT (HU, axis 2 axial): the largest connected component above ``CT_BODY_HU``, holes filled in
+    each axial slice (lungs and bowel gas count as inside)."""
+    from scipy import ndimage
+
+    components, count = ndimage.label(hu > CT_BODY_HU)
+    if count == 0:
+        return np.zeros(hu.shape, dtype=bool)
+    sizes = np.bincount(components.ravel())[1:]
+    body = components == (1 + int(np.argmax(sizes)))
+    for k in range(body.shape[2]):
+        body[:, :, k] = ndimage.binary_fill_holes(body[:, :, k])
+    return body
+
+
+def ct_case(workdir: Path) -> Case:
+    """CTTotalSeg case 0001 (HU, air kept) against itself warped by a known field; object = the body."""
+    folder, meta = _dataset("CTTotalSeg")
+    entry = next(e for e in meta["training"] if "label" in e)
+    image_path, labels_path = (folder / entry["image"]).resolve(), (folder / entry["label"]).resolve()
+    array, affine = load_nifti(image_path)
+    hu = np.asarray(array, dtype=np.float32)
+    body = ct_body_mask(hu)
+    air = (hu < CT_AIR_HU) & ~body
+    image = torch.from_numpy(hu)[None, None]
+    return _known_case(
+        "ct",
+        f"CTTotalSeg {image_path.name[11:15]} known field",
+        workdir,
+        image,
+        affine,
+        labels_path,
+        tuple(meta["evaluation_labels"]),
+        torch.from_numpy(body),
+        torch.from_numpy(air),
+        fixed_path=image_path,
+        finish=lambda moving: torch.round(moving).to(torch.int16),
+        notes={"body_fraction": float(body.mean()), "air_fraction": float(air.mean())},
+    )
+
+
+#: ``--cases`` keys: a description and a builder ``(workdir, args) -> cases``.
+CASES: dict[str, tuple[str, Callable[[Path, argparse.Namespace], list[Case]]]] = {
+    "brainsynth": ("BrainSynth registration_val, first --pairs", lambda w, a: brainsynth_cases(a.pairs)),
+    "vxm2mm": ("BrainVXM2mm known field", lambda w, a: [_vxm_case(w, "BrainVXM2mm", "vxm2mm", False)]),
+    "vxm2mm-8bit": ("8-bit BrainVXM2mm known field", lambda w, a: [_vxm_case(w, "BrainVXM2mm", "vxm2mm-8bit", True)]),
+    "vxm1mm-8bit": ("8-bit BrainVXM1mm known field", lambda w, a: [_vxm_case(w, "BrainVXM1mm", "vxm1mm-8bit", True)]),
+    "ct": ("CTTotalSeg 0001 known field (HU)", lambda w, a: [ct_case(w)]),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -465,29 +826,41 @@ def _label_tensor(path: Path) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def score(case: Case, ddf: torch.Tensor) -> dict[str, float]:
-    """Dice, HD95 (mm), SDlogJ, % folding and (known field only) EPE (mm) of ``ddf`` on ``case``."""
+    """Dice, HD95 (mm), SDlogJ, % folding, mean |ddf| (mm) over the flat background and (known field) EPE (mm)."""
     fixed_labels, affine = _label_tensor(case.fixed_labels)
     moving_labels, _ = _label_tensor(case.moving_labels)
     warped_labels = spatial.warp_labels(moving_labels, ddf)
-    dice = LabelDiceMetric(labels=case.dice_labels)(warped_labels, fixed_labels)
     with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LabelDiceMetric: labels present in neither")
         warnings.filterwarnings("ignore", message="HD95Metric: labels present in only one")
+        dice = LabelDiceMetric(labels=case.dice_labels)(warped_labels, fixed_labels)
         hd95 = HD95Metric(labels=case.dice_labels, spacing=spacing_from_affine(affine).tolist())(
             warped_labels, fixed_labels
         )
     sdlogj, folding = JacobianMetric()(ddf)[0].tolist()
     result = {"dice": float(dice.nanmean()), "hd95_mm": float(hd95.nanmean()), "sdlogj": sdlogj, "folding_pct": folding}
+    length = _mm_norm(ddf, affine)
+    if case.background_mask is not None and bool(case.background_mask.any()):
+        result["bg_mm"] = float(length[case.background_mask].mean())
     if case.true_ddf is not None:
-        brain = fixed_labels[0, 0] > 0
-        result["epe_mm"] = float(_mm_norm(ddf - case.true_ddf, affine)[brain].mean())
+        result["epe_mm"] = float(_mm_norm(ddf - case.true_ddf, affine)[case.object_mask].mean())
     return result
+
+
+def not_worse_than_identity(case: Case, scores: dict[str, float]) -> bool:
+    """Dice >= the zero field's and (known field) EPE <= the zero field's, on this case."""
+    ok = scores["dice"] >= case.identity["dice"] - 1e-9
+    if "epe_mm" in scores:
+        ok = ok and scores["epe_mm"] <= case.identity["epe_mm"] + 1e-9
+    return ok
 
 
 def convention_agreement(case: Case, ddf: torch.Tensor, peer_warped: np.ndarray) -> dict[str, float]:
     """``spatial.warp(moving, ddf)`` against the peer's own resampling, at points >= 1 voxel inside the grid.
 
-    Returns the max and mean absolute difference, the number of voxels compared and, for scale, the mean absolute
-    change the peer's resampling made to the moving image there (a check on a zero field would prove nothing).
+    Returns the max and mean absolute difference, the moving image's intensity range (the tolerance scales with
+    it), the number of voxels compared and, for scale, the mean absolute change the peer's resampling made to the
+    moving image there (a check on a zero field would prove nothing).
     """
     moving = _image_tensor(case.moving_image)
     ours = spatial.warp(moving, ddf, padding_mode="zeros")[0, 0]
@@ -499,9 +872,180 @@ def convention_agreement(case: Case, ddf: torch.Tensor, peer_warped: np.ndarray)
     return {
         "max_abs": float(difference.max()),
         "mean_abs": float(difference.mean()),
+        "range": float(moving.max() - moving.min()),
         "voxels": int(inside.sum()),
         "moved_mean_abs": float((peer - moving[0, 0])[inside].abs().mean()),
     }
+
+
+def convention_ok(agreement: dict[str, float]) -> bool:
+    """Within ``CONVENTION_TOLERANCE`` of the moving image's intensity range."""
+    return agreement["max_abs"] <= CONVENTION_TOLERANCE * max(agreement["range"], 1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole processes (--process): each tool as a user runs it, measured with os.wait4
+
+
+ANTS_PROCESS = """
+import sys, ants
+fixed, moving, out = sys.argv[1:4]
+f, m = ants.image_read(fixed), ants.image_read(moving)
+result = ants.registration(f, m, type_of_transform="SyNOnly", outprefix=out + "/ants_")
+ants.image_write(result["warpedmovout"], out + "/warped.nii.gz")
+"""
+GREEDY_PROCESS = """
+import sys
+from picsl_greedy import Greedy3D
+fixed, moving, out, threads, settings = sys.argv[1:6]
+greedy = Greedy3D()
+greedy.execute(f"-d 3 -threads {threads} {settings} -i {fixed} {moving} -o {out}/warp.nii.gz")
+greedy.execute(f"-d 3 -threads {threads} -rf {fixed} -rm {moving} {out}/warped.nii.gz -r {out}/warp.nii.gz")
+"""
+FIREANTS_PROCESS = """
+import json, sys, torch
+from fireants.io import BatchedImages, Image
+from fireants.registration.greedy import GreedyRegistration
+fixed, moving, out, threads, settings = sys.argv[1:6]
+torch.set_num_threads(int(threads))
+f = BatchedImages([Image.load_file(fixed, device="cpu")])
+m = BatchedImages([Image.load_file(moving, device="cpu")])
+registration = GreedyRegistration(fixed_images=f, moving_images=m, **json.loads(settings))
+registration.optimize()
+registration.save_as_ants_transforms(out + "/warp.nii.gz")
+registration.save_moved_images(registration.evaluate(f, m), out + "/warped.nii.gz")
+"""
+#: Tools ``--process`` can time (those of them in ``--methods`` are timed).
+PROCESS_TOOLS = ("voxelopt", BASELINE, GREEDY, FIREANTS)
+
+
+def process_command(tool: str, fixed: Path, moving: Path, out: Path, threads: int) -> list[str]:
+    """The command line a user would run for ``tool`` on the pair, writing into ``out`` (module docstring)."""
+    python = sys.executable
+    if tool == "voxelopt":
+        return [
+            python,
+            "-m",
+            "monai_unireg",
+            "register",
+            "--fixed",
+            str(fixed),
+            "--moving",
+            str(moving),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    if tool == BASELINE:
+        return [python, "-c", ANTS_PROCESS, str(fixed), str(moving), str(out)]
+    if tool == GREEDY:
+        return [python, "-c", GREEDY_PROCESS, str(fixed), str(moving), str(out), str(threads), GREEDY_SETTINGS]
+    if tool == FIREANTS:
+        return [
+            python,
+            "-c",
+            FIREANTS_PROCESS,
+            str(fixed),
+            str(moving),
+            str(out),
+            str(threads),
+            json.dumps(FIREANTS_SETTINGS),
+        ]
+    raise ValueError(f"no whole-process command for {tool!r}")
+
+
+#: Started (small) between this script and each measured tool: on Linux a child's ``ru_maxrss`` starts from the
+#: RSS of the process it was forked from, so forking the tool from this script (which holds the cases) would report
+#: at least this script's RSS. The launcher forks the tool, waits for it with ``os.wait4`` and writes the tool's
+#: own wall time, CPU time and peak RSS as JSON to the file named by its first argument.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+wall = time.perf_counter() - start
+child.returncode = os.waitstatus_to_exitcode(status)
+cpu = usage.ru_utime + usage.ru_stime
+record = {"wall_s": wall, "cpu_s": cpu, "maxrss_kib": usage.ru_maxrss, "exit_code": child.returncode}
+with open(sys.argv[1], "w") as handle:
+    json.dump(record, handle)
+sys.exit(0 if child.returncode == 0 else 1)
+"""
+
+
+def time_process(command: list[str], env: dict[str, str], log_path: Path, timeout: float) -> dict[str, object]:
+    """Run ``command`` through ``LAUNCHER``: its wall time, CPU time and peak RSS (``os.wait4`` on the tool's own
+    process), and the load averages before and after."""
+    load_before = os.getloadavg()
+    measured = log_path.with_suffix(".json")
+    measured.unlink(missing_ok=True)
+    with log_path.open("w") as log:
+        launcher = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, str(measured), *command],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=log_path.parent,
+            start_new_session=True,  # its own process group, so that a timeout ends the tool too
+        )
+        timed_out = False
+        try:
+            launcher.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(launcher.pid, 9)
+            launcher.wait()
+    record: dict[str, object] = {"wall_s": math.nan, "cpu_s": math.nan, "peak_rss_mib": math.nan}
+    if measured.exists():
+        values = json.loads(measured.read_text())
+        record.update(wall_s=values["wall_s"], cpu_s=values["cpu_s"], peak_rss_mib=values["maxrss_kib"] / 1024.0)
+        record["exit_code"] = values["exit_code"]
+    else:
+        record["exit_code"] = None
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+        record["error"] = f"timed out after {timeout:.0f} s" if timed_out else (lines[-1] if lines else "no record")
+    record["load_before"], record["load_after"] = list(load_before), list(os.getloadavg())
+    if record["exit_code"] not in (0, None):
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+        record["error"] = lines[-1] if lines else f"exit {record['exit_code']}"
+    return record
+
+
+def run_processes(
+    case: Case, tools: list[str], workdir: Path, threads: int, repeats: int, timeout: float
+) -> dict[str, dict[str, object]]:
+    """Each tool's whole process on ``case``, in turn, ``repeats`` times; medians per tool (and every run)."""
+    env = dict(os.environ)
+    env.update({name: str(threads) for name in THREAD_VARIABLES})
+    runs: dict[str, list[dict[str, object]]] = {tool: [] for tool in tools}
+    print(f"\nwhole processes on {case.name} ({threads} threads); {load_text()}", flush=True)
+    for repeat in range(repeats):
+        for tool in tools:
+            out = workdir / "process" / f"{tool}_{repeat}"
+            out.mkdir(parents=True, exist_ok=True)
+            command = process_command(tool, case.fixed_image, case.moving_image, out, threads)
+            record = time_process(command, env, out / "log.txt", timeout)
+            runs[tool].append(record)
+            status = f"FAILED: {record['error']}" if "error" in record else "ok"
+            before = " ".join(f"{v:.2f}" for v in record["load_before"])
+            after = " ".join(f"{v:.2f}" for v in record["load_after"])
+            print(
+                f"  {tool:<14} wall {record['wall_s']:7.1f} s  cpu {record['cpu_s']:7.1f} s  peak "
+                f"{record['peak_rss_mib']:6.0f} MiB  (load before {before}, after {after})  {status}",
+                flush=True,
+            )
+    result = {}
+    for tool, records in runs.items():
+        ok = [r for r in records if "error" not in r]
+        result[tool] = {
+            "wall_s": statistics.median(r["wall_s"] for r in ok) if ok else math.nan,
+            "cpu_s": statistics.median(r["cpu_s"] for r in ok) if ok else math.nan,
+            "peak_rss_mib": max((r["peak_rss_mib"] for r in ok), default=math.nan),
+            "runs": records,
+            "command": " ".join(process_command(tool, case.fixed_image, case.moving_image, Path("OUT"), threads)[:6]),
+        }
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -512,7 +1056,7 @@ def run_one(method: str, case: Case, workdir: Path, threads: int, timeout: float
     """Run ``method`` on ``case`` in a child process and score it; a failure is recorded, not raised."""
     out = workdir / case.slug / method
     out.mkdir(parents=True, exist_ok=True)
-    record: dict[str, object] = {"method": method, "pair": case.name, "group": case.group}
+    record: dict[str, object] = {"method": method, "pair": case.name, "case": case.key, "group": case.group}
     child = multiprocessing.get_context("spawn").Process(
         target=worker, args=(method, str(case.fixed_image), str(case.moving_image), str(out), threads)
     )
@@ -532,38 +1076,62 @@ def run_one(method: str, case: Case, workdir: Path, threads: int, timeout: float
         ddf = torch.from_numpy(arrays["ddf"])
         peer_warped = arrays["peer_warped"] if "peer_warped" in arrays else None
     record.update(score(case, ddf))
+    record["not_worse_than_identity"] = not_worse_than_identity(case, record)
     if peer_warped is not None:
         record["convention"] = convention_agreement(case, ddf, peer_warped)
     return record
 
 
 def _mean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
+    finite = [v for v in values if v is not None and not math.isnan(v)]
     return float(np.mean(finite)) if finite else math.nan
 
 
-def summarise(runs: list[dict[str, object]], methods: list[str]) -> dict[str, dict[str, float]]:
-    """Per method: BrainSynth means, known-field values, mean time per pair (all pairs), worst memory."""
-    summary = {}
-    for method in methods:
-        ok = [r for r in runs if r["method"] == method and "error" not in r]
-        synth = [r for r in ok if r["group"] == "brainsynth"]
-        known = [r for r in ok if r["group"] == "known"]
-        summary[method] = {
-            "dice": _mean([r["dice"] for r in synth]),
-            "hd95_mm": _mean([r["hd95_mm"] for r in synth]),
-            "sdlogj": _mean([r["sdlogj"] for r in synth]),
-            "folding_pct": _mean([r["folding_pct"] for r in synth]),
-            "known_dice": _mean([r["dice"] for r in known]),
-            "epe_mm": _mean([r["epe_mm"] for r in known]),
-            "time_s": _mean([r["time_s"] for r in ok]),
-            "cpu_s": _mean([r["cpu_s"] for r in ok]),
-            "peak_rss_mib": max([r["peak_rss_mib"] for r in ok], default=math.nan),
-            "rss_rise_mib": max([r["rss_rise_mib"] for r in ok], default=math.nan),
-            "pairs": len(ok),
-            "failures": len([r for r in runs if r["method"] == method and "error" in r]),
-        }
-    return summary
+SCORE_KEYS = ("dice", "hd95_mm", "epe_mm", "bg_mm", "sdlogj", "folding_pct", "time_s", "cpu_s")
+
+
+def group_label(group: str, cases: list[Case]) -> str:
+    """The table's name of a group: ``BrainSynth (N pairs)`` or the case's name."""
+    members = [case for case in cases if case.group == group]
+    if group == "brainsynth":
+        return f"BrainSynth mean ({len(members)} pairs)"
+    return members[0].name
+
+
+def summarise(runs: list[dict[str, object]], methods: list[str], cases: list[Case]) -> list[dict[str, object]]:
+    """One row per (group, method): means over the group's pairs (BrainSynth) or the case's values; the
+    ``identity`` reference row (scored in the parent) first in each group, unless ``identity`` itself ran."""
+    rows = []
+    groups = list(dict.fromkeys(case.group for case in cases))
+    for group in groups:
+        members = [case for case in cases if case.group == group]
+        if "identity" not in methods:
+            reference = {key: _mean([case.identity.get(key, math.nan) for case in members]) for key in SCORE_KEYS}
+            rows.append(
+                {
+                    "group": group,
+                    "case": group_label(group, cases),
+                    "method": "identity",
+                    **reference,
+                    "peak_rss_mib": math.nan,
+                    "rss_rise_mib": math.nan,
+                    "pairs": len(members),
+                    "failures": 0,
+                    "not_worse_than_identity": True,
+                    "reference_only": True,
+                }
+            )
+        for method in methods:
+            mine = [r for r in runs if r["method"] == method and r["group"] == group]
+            ok = [r for r in mine if "error" not in r]
+            row: dict[str, object] = {"group": group, "case": group_label(group, cases), "method": method}
+            row.update({key: _mean([r.get(key, math.nan) for r in ok]) for key in SCORE_KEYS})
+            row["peak_rss_mib"] = max([r["peak_rss_mib"] for r in ok], default=math.nan)
+            row["rss_rise_mib"] = max([r["rss_rise_mib"] for r in ok], default=math.nan)
+            row["pairs"], row["failures"] = len(ok), len(mine) - len(ok)
+            row["not_worse_than_identity"] = all(r["not_worse_than_identity"] for r in ok) if ok else None
+            rows.append(row)
+    return rows
 
 
 def paired_time_ratio(runs: list[dict[str, object]], method: str, reference: str) -> float:
@@ -578,100 +1146,192 @@ def paired_time_ratio(runs: list[dict[str, object]], method: str, reference: str
     return float(np.mean([times[method][p] for p in common]) / np.mean([times[reference][p] for p in common]))
 
 
-def target_checks(runs: list[dict[str, object]], summary: dict[str, dict[str, float]]) -> list[dict[str, object]]:
-    """The three VoxelOpt targets against ANTs SyNOnly default (empty unless both ran)."""
-    if CANDIDATE not in summary or BASELINE not in summary:
-        return []
-    candidate, baseline = summary[CANDIDATE], summary[BASELINE]
-    checks = [
-        ("mean Dice (BrainSynth) >= ANTs SyNOnly default", candidate["dice"], baseline["dice"], "ge"),
-        ("EPE (known field) <= ANTs SyNOnly default", candidate["epe_mm"], baseline["epe_mm"], "le"),
-        ("wall time / ANTs SyNOnly default <= 0.5", paired_time_ratio(runs, CANDIDATE, BASELINE), 0.5, "le"),
-    ]
-    results = []
-    for text, value, reference, relation in checks:
-        if math.isnan(value) or math.isnan(reference):
-            verdict = "N/A"
-        else:
-            verdict = "PASS" if (value >= reference if relation == "ge" else value <= reference) else "FAIL"
-        results.append({"target": text, "value": value, "reference": reference, "verdict": verdict})
-    return results
+def _verdict(value: float, reference: float, relation: str) -> str:
+    if value is None or reference is None or math.isnan(value) or math.isnan(reference):
+        return "N/A"
+    return "PASS" if (value >= reference if relation == "ge" else value <= reference) else "FAIL"
 
 
-def _fmt(value: float, digits: int) -> str:
-    return "-" if math.isnan(value) else f"{value:.{digits}f}"
+def target_checks(
+    runs: list[dict[str, object]],
+    rows: list[dict[str, object]],
+    processes: dict[str, dict[str, object]] | None,
+) -> list[dict[str, object]]:
+    """The VoxelOpt targets (module docstring); ``N/A`` where VoxelOpt or the reference did not run."""
+    checks: list[dict[str, object]] = []
+
+    def add(text: str, value: float, reference: float, relation: str, note: str = "") -> None:
+        checks.append(
+            {
+                "target": text,
+                "value": value,
+                "reference": reference,
+                "relation": relation,
+                "verdict": _verdict(value, reference, relation),
+                "note": note,
+            }
+        )
+
+    mine = [r for r in runs if r["method"] == CANDIDATE]
+    if mine:
+        ok = [r for r in mine if "error" not in r]
+        worse = [r["pair"] for r in ok if not r["not_worse_than_identity"]]
+        failed = len(mine) - len(ok)
+        add(
+            "never worse than identity (pairs worse or failed)",
+            float(len(worse) + failed),
+            0.0,
+            "le",
+            ", ".join(worse) + (f" {failed} failed" if failed else ""),
+        )
+    by_key = {(row["group"], row["method"]): row for row in rows}
+    for group in dict.fromkeys(row["group"] for row in rows):
+        candidate = by_key.get((group, CANDIDATE))
+        if candidate is None or not candidate["pairs"]:
+            continue
+        label = candidate["case"]
+        if not math.isnan(candidate["epe_mm"]):
+            for peer in EPE_PEERS:
+                reference = by_key.get((group, peer))
+                value = reference["epe_mm"] if reference is not None and reference["pairs"] else math.nan
+                add(f"{label}: EPE <= {METHODS[peer].label}", candidate["epe_mm"], value, "le")
+        peers = {p: by_key[(group, p)]["dice"] for p in DICE_PEERS if by_key.get((group, p), {}).get("pairs")}
+        best = max(peers, key=peers.get) if peers else None
+        missing = [METHODS[p].label for p in DICE_PEERS if p not in peers]
+        note = f"best: {METHODS[best].label}" if best else ""
+        if missing:
+            note += ("; " if note else "") + "no result: " + ", ".join(missing)
+        add(f"{label}: Dice >= best peer", candidate["dice"], peers[best] if best else math.nan, "ge", note)
+    add(
+        f"registration call wall time / {METHODS[BASELINE].label} <= 0.5 (in-process, same pairs)",
+        paired_time_ratio(runs, CANDIDATE, BASELINE),
+        0.5,
+        "le",
+    )
+    if processes:
+        ours = processes.get(CANDIDATE, {}).get("wall_s", math.nan)
+        for peer, limit in ((BASELINE, 0.5), (GREEDY, 1.0)):
+            theirs = processes.get(peer, {}).get("wall_s", math.nan)
+            ratio = ours / theirs if theirs and not math.isnan(theirs) else math.nan
+            add(
+                f"whole process / {METHODS[peer].label} process <= {limit}",
+                ratio,
+                limit,
+                "le",
+                f"{_fmt(ours, 1)} s vs {_fmt(theirs, 1)} s",
+            )
+    return checks
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def print_progress(record: dict[str, object]) -> None:
     """One line per finished run."""
     if "error" in record:
-        print(f"  {record['pair']:<26} {record['method']:<18} FAILED: {record['error']}", flush=True)
+        print(f"  {record['pair']:<30} {record['method']:<17} FAILED: {record['error']}", flush=True)
         return
     epe = f" EPE {record['epe_mm']:.3f} mm" if "epe_mm" in record else ""
+    background = f" bg {record['bg_mm']:.2f} mm" if "bg_mm" in record else ""
+    worse = "" if record["not_worse_than_identity"] else "  WORSE THAN IDENTITY"
     print(
-        f"  {record['pair']:<26} {record['method']:<18} Dice {record['dice']:.3f} HD95 {record['hd95_mm']:.2f}"
-        f" SDlogJ {record['sdlogj']:.3f} fold {record['folding_pct']:.3f}%{epe}  {record['time_s']:.1f} s"
-        f" (cpu {record['cpu_s']:.1f} s) peak {record['peak_rss_mib']:.0f} MiB",
+        f"  {record['pair']:<30} {record['method']:<17} Dice {record['dice']:.3f} HD95 {record['hd95_mm']:.2f}"
+        f" SDlogJ {record['sdlogj']:.3f} fold {record['folding_pct']:.3f}%{epe}{background}  {record['time_s']:.1f} s"
+        f" (cpu {record['cpu_s']:.1f} s, load {record['load_1min']:.2f}) peak {record['peak_rss_mib']:.0f} MiB"
+        f"{worse}",
         flush=True,
     )
 
 
-def print_table(summary: dict[str, dict[str, float]]) -> None:
-    """One row per method: BrainSynth means, known-field Dice and EPE, time per pair (all pairs), memory."""
-    columns = [
-        ("Dice", "dice", 3),
-        ("HD95 mm", "hd95_mm", 2),
-        ("SDlogJ", "sdlogj", 3),
-        ("fold %", "folding_pct", 3),
-        ("Dice kn", "known_dice", 3),
-        ("EPE mm", "epe_mm", 3),
-        ("s/pair", "time_s", 1),
-        ("cpu s", "cpu_s", 1),
-        ("peak MiB", "peak_rss_mib", 0),
-        ("+MiB", "rss_rise_mib", 0),
-    ]
-    width = max(len(METHODS[m].label) for m in summary) + 2
-    print(f"{'method':<{width}}" + "".join(f"{title:>9}" for title, _, _ in columns) + "  ok/failed")
-    for method, values in summary.items():
-        cells = "".join(f"{_fmt(values[key], digits):>9}" for _, key, digits in columns)
-        print(f"{METHODS[method].label:<{width}}{cells}  {values['pairs']}/{values['failures']}")
+TABLE_COLUMNS = (
+    ("Dice", "dice", 3),
+    ("HD95 mm", "hd95_mm", 2),
+    ("EPE mm", "epe_mm", 3),
+    ("bg|u|mm", "bg_mm", 3),
+    ("SDlogJ", "sdlogj", 3),
+    ("fold %", "folding_pct", 3),
+    ("wall s", "time_s", 1),
+    ("cpu s", "cpu_s", 1),
+    ("peak MiB", "peak_rss_mib", 0),
+    ("+MiB", "rss_rise_mib", 0),
+)
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    """One block per group, one row per method (identity first), with the ">= id" check column."""
+    width = max(len(METHODS[row["method"]].label) for row in rows) + 2
+    header = f"{'method':<{width}}" + "".join(f"{title:>9}" for title, _, _ in TABLE_COLUMNS) + "  >=id  ok/failed"
+    current = None
+    for row in rows:
+        if row["group"] != current:
+            current = row["group"]
+            print(f"\n{row['case']}\n{header}")
+        cells = "".join(f"{_fmt(row[key], digits):>9}" for _, key, digits in TABLE_COLUMNS)
+        check = {True: "yes", False: "NO", None: "-"}[row["not_worse_than_identity"]]
+        if row.get("reference_only"):
+            check, counts = "ref", "(zero field)"
+        else:
+            counts = f"{row['pairs']}/{row['failures']}"
+        print(f"{METHODS[row['method']].label:<{width}}{cells}  {check:>4}  {counts}")
 
 
 def print_conventions(runs: list[dict[str, object]]) -> list[str]:
-    """Print the peers' field-conversion agreement; return the runs above ``CONVENTION_TOLERANCE``."""
+    """Print the peers' field-conversion agreement; return the runs above the tolerance."""
     checked = [r for r in runs if "convention" in r]
     if not checked:
         return []
-    print("\nfield conventions: spatial.warp with the converted field vs the peer's own resampling")
+    print(
+        f"\nfield conventions: spatial.warp with the converted field vs the peer's own resampling "
+        f"(tolerance {CONVENTION_TOLERANCE} x the moving image's range)"
+    )
     failed = []
     for run in checked:
         agreement = run["convention"]
-        ok = agreement["max_abs"] <= CONVENTION_TOLERANCE
+        ok = convention_ok(agreement)
         if not ok:
             failed.append(f"{run['method']} on {run['pair']}")
         print(
-            f"  {run['method']:<18} {run['pair']:<26} max |diff| {agreement['max_abs']:.1e} "
-            f"mean {agreement['mean_abs']:.1e} (image change {agreement['moved_mean_abs']:.1e}, "
-            f"{agreement['voxels']} voxels) {'ok' if ok else f'MISMATCH (> {CONVENTION_TOLERANCE})'}"
+            f"  {run['method']:<17} {run['pair']:<30} max |diff| {agreement['max_abs']:.1e} "
+            f"mean {agreement['mean_abs']:.1e} (range {agreement['range']:.3g}, image change "
+            f"{agreement['moved_mean_abs']:.1e}, {agreement['voxels']} voxels) {'ok' if ok else 'MISMATCH'}"
         )
     return failed
 
 
-def print_targets(
-    runs: list[dict[str, object]], summary: dict[str, dict[str, float]], targets: list[dict[str, object]]
+def print_summary(
+    runs: list[dict[str, object]],
+    rows: list[dict[str, object]],
+    processes: dict[str, dict[str, object]] | None,
+    targets: list[dict[str, object]],
 ) -> None:
-    """VoxelOpt / ANTs SyNOnly default ratios and the PASS/FAIL lines."""
-    if not targets:
-        return
-    memory = summary[CANDIDATE]["peak_rss_mib"] / summary[BASELINE]["peak_rss_mib"]
-    print(
-        f"\nVoxelOpt / ANTs SyNOnly default: wall time {paired_time_ratio(runs, CANDIDATE, BASELINE):.2f}x "
-        f"(same pairs), peak RSS {memory:.2f}x"
-    )
+    """The compact end summary: VoxelOpt's ratios to the peers, then the targets' PASS/FAIL lines."""
+    ran = {r["method"] for r in runs if "error" not in r}
+    print(f"\nsummary ({load_text()})")
+    if CANDIDATE in ran:
+        for peer in (BASELINE, GREEDY, FIREANTS):
+            if peer in ran:
+                print(
+                    f"  VoxelOpt / {METHODS[peer].label}: registration call wall time "
+                    f"{_fmt(paired_time_ratio(runs, CANDIDATE, peer), 2)}x (same pairs)"
+                )
+    if processes and CANDIDATE in processes:
+        ours = processes[CANDIDATE]
+        for peer in (BASELINE, GREEDY, FIREANTS):
+            if peer in processes:
+                theirs = processes[peer]
+                wall = ours["wall_s"] / theirs["wall_s"] if theirs["wall_s"] else math.nan
+                memory = ours["peak_rss_mib"] / theirs["peak_rss_mib"] if theirs["peak_rss_mib"] else math.nan
+                print(
+                    f"  monai-unireg register / {METHODS[peer].label} whole process: wall {_fmt(wall, 2)}x "
+                    f"({_fmt(ours['wall_s'], 1)} s vs {_fmt(theirs['wall_s'], 1)} s), peak RSS {_fmt(memory, 2)}x"
+                )
     for target in targets:
+        note = f"  [{target['note']}]" if target["note"] else ""
+        sign = ">=" if target["relation"] == "ge" else "<="
         print(
-            f"{target['verdict']:>4}  VoxelOpt {target['target']} "
-            f"({_fmt(target['value'], 3)} vs {_fmt(target['reference'], 3)})"
+            f"  {target['verdict']:>4}  VoxelOpt {target['target']}: {_fmt(target['value'], 3)} {sign} "
+            f"{_fmt(target['reference'], 3)}{note}"
         )
 
 
@@ -681,7 +1341,7 @@ def _json_ready(value: object) -> object:
         return None if math.isnan(value) else value
     if isinstance(value, dict):
         return {key: _json_ready(item) for key, item in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_json_ready(item) for item in value]
     return value
 
@@ -690,10 +1350,12 @@ def write_output(
     path: Path,
     config: dict[str, object],
     runs: list[dict[str, object]],
-    summary: dict[str, dict[str, float]],
+    rows: list[dict[str, object]],
     targets: list[dict[str, object]],
+    processes: dict[str, dict[str, object]] | None,
 ) -> None:
-    """``.json``: configuration, every run, the summary and the targets; ``.csv``: one row per run."""
+    """``.json``: configuration, every run, the table rows, the processes and the targets; ``.csv``: one row per
+    run."""
     if path.suffix == ".csv":
         keys = sorted({key for run in runs for key in run if key != "convention"})
         with path.open("w", newline="") as handle:
@@ -704,33 +1366,53 @@ def write_output(
                 row["convention_max_abs"] = run.get("convention", {}).get("max_abs", "")
                 writer.writerow(row)
     else:
-        payload = {"config": config, "runs": runs, "summary": summary, "targets": targets}
+        payload = {"config": config, "runs": runs, "table": rows, "processes": processes, "targets": targets}
         path.write_text(json.dumps(_json_ready(payload), indent=2))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="methods to run (default: all)"
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=DEFAULT_METHODS,
+        help=f"methods to run (default: {' '.join(DEFAULT_METHODS)})",
+    )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=list(CASES),
+        default=list(CASES),
+        help="cases: " + "; ".join(f"{key}: {text}" for key, (text, _) in CASES.items()) + " (default: all)",
     )
     parser.add_argument("--pairs", type=int, default=10, help="BrainSynth registration_val pairs to use (first N)")
-    parser.add_argument(
-        "--known", action=argparse.BooleanOptionalAction, default=True, help="include the known-field pair"
-    )
-    parser.add_argument("--threads", type=int, default=2, help="threads per method (torch, ITK, OpenMP)")
+    parser.add_argument("--threads", type=int, default=2, help="threads per method (torch, ITK, OpenMP, Greedy)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per method and pair")
     parser.add_argument(
         "--check-conventions",
         action="store_true",
-        help=f"exit 1 when a peer's converted field disagrees with its own resampling by > {CONVENTION_TOLERANCE}",
+        help=f"exit 1 when a peer's converted field disagrees with its own resampling by > {CONVENTION_TOLERANCE} "
+        "x the moving image's range",
     )
+    parser.add_argument(
+        "--process",
+        action="store_true",
+        help=f"also time the whole process of each of {', '.join(PROCESS_TOOLS)} in --methods on one pair",
+    )
+    parser.add_argument("--process-only", action="store_true", help="only the --process timing (implies --process)")
+    parser.add_argument("--process-case", choices=list(CASES), help="case of the --process pair (default: first)")
+    parser.add_argument("--process-repeats", type=int, default=1, help="--process rounds (median reported)")
     parser.add_argument("--out", type=Path, help="write results to this .json or .csv file")
     parser.add_argument("--workdir", type=Path, help="keep intermediate files here (default: a temporary folder)")
     args = parser.parse_args(argv)
-    if args.pairs < 0 or args.threads < 1:
-        parser.error("--pairs must be >= 0 and --threads >= 1")
+    args.process = args.process or args.process_only
+    if args.pairs < 0 or args.threads < 1 or args.process_repeats < 1:
+        parser.error("--pairs must be >= 0, --threads and --process-repeats >= 1")
     if args.out is not None and args.out.suffix not in (".json", ".csv"):
         parser.error("--out must end in .json or .csv")
+    if args.process_case is not None and args.process_case not in args.cases:
+        args.cases = [*args.cases, args.process_case]
     return args
 
 
@@ -745,42 +1427,56 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"cannot run these methods:\n{lines}\nleave them out with --methods, or install the peers.")
     _set_thread_environment(args.threads)
     torch.set_num_threads(args.threads)
+    print(f"{len(args.methods)} methods, cases {' '.join(args.cases)}, {args.threads} threads, CPU; {load_text()}")
 
+    processes = None
     with tempfile.TemporaryDirectory(prefix="peers_") as temporary:
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
-        cases = brainsynth_cases(args.pairs) + ([known_case(workdir)] if args.known else [])
+        cases = [case for key in args.cases for case in CASES[key][1](workdir, args)]
         for case in cases:
+            case.identity = score(case, torch.zeros(1, 3, *case.object_mask.shape))
             if case.notes:
                 notes = ", ".join(f"{key} {value:.3f}" for key, value in case.notes.items())
-                print(f"{case.name}: true field over the brain mask: {notes}")
+                print(f"{case.name}: {notes}")
         runs = []
-        for case in cases:
-            for method in args.methods:
-                runs.append(run_one(method, case, workdir, args.threads, args.timeout))
-                print_progress(runs[-1])
+        if not args.process_only:
+            for case in cases:
+                for method in args.methods:
+                    runs.append(run_one(method, case, workdir, args.threads, args.timeout))
+                    print_progress(runs[-1])
+        if args.process:
+            tools = [tool for tool in PROCESS_TOOLS if tool in args.methods]
+            key = args.process_case or args.cases[0]
+            pair = next(case for case in cases if case.key == key)
+            processes = run_processes(pair, tools, workdir, args.threads, args.process_repeats, args.timeout)
 
-    summary = summarise(runs, args.methods)
-    synth = sum(case.group == "brainsynth" for case in cases)
-    print(
-        f"\n{len(cases)} pairs: {synth} BrainSynth (Dice and HD95 over dice_top30_labels, SDlogJ and folding: "
-        f"means over them), {len(cases) - synth} known-field BrainVXM2mm ('kn', EPE); time and cpu: mean per pair "
-        f"over all pairs; memory: worst pair. {args.threads} threads, CPU."
-    )
-    print_table(summary)
+    rows = summarise(runs, args.methods, cases) if runs else []
+    if rows:
+        print(
+            "\nDice: BrainSynth over dice_top30_labels, the known-field cases over each dataset's evaluation_labels; "
+            "HD95 over the same labels; EPE over the object (brain: label > 0; CT: body); bg|u|: mean |field| over "
+            "the flat background; wall/cpu s: registration call per pair (mean); memory: worst pair; >=id: never "
+            "worse than the zero field on any pair of the group."
+        )
+        print_table(rows)
     if any(run.get("peak_was_reset") is False for run in runs):
         print("note: /proc/self/clear_refs was not writable, so peak RSS includes the child's start-up")
     failed_conventions = print_conventions(runs)
-    targets = target_checks(runs, summary)
-    print_targets(runs, summary, targets)
+    targets = target_checks(runs, rows, processes)
+    print_summary(runs, rows, processes, targets)
     if args.out is not None:
         config = {
             "methods": args.methods,
+            "cases": args.cases,
             "pairs": [case.name for case in cases],
             "threads": args.threads,
-            "known_field": next((case.notes for case in cases if case.notes), None),
+            "case_notes": {case.name: case.notes for case in cases if case.notes},
+            "greedy": GREEDY_SETTINGS,
+            "greedy_sv": GREEDY_SV_SETTINGS,
+            "fireants": FIREANTS_SETTINGS,
         }
-        write_output(args.out, config, runs, summary, targets)
+        write_output(args.out, config, runs, rows, targets, processes)
         print(f"\nresults written to {args.out}")
     if args.check_conventions and failed_conventions:
         print(f"\nconvention check FAILED for: {', '.join(failed_conventions)}")
