@@ -106,7 +106,10 @@ def main() -> None:
             cpu = network(moving, fixed)
             gpu = network.to(device)(moving.to(device), fixed.to(device)).cpu()
         difference = (gpu - cpu).abs()
-        print(f"{name:18s} CPU vs CUDA at {small}: max |diff| {difference.max():.4f}, mean {difference.mean():.5f} voxel")
+        print(
+            f"{name:18s} CPU vs CUDA at {small}: max |diff| {difference.max():.4f}, "
+            f"mean {difference.mean():.5f} voxel"
+        )
 
 
 if __name__ == "__main__":
