@@ -35,6 +35,8 @@ __all__ = [
     "TEMPORARY_INFIX",
     "atomic_path",
     "remove_stale_temporaries",
+    "IMAGE_SUFFIXES",
+    "check_image_file",
     "load_nifti",
     "save_nifti",
     "save_ddf",
@@ -112,6 +114,41 @@ def _write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     with atomic_path(path) as temporary:
         write(temporary)
     return Path(path)
+
+
+#: File endings of the image formats MONAI's ``LoadImage`` reads here (NIfTI and MGH through nibabel, the rest
+#: through ITK when it is installed).
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".mha", ".mhd", ".nrrd", ".nhdr")
+_NIBABEL_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
+
+
+def check_image_file(path: str | os.PathLike, name: str) -> Path:
+    """Check that ``path`` is an existing image file in a format of :data:`IMAGE_SUFFIXES` with a readable header.
+
+    Only the header is read (NIfTI/MGH through nibabel), so this is cheap enough for every entry of a dataset list
+    and turns "a text file in the image list" into one line naming ``name`` instead of a reader's traceback later.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist or is not a file.
+        ValueError: another file type, or a NIfTI/MGH file whose header cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} names {str(path)!r}, which does not exist or is not a file.")
+    suffix = next((s for s in IMAGE_SUFFIXES if path.name.lower().endswith(s)), None)
+    if suffix is None:
+        raise ValueError(
+            f"{name} names {str(path)!r}, which is not an image file (expected {', '.join(IMAGE_SUFFIXES)})."
+        )
+    if suffix in _NIBABEL_SUFFIXES:
+        try:
+            header = nib.load(str(path)).header
+            header.get_data_shape()
+        except Exception as error:
+            raise ValueError(
+                f"{name} names {str(path)!r}, which is not a readable {suffix} image: {_first_line(error)}"
+            ) from None
+    return path
 
 
 def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

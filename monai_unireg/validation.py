@@ -20,6 +20,7 @@ __all__ = [
     "check_ddf",
     "check_same_spatial_shape",
     "check_image_pair",
+    "check_informative_image",
     "check_labels",
     "check_option",
     "check_number",
@@ -96,6 +97,37 @@ def check_image_pair(moving: Any, fixed: Any, spatial_dims: int = 3) -> None:
             f"moving and fixed must have the same shape (bring them onto one grid first), "
             f"got {tuple(moving.shape)} and {tuple(fixed.shape)}."
         )
+
+
+#: Fewest voxels (as a fraction of all) that must differ from an image's median for it to carry structure.
+INFORMATIVE_FRACTION = 1e-4
+
+
+def check_informative_image(x: Any, name: str) -> None:
+    """Refuse a constant or nearly constant image: there is nothing in it to register.
+
+    An image is refused when fewer than ``max(8, INFORMATIVE_FRACTION * voxels)`` of its voxels differ from its
+    median by more than ``1e-6`` of its largest magnitude (all-zero, all-one, a constant plus rounding noise, or a
+    blank volume with a handful of stray voxels). Such an image gives a similarity that is flat or decided by
+    noise, and every method would return a field of whatever its regulariser and ties make of it.
+
+    Args:
+        x: image tensor of any shape (e.g. ``[B, C, D, H, W]`` or ``[C, D, H, W]``), finite values.
+        name: what to call it in the message, e.g. ``"fixed image 'a.nii.gz'"``.
+    """
+    values = plain_tensor(check_tensor(x, name)).detach().reshape(-1).to(torch.float64)
+    if values.numel() == 0:
+        raise ValueError(f"{name} must not be empty.")
+    median = values.median()
+    scale = float(values.abs().max())
+    differing = int(((values - median).abs() > 1e-6 * scale).sum())
+    if differing < max(8, INFORMATIVE_FRACTION * values.numel()):
+        detail = (
+            f"every voxel equals {float(median):g} to 1 part in a million"
+            if differing == 0
+            else f"only {differing} of {values.numel()} voxels differ from {float(median):g}"
+        )
+        raise ValueError(f"{name} is constant or nearly so ({detail}); there is nothing in it to register.")
 
 
 def check_labels(x: Any, name: str, *, allow_empty: bool = False) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monai_unireg.io import check_image_file
 from monai_unireg.validation import check_option
 
 __all__ = [
@@ -131,12 +132,13 @@ def _case(image: str) -> dict[str, str]:
 
 
 def _resolve(json_path: Path, relative: Any, where: str) -> str:
-    """Absolute path of a JSON path given relative to the dataset folder; the file must exist."""
+    """Absolute path of a JSON path given relative to the dataset folder; it must be a readable image file."""
     if not isinstance(relative, str):
         raise ValueError(f"{where} of {json_path} must be a path string, got {relative!r}.")
     path = (json_path.parent / relative).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"{where} of {json_path} names {relative!r}, but {path} does not exist.")
+    check_image_file(path, f"{where} of {json_path}")
     return str(path)
 
 

@@ -39,7 +39,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor, ensure_tuple
 
 from monai_unireg.spatial import INTERPOLATION_MODES, PADDING_MODES, resize_ddf, resize_image, warp, warp_labels
-from monai_unireg.validation import check_labels, check_option, check_tensor, plain_tensor
+from monai_unireg.validation import check_informative_image, check_labels, check_option, check_tensor, plain_tensor
 
 __all__ = [
     "FIXED_IMAGE",
@@ -92,6 +92,12 @@ def _check_volume(value: Any, key: Hashable) -> torch.Tensor:
     if min(tensor.shape) == 0:
         raise ValueError(f"data[{key!r}] must not be empty, got shape {tuple(tensor.shape)}.")
     return check_tensor(tensor, f"data[{key!r}]")
+
+
+def _describe(key: Hashable, value: Any) -> str:
+    """``data['fixed_image']`` followed by the file it was read from, when it carries that metadata."""
+    filename = value.meta.get("filename_or_obj") if isinstance(value, MetaTensor) else None
+    return f"data[{key!r}]" + (f" ({filename})" if filename else "")
 
 
 def _check_label(value: Any, key: Hashable) -> torch.Tensor:
@@ -171,9 +177,10 @@ def _check_spatial_size(spatial_size: Any) -> tuple[int, ...]:
 class CheckPaird(MapTransform):
     """Validate a pair dictionary and pass it through unchanged.
 
-    Every present key must hold a channel-first volume ``[C, D, H, W]`` of finite values, labels must have
-    one channel and integer values, and all of them must share one spatial shape (needed wherever the
-    moving image is warped with a field on the fixed grid). Label keys are optional.
+    Every present key must hold a channel-first volume ``[C, D, H, W]`` of finite values, images must not be
+    constant (:func:`~monai_unireg.validation.check_informative_image`), labels must have one channel and integer
+    values, and all of them must share one spatial shape (needed wherever the moving image is warped with a field
+    on the fixed grid). Label keys are optional.
 
     Args:
         keys: image keys (required unless ``allow_missing_keys``).
@@ -196,7 +203,11 @@ class CheckPaird(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Check ``data``; returns a shallow copy."""
         d = dict(data)
-        shapes = {key: _check_volume(d[key], key).shape[1:] for key in self.key_iterator(d)}
+        shapes = {}
+        for key in self.key_iterator(d):
+            image = _check_volume(d[key], key)
+            check_informative_image(image, _describe(key, d[key]))
+            shapes[key] = image.shape[1:]
         shapes.update({key: _check_label(d[key], key).shape[1:] for key in self.label_keys if key in d})
         _check_same_shape(shapes, "fixed and moving images and labels of a pair share one grid")
         return d

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
@@ -104,14 +106,15 @@ def test_training_unpaired_is_all_ordered_pairs(shared_data):
 
 
 def _make_dataset(root: Path, n_cases: int = 3, labels: tuple[int, ...] = (1, 2), **overrides) -> Path:
-    """A synthetic Learn2Reg folder (empty image files) with ``n_cases`` cases; returns the JSON path."""
+    """A synthetic Learn2Reg folder (tiny 2x2x2 NIfTI files) with ``n_cases`` cases; returns the JSON path."""
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     names = [f"Toy_{i:04d}_0000.nii.gz" for i in range(1, n_cases + 1)]
+    tiny = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
     for i, name in enumerate(names, start=1):
-        (root / "imagesTr" / name).touch()
+        nib.save(tiny, root / "imagesTr" / name)
         if i in labels:
-            (root / "labelsTr" / name).touch()
+            nib.save(tiny, root / "labelsTr" / name)
     raw = {
         "name": "Toy",
         "numTraining": n_cases,
@@ -243,3 +246,14 @@ def test_load_pair_folder(tmp_path):
     (tmp_path / "c_fixed.nii.gz").write_bytes(b"")
     with pytest.raises(ValueError, match="c_moving"):
         load_pair_folder(tmp_path)
+
+
+@pytest.mark.parametrize("content, suffix", [(b"not an image", ".nii.gz"), (b"a,b\n1,2\n", ".csv")])
+def test_entry_naming_a_non_image_file_is_refused_naming_the_entry(tmp_path, content, suffix):
+    json_path = _make_dataset(tmp_path)
+    (tmp_path / "imagesTr" / f"notes{suffix}").write_bytes(content)
+    raw = json.loads(json_path.read_text())
+    raw["registration_val"][0]["moving"] = f"./imagesTr/notes{suffix}"
+    json_path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"registration_val\[0\]\.moving .*notes.*(not an image file|not a readable)"):
+        load_learn2reg(json_path)

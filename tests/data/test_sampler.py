@@ -6,6 +6,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -13,15 +15,16 @@ from monai_unireg.data import EpochPairDataset, PairSampler, read_learn2reg
 
 
 def _write_dataset(root: Path, name: str, n_cases: int, paired: bool = False) -> Path:
-    """A synthetic Learn2Reg folder of empty files; paired datasets get one (fixed, moving) pair per case."""
+    """A synthetic Learn2Reg folder of tiny 2x2x2 NIfTI files; paired datasets get one (fixed, moving) pair per case."""
     (root / name / "imagesTr").mkdir(parents=True)
     (root / name / "labelsTr").mkdir()
     training, pairs = [], []
+    tiny = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
     for case in range(1, n_cases + 1):
         images = [f"./imagesTr/{name}_{case:04d}_{m:04d}.nii.gz" for m in ((0, 1) if paired else (0,))]
         for image in images:
-            (root / name / image).touch()
-            (root / name / image.replace("imagesTr", "labelsTr")).touch()
+            nib.save(tiny, root / name / image)
+            nib.save(tiny, root / name / image.replace("imagesTr", "labelsTr"))
             training.append({"image": image, "label": image.replace("imagesTr", "labelsTr")})
         if paired:
             pairs.append({"fixed": images[0], "moving": images[1]})

@@ -1,0 +1,64 @@
+"""Bad input at the library's boundaries: every case ends in one clear ``ValueError``/``FileNotFoundError`` that
+names the argument, key or file and says what was expected (the command line's own cases are in
+``tests/test_cli_bad_input.py``)."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from monai_unireg.io import check_image_file
+from monai_unireg.transforms import CheckPaird
+from monai_unireg.validation import check_informative_image
+
+STRUCTURED = torch.rand(1, 12, 12, 12, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "image, detail",
+    [
+        (torch.zeros(1, 12, 12, 12), "every voxel equals 0"),
+        (torch.full((1, 12, 12, 12), 1000.0), "every voxel equals 1000"),
+        (7.0 + 1e-8 * STRUCTURED, "every voxel equals 7"),
+        (torch.zeros(1, 12, 12, 12).index_put_((torch.tensor([0]),) * 4, torch.tensor(5.0)), "only 1 of 1728"),
+    ],
+    ids=["zeros", "constant", "constant-plus-rounding", "one-stray-voxel"],
+)
+def test_constant_or_nearly_constant_image_is_refused(image, detail):
+    with pytest.raises(ValueError, match=f"moving image is constant or nearly so \\({detail}"):
+        check_informative_image(image, "moving image")
+
+
+def test_sparse_but_real_structure_is_accepted():
+    image = torch.zeros(1, 32, 32, 32)
+    image[:, 12:20, 12:20, 12:20] = 1.0  # a small object on an exactly flat background (1.6 % of voxels)
+    check_informative_image(image, "fixed image")
+    check_informative_image(-image, "fixed image")
+
+
+def test_pair_check_names_the_key_and_the_file_of_a_constant_image(tmp_path):
+    blank = MetaTensor(torch.zeros(1, 12, 12, 12), meta={"filename_or_obj": str(tmp_path / "blank.nii.gz")})
+    with pytest.raises(ValueError, match=r"data\['fixed_image'\] \(.*blank\.nii\.gz\) is constant"):
+        CheckPaird()({"fixed_image": blank, "moving_image": STRUCTURED})
+    CheckPaird()({"fixed_image": STRUCTURED, "moving_image": STRUCTURED.flip(1)})
+
+
+def test_image_file_check_reads_only_headers_and_names_the_entry(tmp_path):
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((3, 3, 3), np.float32), np.eye(4)), good)
+    assert check_image_file(good, "entry 1") == good
+    text = tmp_path / "notes.nii.gz"
+    with gzip.open(text, "wb") as handle:
+        handle.write(b"not a NIfTI header at all" * 20)
+    with pytest.raises(ValueError, match=r"entry 2 names .*notes\.nii\.gz.*not a readable \.nii\.gz image"):
+        check_image_file(text, "entry 2")
+    with pytest.raises(ValueError, match=r"entry 3 names .*table\.csv.*not an image file \(expected \.nii\.gz"):
+        (tmp_path / "table.csv").write_text("a,b\n")
+        check_image_file(tmp_path / "table.csv", "entry 3")
+    with pytest.raises(FileNotFoundError, match=r"entry 4 names .*missing\.nii.*does not exist"):
+        check_image_file(tmp_path / "missing.nii", "entry 4")
