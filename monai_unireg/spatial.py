@@ -46,6 +46,7 @@ __all__ = [
     "grid_coordinates",
     "resample_to_grid",
     "compose",
+    "cascade_displacement",
     "integrate_velocity",
     "resize_ddf",
     "resize_image",
@@ -394,6 +395,41 @@ def _compose(outer: torch.Tensor, inner: torch.Tensor, padding_mode: str = "bord
         view = (1, -1, *([1] * (inner.ndim - 2)))
         sampled = sampled.div_(torch.tensor(to_outer, device=inner.device, dtype=sampled.dtype).view(view))
     return sampled.add_(inner)
+
+
+def cascade_displacement(
+    fields: Sequence[torch.Tensor], points: torch.Tensor, shape: Sequence[int], padding_mode: str = "border"
+) -> torch.Tensor:
+    """Displacement of the composed map ``phi_1 o phi_2 o ... o phi_k`` at arbitrary points, step by step.
+
+    Each step map is ``phi_i(y) = y + u_i(y)`` with ``u_i`` interpolated (trilinear) from its own grid; the last
+    step is applied first: ``y_k = x + u_k(x)``, ``y_{i} = y_{i+1} + u_i(y_{i+1})``, result ``y_1 - x``. This is the
+    reference uniGradICON's function composition (``TwoStepRegistration``: ``phi(psi(x))``); collapsing the cascade
+    onto one grid first (:func:`compose`) and interpolating that field gives another value off the grid.
+
+    Args:
+        fields: ``[B, n, *S_i]`` step fields ``u_1 ... u_k`` in voxels of their own grids, all over the field of view
+            of ``shape`` (corner-aligned, as :func:`resize_ddf`).
+        points: ``[B, n, *P]`` voxel coordinates on the grid of ``shape``.
+        shape: the grid ``points`` refer to (e.g. the working size of the finest step).
+        padding_mode: how each field extends outside its grid (reference: ``"border"``).
+
+    Returns:
+        ``[B, n, *P]`` displacement ``phi(x) - x`` in voxels of ``shape``'s grid.
+    """
+    if len(fields) == 0:
+        raise ValueError("fields must hold at least one step field.")
+    check_option(padding_mode, "padding_mode", PADDING_MODES)
+    spatial_dims = points.ndim - 2
+    view = (1, -1, *([1] * spatial_dims))
+    reached = points
+    for index, field in enumerate(reversed(fields)):
+        check_ddf(field, f"fields[{len(fields) - 1 - index}]", spatial_dims)
+        to_field = torch.tensor(_resize_scale(shape, field.shape[2:], True), device=points.device, dtype=points.dtype)
+        to_field = to_field.view(view)
+        step = _sample(field, reached * to_field, "bilinear", padding_mode).to(points.dtype) / to_field
+        reached = reached + step
+    return reached - points
 
 
 def integrate_velocity(svf: torch.Tensor, num_steps: int = 7, padding_mode: str = "border") -> torch.Tensor:

@@ -1,9 +1,11 @@
 """uniGradICON training (two stages), fine-tuning and instance optimisation.
 
 The objective is the paper's Eq. 1, ``L = LNCC(A o phi_AB, B) + LNCC(B o phi_BA, A) + lambda GradICON`` with
-LNCC on a Gaussian window of sigma 5 voxels and ``lambda = 1.5``; Adam with learning rate 5e-5; every epoch
-draws the same number of random pairs from each dataset (:class:`~monai_unireg.data.PairSampler`); images are
-brought to [0, 1] (CT: HU window [-1000, 1000]; MRI: [min, 99th percentile]) and resized to the network's
+LNCC on a Gaussian window of sigma 5 voxels (the images warped with zero padding, as the authors' loss) and
+``lambda = 1.5``, GradICON evaluated on the cascade's step functions composed at its sample points (as the reference
+``icon_registration``; :meth:`~monai_unireg.networks.nets.UniGradICON.pop_steps`); Adam with learning rate 5e-5;
+every epoch draws the same number of random pairs from each dataset (:class:`~monai_unireg.data.PairSampler`); images
+are brought to [0, 1] (CT: HU window [-1000, 1000]; MRI: [min, 99th percentile]) and resized to the network's
 working size, then augmented (:class:`RandomPairAugmentation`).
 
 The loop, its checkpoints (written atomically after every epoch, resumed exactly: the pairs, augmentations and
@@ -97,12 +99,22 @@ class GradICONObjective(nn.Module):
         """
         image_a, image_b = (batch["moving"], batch["fixed"]) if image_b is None else (batch, image_b)
         ddf_ab = network(image_a, image_b)
+        steps_ab = _steps_of_last_call(network, ddf_ab)
         ddf_ba = network(image_b, image_a)
-        similarity = self.similarity(spatial.warp(image_a, ddf_ab), image_b) + self.similarity(
-            spatial.warp(image_b, ddf_ba), image_a
+        steps_ba = _steps_of_last_call(network, ddf_ba)
+        similarity = self.similarity(spatial.warp(image_a, ddf_ab, padding_mode="zeros"), image_b) + self.similarity(
+            spatial.warp(image_b, ddf_ba, padding_mode="zeros"), image_a
         )
-        gradicon = self.regulariser(ddf_ab.float(), ddf_ba.float())
+        gradicon = self.regulariser([f.float() for f in steps_ab], [f.float() for f in steps_ba])
         return LossTerms(similarity + self.lam * gradicon, similarity=similarity, gradicon=gradicon)
+
+
+def _steps_of_last_call(network: nn.Module, ddf: torch.Tensor) -> list[torch.Tensor]:
+    """The step fields of a cascade's last call (:meth:`UniGradICON.pop_steps`, through a DDP wrapper too), or
+    ``[ddf]`` for a network that is one step (or not a :class:`UniGradICON`). Steps at another size than ``ddf``
+    (the network resized its input) are used as they are: GradICON is measured in normalised units."""
+    module = getattr(network, "module", network)
+    return module.pop_steps() if isinstance(module, UniGradICON) else [ddf]
 
 
 class RandomPairAugmentation:

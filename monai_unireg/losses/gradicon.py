@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from monai_unireg.spatial import identity_grid, sample
+from monai_unireg.spatial import cascade_displacement, identity_grid
 from monai_unireg.validation import check_bool, check_ddf, check_integer, check_option, check_positive, check_tensor
 
 __all__ = ["GradICONLoss"]
@@ -29,9 +31,13 @@ class GradICONLoss(_Loss):
         e(x) = x - \phi_{AB}(\phi_{BA}(x)) = -\left(u_{BA}(x) + u_{AB}(x + u_{BA}(x))\right),
 
     with the fields sampled off-grid by (tri)linear interpolation, ``align_corners=True`` and border padding
-    (as ``icon_registration``, whose fields extend by their edge values). Everything is measured in the
-    normalised units of the reference code, ``[0, 1]`` per axis (one voxel along axis ``d`` is ``1 / (N_d - 1)``),
-    so ``delta`` and the published weight keep their meaning at any grid size:
+    (as ``icon_registration``, whose fields extend by their edge values). Either map may be given as a cascade of
+    step fields ``[u_1, ..., u_k]`` (``phi = phi_1 o ... o phi_k``, each on its own grid over one field of view, as
+    :meth:`~monai_unireg.networks.nets.UniGradICON.pop_steps` hands them over): the steps are then evaluated one
+    after another at the sample points (:func:`~monai_unireg.spatial.cascade_displacement`), the reference code's
+    function composition, not a single field collapsed onto the grid first, which differs off the grid. Everything
+    is measured in the normalised units of the reference code, ``[0, 1]`` per axis (one voxel along axis ``d`` is
+    ``1 / (N_d - 1)``), so ``delta`` and the published weight keep their meaning at any grid size:
 
     .. math::
 
@@ -71,16 +77,25 @@ class GradICONLoss(_Loss):
         self.jitter_scale = float(check_positive(jitter_scale, "jitter_scale"))
         self.generator = None if seed is None else torch.Generator().manual_seed(check_integer(seed, "seed"))
 
-    def forward(self, ddf_ab: torch.Tensor, ddf_ba: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, ddf_ab: torch.Tensor | Sequence[torch.Tensor], ddf_ba: torch.Tensor | Sequence[torch.Tensor]
+    ) -> torch.Tensor:
         """Compute the loss.
 
         Args:
-            ddf_ab: ``[B, n, *S]`` field registering A onto B (``warp(A, ddf_ab) ~ B``), in voxels, ``n`` = 2 or 3.
-            ddf_ba: ``[B, n, *S]`` field registering B onto A, same shape.
+            ddf_ab: ``[B, n, *S]`` field registering A onto B (``warp(A, ddf_ab) ~ B``), in voxels, ``n`` = 2 or 3;
+                or the step fields ``[u_1, ..., u_k]`` of a cascade, the last on the grid ``S`` (the finest).
+            ddf_ba: field (or step fields) registering B onto A, on the same grid ``S``.
 
         Returns:
             the reduced loss, or ``[B]`` for ``reduction="none"``; float32 at least (float64 stays float64).
         """
+        steps_ab, steps_ba = _as_steps(ddf_ab, "ddf_ab"), _as_steps(ddf_ba, "ddf_ba")
+        dtype = torch.float32
+        for field in (*steps_ab, *steps_ba):
+            dtype = torch.promote_types(dtype, field.dtype)
+        steps_ab, steps_ba = [f.to(dtype) for f in steps_ab], [f.to(dtype) for f in steps_ba]
+        ddf_ab, ddf_ba = steps_ab[-1], steps_ba[-1]
         check_tensor(ddf_ab, "ddf_ab", finite=False)
         if ddf_ab.ndim not in (4, 5):
             raise ValueError(
@@ -95,14 +110,12 @@ class GradICONLoss(_Loss):
             )
         if min(ddf_ab.shape[2:]) < 2:
             raise ValueError(f"ddf_ab needs at least 2 voxels along every spatial axis, got {tuple(ddf_ab.shape)}.")
-        dtype = torch.promote_types(torch.promote_types(ddf_ab.dtype, ddf_ba.dtype), torch.float32)
-        ddf_ab, ddf_ba = ddf_ab.to(dtype), ddf_ba.to(dtype)
         shape = ddf_ab.shape[2:]
         voxel = torch.tensor([1.0 / (s - 1) for s in shape], device=ddf_ab.device, dtype=dtype)
         voxel = voxel.view(1, -1, *([1] * spatial_dims))
         points = self._sample_points(ddf_ab.shape[0], shape, voxel)
         probes = [points] + [points + self._step(d, voxel) for d in range(spatial_dims)]
-        errors = self._inverse_consistency_error(ddf_ab, ddf_ba, torch.cat(probes, dim=2)) * voxel
+        errors = self._inverse_consistency_error(steps_ab, steps_ba, torch.cat(probes, dim=2), shape) * voxel
         errors = errors.chunk(spatial_dims + 1, dim=2)
         per_sample = sum((((errors[0] - moved) / self.delta) ** 2).flatten(1).mean(dim=1) for moved in errors[1:])
         if self.reduction == LossReduction.MEAN.value:
@@ -130,7 +143,18 @@ class GradICONLoss(_Loss):
         return step
 
     @staticmethod
-    def _inverse_consistency_error(ddf_ab: torch.Tensor, ddf_ba: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        """``x - phi_AB(phi_BA(x))`` in voxels at the voxel coordinates ``points`` ``[B, n, *P]``."""
-        backward = sample(ddf_ba, points)
-        return -(backward + sample(ddf_ab, points + backward))
+    def _inverse_consistency_error(
+        steps_ab: Sequence[torch.Tensor], steps_ba: Sequence[torch.Tensor], points: torch.Tensor, shape: torch.Size
+    ) -> torch.Tensor:
+        """``x - phi_AB(phi_BA(x))`` in voxels at the voxel coordinates ``points`` ``[B, n, *P]`` of ``shape``."""
+        backward = cascade_displacement(steps_ba, points, shape)
+        return -(backward + cascade_displacement(steps_ab, points + backward, shape))
+
+
+def _as_steps(value: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[torch.Tensor]:
+    """A field or a cascade's step fields as a non-empty list of tensors."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, torch.Tensor) for v in value):
+        raise ValueError(f"{name} must be a displacement field tensor or a non-empty list of step fields.")
+    return list(value)

@@ -35,6 +35,37 @@ def test_objective_of_the_identity_network_is_the_similarity_alone(generator):
     torch.testing.assert_close(terms.total, expected)
 
 
+def _randomised(network: UniGradICON) -> UniGradICON:
+    """``network`` with its zero-initialised last convolutions drawn at random, so every step moves."""
+    with torch.no_grad():
+        for unet in network.unets:
+            for parameter in unet.parameters():
+                if parameter.ndim == 5 and float(parameter.abs().max()) == 0.0:
+                    parameter.normal_(0.0, 0.05)
+    return network
+
+
+def test_objective_composes_the_steps_at_the_sample_points_and_warps_with_zero_padding(generator):
+    from monai_unireg.losses import GradICONLoss
+    from monai_unireg.spatial import warp
+
+    network = _randomised(small_network())
+    a, b = torch.rand(1, 1, 32, 32, 32, generator=generator), torch.rand(1, 1, 32, 32, 32, generator=generator)
+    terms = GradICONObjective(seed=5)(network, a, b)
+    ddf_ab, steps_ab = network(a, b), network.pop_steps()
+    ddf_ba, steps_ba = network(b, a), network.pop_steps()
+    assert len(steps_ab) == 3 and [tuple(s.shape[2:]) for s in steps_ab] == [(8,) * 3, (16,) * 3, (32,) * 3]
+    torch.testing.assert_close(terms.gradicon, GradICONLoss(seed=5)(steps_ab, steps_ba))
+    collapsed = GradICONLoss(seed=5)(ddf_ab, ddf_ba)
+    assert abs(float((terms.gradicon - collapsed).detach())) > 0.01 * float(terms.gradicon.detach())
+    similarity = LNCCLoss(sigma=5.0)(warp(a, ddf_ab, padding_mode="zeros"), b) + LNCCLoss(sigma=5.0)(
+        warp(b, ddf_ba, padding_mode="zeros"), a
+    )
+    torch.testing.assert_close(terms.similarity, similarity)
+    with pytest.raises(ValueError, match="no step fields to hand over"):
+        network.pop_steps()
+
+
 def test_augmentation_without_noise_is_one_shared_permutation_and_flip(generator):
     a = torch.rand(2, 1, 6, 6, 6, generator=generator)
     b = torch.rand(2, 1, 6, 6, 6, generator=generator)

@@ -143,3 +143,62 @@ def test_cuda_matches_cpu(generator):
     expected = GradICONLoss(seed=5)(ddf_ab, ddf_ba)
     got = GradICONLoss(seed=5)(ddf_ab.cuda(), ddf_ba.cuda())
     assert got.device.type == "cuda" and torch.allclose(got.cpu(), expected, rtol=1e-4)
+
+
+def _smooth_field(shape: tuple[int, ...], magnitude: float, generator: torch.Generator) -> torch.Tensor:
+    """A smooth random ``[1, 3, *shape]`` voxel field: random values on a 4^3 grid, upsampled trilinearly."""
+    coarse = torch.randn(1, 3, 4, 4, 4, generator=generator, dtype=torch.float64) * magnitude
+    return torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
+
+
+def _reference_map(steps: list[torch.Tensor], points: torch.Tensor) -> torch.Tensor:
+    """``phi_1(phi_2(...phi_k(x)))`` at normalised [0, 1] points ``[B, 3, *P]``, written as icon_registration does:
+    each step a function ``x + u(x)`` with ``u`` in normalised units, sampled by ``grid_sample`` (border)."""
+    for step in reversed(steps):
+        extent = torch.tensor([s - 1 for s in step.shape[2:]], dtype=torch.float64).view(1, 3, 1, 1, 1)
+        grid = (2 * points - 1).flip(1).permute(0, 2, 3, 4, 1)
+        sampled = torch.nn.functional.grid_sample(
+            step / extent, grid, mode="bilinear", padding_mode="border", align_corners=True
+        )
+        points = points + sampled
+    return points
+
+
+def _reference_gradicon(steps_ab, steps_ba, shape, noise, delta=0.001, subsample=2) -> torch.Tensor:
+    """The reference GradICON term in float64 at the jittered points ``grid / (N - 1) + 2 noise / N``."""
+    extent = torch.tensor([s - 1 for s in shape], dtype=torch.float64).view(1, 3, 1, 1, 1)
+    size = torch.tensor(list(shape), dtype=torch.float64).view(1, 3, 1, 1, 1)
+    grid = identity_grid(shape, dtype=torch.float64)[:, ::subsample, ::subsample, ::subsample].unsqueeze(0)
+    points = grid / extent + 2 * noise.to(torch.float64) / size
+    error = points - _reference_map(steps_ab, _reference_map(steps_ba, points))
+    total = torch.zeros((), dtype=torch.float64)
+    for axis in range(3):
+        step = torch.zeros(1, 3, 1, 1, 1, dtype=torch.float64)
+        step[:, axis] = delta
+        moved = points + step - _reference_map(steps_ab, _reference_map(steps_ba, points + step))
+        total = total + (((error - moved) / delta) ** 2).mean()
+    return total
+
+
+def test_cascade_of_steps_matches_float64_function_composition(generator):
+    # uniGradICON's step grids for a 32^3 working size: 1/4, 1/2, full, full.
+    shapes = [(8, 8, 8), (16, 16, 16), (32, 32, 32), (32, 32, 32)]
+    steps_ab = [_smooth_field(s, 0.6 * s[0] / 32 * 3, generator) for s in shapes]
+    steps_ba = [_smooth_field(s, 0.6 * s[0] / 32 * 3, generator) for s in shapes]
+    loss = GradICONLoss(seed=7)(steps_ab, steps_ba)
+    noise = torch.randn(1, 3, 16, 16, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    reference = _reference_gradicon(steps_ab, steps_ba, (32, 32, 32), noise)
+    assert abs(float(loss) - float(reference)) <= 1e-4 * float(reference)
+
+
+def test_cascade_differs_from_the_field_collapsed_onto_the_grid(generator):
+    from monai_unireg.networks.nets import UniGradICON
+
+    shapes = [(8, 8, 8), (16, 16, 16), (32, 32, 32)]
+    steps_ab = [_smooth_field(s, 0.6 * s[0] / 32 * 3, generator).float() for s in shapes]
+    steps_ba = [_smooth_field(s, 0.6 * s[0] / 32 * 3, generator).float() for s in shapes]
+    composed = GradICONLoss(seed=3)(steps_ab, steps_ba)
+    collapsed = GradICONLoss(seed=3)(UniGradICON.chain(steps_ab, (32,) * 3), UniGradICON.chain(steps_ba, (32,) * 3))
+    assert abs(float(composed) - float(collapsed)) > 0.01 * float(composed)
+    one_step = GradICONLoss(seed=3)([steps_ab[-1]], [steps_ba[-1]])
+    assert torch.equal(one_step, GradICONLoss(seed=3)(steps_ab[-1], steps_ba[-1]))

@@ -239,6 +239,7 @@ class UniGradICON(nn.Module):
         self.unets = nn.ModuleList(
             GradICONUNet(down_channels, up_channels, in_channels=in_channels, spatial_dims=3) for _ in self.levels
         )
+        self._last_steps: list[torch.Tensor] | None = None
         self.config = {
             "input_size": list(self.input_size),
             "include_step2": self.include_step2,
@@ -287,7 +288,22 @@ class UniGradICON(nn.Module):
                 level_moving = _warp(level_moving, self.chain(fields, level_moving.shape[2:]))
             step = unet(level_moving, fixed_pyramid[level])
             fields.append(step.div_(_normalized_voxel_size(step, "[0,1]")))  # in place: a fresh output
+        self._last_steps = fields if torch.is_grad_enabled() else None
         return self.chain(fields, moving.shape[2:])
+
+    def pop_steps(self) -> list[torch.Tensor]:
+        """The step fields ``[u_1, ..., u_k]`` of the last forward pass run with gradients, handed over once.
+
+        ``u_i`` ``[B, 3, *S_i]`` is step ``i``'s displacement in voxels of its own grid (``S_1`` = 1/4 of the working
+        size, the last = the working size), all over one field of view; the cascade's map is
+        ``phi_1 o ... o phi_k``. Training calls the network through its (possibly ``DistributedDataParallel``)
+        wrapper and then reads the steps here, so that GradICON composes the step functions at its sample points
+        as the reference does (:class:`~monai_unireg.losses.GradICONLoss`).
+        """
+        if self._last_steps is None:
+            raise ValueError("no step fields to hand over: run a forward pass with gradients enabled first.")
+        steps, self._last_steps = self._last_steps, None
+        return steps
 
     @staticmethod
     def chain(fields: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
