@@ -138,3 +138,20 @@ def test_bad_input_is_refused(generator):
         net(image, image.clone().fill_(float("nan")))
     with pytest.raises(ValueError, match="channels"):
         net.prompt_generator(torch.rand(1, 5, 4, 4, 4))
+
+
+def test_a_translation_of_the_coarsest_level_reaches_full_resolution_exactly(generator):
+    """Fields move between levels in the half-voxel geometry (x2 grid, x2 values): a constant velocity of 0.25
+    voxel at 1/8, two steps there and no other motion, is a translation of 2 * 0.25 * 8 = 4 voxels at full size
+    (corner-aligned resizing gave 2 * 0.25 * 31 / 3 = 5.17 at 32^3)."""
+    torch.manual_seed(0)
+    net = RDPNet(channels=4)
+    with torch.no_grad():
+        for head in net.heads:
+            head.weight.zero_()
+            head.bias.zero_()
+        net.heads[3].bias.copy_(torch.tensor([0.25, -0.25, 0.125]))
+    moving, fixed = torch.rand(2, 1, 1, 32, 32, 32, generator=generator)
+    ddf = net(moving, fixed)
+    expected = torch.tensor([4.0, -4.0, 2.0]).view(1, 3, 1, 1, 1).expand_as(ddf)
+    torch.testing.assert_close(ddf, expected, atol=1e-5, rtol=0)

@@ -143,3 +143,40 @@ def test_bad_input_is_refused(generator):
         net(image, image.clone().fill_(float("nan")))
     with pytest.raises(ValueError, match="4 channels"):
         SpatialAwareConvBlock(4)(torch.rand(1, 3, 4, 4, 4))
+
+
+def test_pyramid_geometry_keeps_constant_and_linear_fields_and_translations(generator, monkeypatch):
+    """One geometry, the average-pooled features': a field pooled down a level and upsampled back is unchanged
+    (constant: everywhere; linear: away from the outer half voxel), and a translation found at 1/16 is that
+    translation at full resolution (corner-aligned resizing scaled it by 2.11 per level at 1/16 of 64)."""
+    from monai_unireg.networks.nets.sacbnet import PYRAMID_ALIGN_CORNERS
+    from monai_unireg.spatial import identity_grid, resize_ddf
+
+    fine = (32, 32, 32)
+    constant = torch.tensor([1.5, -0.5, 2.0]).view(1, 3, 1, 1, 1).expand(1, 3, *fine)
+    linear = constant + 0.05 * identity_grid(fine).unsqueeze(0)
+
+    def round_trip(field: torch.Tensor) -> torch.Tensor:
+        return resize_ddf(F.avg_pool3d(field, 2) / 2, fine, align_corners=PYRAMID_ALIGN_CORNERS)
+
+    torch.testing.assert_close(round_trip(constant), constant, atol=1e-5, rtol=0)
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1), slice(1, -1))
+    torch.testing.assert_close(round_trip(linear)[inner], linear[inner], atol=1e-5, rtol=0)
+
+    import monai_unireg.networks.nets.sacbnet as module
+
+    translation = torch.tensor([0.5, -0.25, 0.75])
+
+    def coarsest_moves_only(fixed, moving):
+        level_translation = translation if fixed.shape[2] == 4 else torch.zeros(3)
+        return level_translation.view(1, 3, 1, 1, 1).expand(fixed.shape[0], 3, *fixed.shape[2:]).clone()
+
+    monkeypatch.setattr(module, "soft_matching_flow", coarsest_moves_only)
+    torch.manual_seed(0)
+    net = SACBNet(input_size=(64, 64, 64), **SMALL)
+    with torch.no_grad():
+        net.head[-1].weight.zero_()
+    moving, fixed = torch.rand(2, 1, 1, 64, 64, 64, generator=generator)
+    ddf = net(moving, fixed)
+    expected = (translation * 16).view(1, 3, 1, 1, 1).expand_as(ddf)
+    torch.testing.assert_close(ddf, expected, atol=1e-4, rtol=0)

@@ -27,6 +27,11 @@ __all__ = ["RDPNet", "PromptReg", "PromptRegOutput", "load_promptreg", "RDP_STEP
 RDP_STEPS = (2, 2, 3, 1)
 
 
+#: Fields move between the levels of the stride-2 pyramid as the authors' code moves them: upsampled x2 (trilinear,
+#: ``align_corners=False``) and multiplied by 2, the half-voxel geometry in which grid and values double exactly.
+PYRAMID_ALIGN_CORNERS = False
+
+
 class _ResidualBlock(nn.Module):
     """``act(norm(x + conv(act(norm(x)))))`` with InstanceNorm and LeakyReLU(0.1) (the authors' ``ResBlock``)."""
 
@@ -164,7 +169,7 @@ class RDPNet(nn.Module):
             flow = _compose(flow, self._exp(self.heads[3](context)))
         for level in (2, 1, 0):
             decoded = self.upsample[level](context)
-            flow = resize_ddf(flow, decoded.shape[2:])
+            flow = resize_ddf(flow, decoded.shape[2:], align_corners=PYRAMID_ALIGN_CORNERS)
             for step in range(self.steps[3 - level]):
                 if step:
                     decoded = self.reduce[level](context)
