@@ -67,6 +67,9 @@ class PairSampler:
       epoch (``M`` listed pairs; concatenated random permutations).
     * Unpaired datasets draw an ordered pair of two distinct training cases ``(i, j)``, ``i != j``,
       uniformly among the ``n (n - 1)`` ordered pairs, independently for each of the ``N`` draws.
+    * With ``one_pass`` (SACB-Net's schedule, as its reference code: every training pair once per epoch), each
+      dataset instead contributes every one of its pairs exactly once per epoch (the listed pairs, or all
+      ``n (n - 1)`` ordered pairs), in an order drawn from ``(seed, epoch)``; ``pairs_per_dataset`` is not used.
     * A dataset that cannot provide a pair (a single case such as BrainVXM1mm: registering a scan to
       itself is useless) raises ``ValueError``, or is skipped with a warning when ``skip_unpairable``.
 
@@ -81,6 +84,7 @@ class PairSampler:
         seed: non-negative integer seed.
         shuffle: interleave the datasets (otherwise the list is ordered by domain).
         skip_unpairable: warn and skip datasets that cannot provide a pair instead of raising.
+        one_pass: every pair of every dataset once per epoch (a seeded permutation) instead of random draws.
     """
 
     def __init__(
@@ -90,12 +94,14 @@ class PairSampler:
         seed: int = 0,
         shuffle: bool = True,
         skip_unpairable: bool = False,
+        one_pass: bool = False,
     ) -> None:
         if isinstance(datasets, (str, os.PathLike)) or len(datasets) == 0:
             raise ValueError(f"datasets must be a non-empty sequence of datasets or JSON paths, got {datasets!r}.")
         self.pairs_per_dataset = check_integer(pairs_per_dataset, "pairs_per_dataset", 1)
         self.seed = check_integer(seed, "seed", 0)
         self.shuffle = check_bool(shuffle, "shuffle")
+        self.one_pass = check_bool(one_pass, "one_pass")
         self.epoch = 0
         self._names: list[str] = []
         self._sources: list[Sequence[dict[str, str]]] = []
@@ -126,8 +132,16 @@ class PairSampler:
         return {name: index for index, name in enumerate(self._names)}
 
     def __len__(self) -> int:
-        """Number of pairs per epoch: ``pairs_per_dataset`` times the number of datasets kept."""
+        """Number of pairs per epoch: ``pairs_per_dataset`` times the number of datasets kept, or with ``one_pass``
+        the number of pairs all datasets hold."""
+        if self.one_pass:
+            return sum(self._pair_count(domain) for domain in range(len(self._names)))
         return self.pairs_per_dataset * len(self._names)
+
+    def _pair_count(self, domain: int) -> int:
+        """Distinct pairs dataset ``domain`` holds: its listed pairs, or its ``n (n - 1)`` ordered case pairs."""
+        n = len(self._sources[domain])
+        return n if self._paired[domain] else n * (n - 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose pairs :meth:`__iter__` yields."""
@@ -154,7 +168,16 @@ class PairSampler:
     def _draw(self, domain: int, rng: np.random.Generator) -> list[dict[str, Any]]:
         """``pairs_per_dataset`` pairs of one dataset, tagged with its name and domain id."""
         source, name, count = self._sources[domain], self._names[domain], self.pairs_per_dataset
-        if self._paired[domain]:
+        if self.one_pass:
+            order = rng.permutation(self._pair_count(domain))
+            if self._paired[domain]:
+                drawn = [dict(source[i]) for i in order]
+            else:  # ordered pair k: fixed i = k // (n - 1), moving the (k % (n - 1))-th of the other cases
+                others = len(source) - 1
+                fixed, rank = order // others, order % others
+                moving = rank + (rank >= fixed)
+                drawn = [make_pair(source[i], source[j], name) for i, j in zip(fixed, moving)]
+        elif self._paired[domain]:
             repeats = -(-count // len(source))
             indices = np.concatenate([rng.permutation(len(source)) for _ in range(repeats)])[:count]
             drawn = [dict(source[i]) for i in indices]
@@ -167,12 +190,14 @@ class PairSampler:
         return drawn
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything that determines the next pairs: seed, epoch, pairs per dataset, shuffle and dataset names."""
+        """Everything that determines the next pairs: seed, epoch, pairs per dataset, shuffle, one pass and dataset
+        names."""
         return {
             "seed": self.seed,
             "epoch": self.epoch,
             "pairs_per_dataset": self.pairs_per_dataset,
             "shuffle": self.shuffle,
+            "one_pass": self.one_pass,
             "datasets": list(self._names),
         }
 
@@ -188,6 +213,7 @@ class PairSampler:
         self.seed = check_integer(state["seed"], "state['seed']", 0)
         self.pairs_per_dataset = check_integer(state["pairs_per_dataset"], "state['pairs_per_dataset']", 1)
         self.shuffle = bool(state["shuffle"])
+        self.one_pass = bool(state.get("one_pass", False))  # absent from checkpoints written before one_pass
         self.set_epoch(state["epoch"])
 
 

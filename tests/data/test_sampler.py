@@ -203,3 +203,20 @@ def test_shared_datasets(shared_data):
             assert pair["fixed_image"].replace("_0000.nii.gz", "") == pair["moving_image"].replace("_0001.nii.gz", "")
         paths = [pair[k] for k in ("fixed_image", "moving_image", "fixed_label", "moving_label") if k in pair]
         assert all(Path(path).is_file() for path in paths)
+
+
+def test_one_pass_visits_every_ordered_pair_once_per_epoch_and_resumes(tmp_path):
+    unpaired = _write_dataset(tmp_path, "Brains", 5)
+    paired = _write_dataset(tmp_path, "Prostates", 3, paired=True)
+    sampler = PairSampler([unpaired, paired], pairs_per_dataset=7, seed=4, one_pass=True)
+    assert len(sampler) == 5 * 4 + 3
+    epochs = [sampler.pairs_for_epoch(e) for e in (0, 1)]
+    for pairs in epochs:
+        assert len(pairs) == len(sampler)
+        brains = [(p["fixed_image"], p["moving_image"]) for p in pairs if p["dataset"] == "Brains"]
+        assert len(set(brains)) == 20 and all(fixed != moving for fixed, moving in brains)
+        assert len({p["moving_image"] for p in pairs if p["dataset"] == "Prostates"}) == 3
+    assert [p["fixed_image"] for p in epochs[0]] != [p["fixed_image"] for p in epochs[1]]
+    resumed = PairSampler([unpaired, paired], seed=0)
+    resumed.load_state_dict({**sampler.state_dict(), "epoch": 1})
+    assert resumed.one_pass and resumed.pairs_for_epoch(1) == epochs[1]
