@@ -100,7 +100,8 @@ def test_backbone_is_the_documented_encoder_decoder():
 
 def test_forward_gives_a_near_zero_field_for_any_batch_and_per_sample_conditions(generator):
     network = _network()
-    assert sum(p.numel() for p in network.parameters()) == 391_832 + (len(TASKS) + 2 + 8 + 1) * 171
+    correlation_fusion = 27 * (32 + 27) * 32 + 32  # the 27 correlations joined at 1/2 (paper Table 7)
+    assert sum(p.numel() for p in network.parameters()) == 391_832 + correlation_fusion + (len(TASKS) + 2 + 8 + 1) * 171
     moving, fixed = torch.rand(3, 1, 16, 24, 8, generator=generator), torch.rand(3, 1, 16, 24, 8, generator=generator)
     ddf = network(moving, fixed, ["brain", "pelvis", "lung"], "inter")
     assert ddf.shape == (3, 3, 16, 24, 8) and ddf.abs().max() < 1e-3
@@ -235,3 +236,31 @@ def test_bad_input_is_refused_with_a_clear_message(call, message, generator):
 def test_bad_construction_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         UniReg(**{"input_size": SIZE, **kwargs})
+
+
+def test_correlation_layer_against_a_float64_loop_and_a_known_shift(generator):
+    from monai_unireg.networks.blocks import NEIGHBOUR_OFFSETS
+    from monai_unireg.networks.nets.unireg import feature_correlation
+
+    fixed = torch.rand(1, 3, 12, 10, 8, generator=generator, dtype=torch.float64)
+    moving = torch.roll(fixed, shifts=(2, -2, 0), dims=(2, 3, 4))  # one voxel at 1/2 resolution: (+1, -1, 0)
+    correlation = feature_correlation(fixed, moving)
+    assert correlation.shape == (1, 27, 6, 5, 4)
+    pooled = [torch.nn.functional.avg_pool3d(x, 2) for x in (fixed, moving)]
+    f, m = [(x - x.mean((2, 3, 4), keepdim=True)) / (x.std((2, 3, 4), keepdim=True) + 1e-5) for x in pooled]
+    for k, (dz, dy, dx) in enumerate(NEIGHBOUR_OFFSETS.long().tolist()):
+        for z, y, x in [(0, 0, 0), (3, 2, 1), (5, 4, 3), (2, 1, 2)]:
+            zz, yy, xx = z + dz, y + dy, x + dx
+            inside = 0 <= zz < 6 and 0 <= yy < 5 and 0 <= xx < 4
+            expected = float((f[0, :, z, y, x] * m[0, :, zz, yy, xx]).mean()) if inside else 0.0
+            assert abs(float(correlation[0, k, z, y, x]) - expected) < 1e-10
+    best = correlation[0, :, 1:-1, 1:-1, 1:-1].mean(dim=(1, 2, 3)).argmax()
+    assert NEIGHBOUR_OFFSETS[best].tolist() == [1.0, -1.0, 0.0]
+
+
+def test_checkpoint_without_the_correlation_layer_still_loads(tmp_path):
+    old = UniReg(input_size=(16, 16, 16), tasks=TASKS, correlation=False)
+    config = {k: v for k, v in old.config.items() if k != "correlation"}
+    torch.save({"model": old.state_dict(), "config": config, "method": "UniReg"}, tmp_path / "old.pt")
+    loaded = load_unireg(tmp_path / "old.pt")
+    assert not loaded.correlation and loaded.backbone.correlation_fusion is None

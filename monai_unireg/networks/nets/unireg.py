@@ -10,6 +10,9 @@ The paper's backbone starts from self-supervised anatomical embeddings (SAM) tha
 feature extractor can be plugged in (``feature_extractor``: an ``nn.Module`` ``[B, 1, *S] -> [B, C_f, *S']``, its
 features resized to the image grid and concatenated with the images, as the paper does with SAM's), MIND-SSC is
 built in (``"mind"``, the paper's suggestion for MR), and without one the backbone works from the images alone.
+The paper's backbone also reads a 27-channel correlation of the two images' (SAM) features at 1/2 resolution
+(supplementary Table 7); :func:`feature_correlation` computes it on whatever features there are (the extracted
+ones, or the images themselves) and the backbone joins it at its 1/2 level (``correlation=True``, the default).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 
 from monai_unireg.io import load_network
 from monai_unireg.losses.mind import MINDSSC
+from monai_unireg.networks.blocks.cost_volume import NEIGHBOUR_OFFSETS, neighbour_cost_volume
 from monai_unireg.networks.blocks.dynamic_head import UNIREG_HEAD_CHANNELS, DynamicDeformationHead
 from monai_unireg.spatial import resize_image
 from monai_unireg.validation import check_bool, check_image_pair, check_integer, check_option
@@ -35,6 +39,7 @@ __all__ = [
     "ConditionedUniReg",
     "UniReg",
     "UniRegBackbone",
+    "feature_correlation",
     "load_unireg",
 ]
 
@@ -76,13 +81,37 @@ class _ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
+def feature_correlation(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    """The 27-channel correlation layer of UniReg's backbone (supplementary Table 7), at 1/2 resolution.
+
+    Both feature maps are average-pooled x2 and standardised per sample and channel (zero mean, unit variance over
+    the volume, so images and embeddings of any scale compare alike); channel ``k`` is then
+    ``mean_c f_c(x) m_c(x + o_k)`` for the 27 offsets ``o_k`` of
+    :data:`~monai_unireg.networks.blocks.NEIGHBOUR_OFFSETS` (zero outside the volume), the shared cost-volume block.
+
+    Args:
+        fixed: ``[B, C, D, H, W]`` features of the fixed image (sizes even).
+        moving: ``[B, C, D, H, W]`` features of the moving image.
+
+    Returns:
+        ``[B, 27, D/2, H/2, W/2]`` correlations.
+    """
+    pooled = [F.avg_pool3d(x, 2) for x in (fixed, moving)]
+    standardised = [
+        (x - x.mean(dim=(2, 3, 4), keepdim=True)) / (x.std(dim=(2, 3, 4), keepdim=True) + 1e-5) for x in pooled
+    ]
+    return neighbour_cost_volume(*standardised, metric="dot") / fixed.shape[1]
+
+
 class UniRegBackbone(nn.Module):
     """The shared encoder-decoder (Sec. 3.1.1): ``[B, C_in, *S] -> E`` ``[B, feature_channels, *S]``.
 
     Encoder: a convolution and a residual block at full resolution, then per level a stride-2 convolution and a
     residual block (``channels`` at 1, 1/2, 1/4, 1/8). Decoder: from the coarsest level, trilinear x2 upsampling,
     concatenation with the encoder features of that level and a convolution; two more convolutions at full
-    resolution give ``E``. Spatial sizes must be divisible by ``2 ** (len(channels) - 1)``. Convolutions start
+    resolution give ``E``. With ``correlation_channels``, a correlation map at 1/2 resolution
+    (:func:`feature_correlation`) is joined to the encoder's 1/2-level features by one more convolution. Spatial
+    sizes must be divisible by ``2 ** (len(channels) - 1)``. Convolutions start
     Kaiming-normal for LeakyReLU(0.2) with zero biases, so ``E`` is of order 1 (PyTorch's default initialisation
     shrinks the activations about 100-fold through the 15 layers, and the head's field with them).
 
@@ -90,9 +119,16 @@ class UniRegBackbone(nn.Module):
         in_channels: input channels (2 for a pair of single-channel images, more with extracted features).
         channels: encoder channels per level (default ``(16, 32, 32, 32)``).
         feature_channels: channels of ``E`` (the head's input: 8).
+        correlation_channels: channels of the correlation map joined at 1/2 resolution (27; 0: none).
     """
 
-    def __init__(self, in_channels: int, channels: Sequence[int] = UNIREG_CHANNELS, feature_channels: int = 8) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        channels: Sequence[int] = UNIREG_CHANNELS,
+        feature_channels: int = 8,
+        correlation_channels: int = 0,
+    ) -> None:
         super().__init__()
         self.channels = tuple(check_integer(c, "channels", 1) for c in channels)
         if len(self.channels) < 2:
@@ -104,6 +140,10 @@ class UniRegBackbone(nn.Module):
         )
         for c_in, c_out in zip(self.channels[:-1], self.channels[1:]):
             self.encoder.append(nn.Sequential(_conv(c_in, c_out, stride=2), _ResidualBlock(c_out)))
+        self.correlation_channels = check_integer(correlation_channels, "correlation_channels", 0)
+        self.correlation_fusion = (
+            _conv(self.channels[1] + self.correlation_channels, self.channels[1]) if self.correlation_channels else None
+        )
         self.decoder = nn.ModuleList(
             [_conv(c_coarse + c_fine, c_fine) for c_fine, c_coarse in zip(self.channels[:-1], self.channels[1:])]
         )
@@ -120,10 +160,18 @@ class UniRegBackbone(nn.Module):
         """Spatial sizes must be multiples of this number."""
         return 2 ** (len(self.channels) - 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, correlation: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, in_channels, *S]`` (and the ``[B, correlation_channels, *S/2]`` map) -> ``E`` ``[B, 8, *S]``."""
+        if (correlation is None) != (self.correlation_fusion is None):
+            raise ValueError(
+                f"correlation must be given exactly when the backbone has correlation_channels "
+                f"(here {self.correlation_channels})."
+            )
         skips = []
-        for level in self.encoder:
+        for index, level in enumerate(self.encoder):
             x = level(x)
+            if index == 1 and self.correlation_fusion is not None:
+                x = self.correlation_fusion(torch.cat([x, correlation.to(x.dtype)], dim=1))
             skips.append(x)
         x = skips.pop()
         for decode in reversed(self.decoder):
@@ -156,6 +204,8 @@ class UniReg(nn.Module):
             ``[B, in_channels, *S] -> [B, extractor_channels, *S']`` (kept frozen unless ``train_extractor``).
         extractor_channels: output channels of a module ``feature_extractor``.
         train_extractor: let gradients reach a module extractor's weights.
+        correlation: join the 27-channel feature correlation at 1/2 resolution (paper Table 7; ``False``: the
+            backbone without it, as checkpoints written before it existed).
     """
 
     def __init__(
@@ -169,6 +219,7 @@ class UniReg(nn.Module):
         feature_extractor: nn.Module | str | None = None,
         extractor_channels: int | None = None,
         train_extractor: bool = False,
+        correlation: bool = True,
     ) -> None:
         super().__init__()
         self.input_size = tuple(check_integer(s, "input_size", 1) for s in input_size)
@@ -179,7 +230,10 @@ class UniReg(nn.Module):
         self.in_channels = check_integer(in_channels, "in_channels", 1)
         self.train_extractor = check_bool(train_extractor, "train_extractor")
         self.extractor, extractor_name, extracted = self._build_extractor(feature_extractor, extractor_channels)
-        self.backbone = UniRegBackbone(2 * (self.in_channels + extracted), channels)
+        self.correlation = check_bool(correlation, "correlation")
+        self.backbone = UniRegBackbone(
+            2 * (self.in_channels + extracted), channels, correlation_channels=len(NEIGHBOUR_OFFSETS) * self.correlation
+        )
         if len(self.input_size) != 3 or any(s % self.backbone.divisor for s in self.input_size):
             raise ValueError(
                 f"input_size must be 3 sizes divisible by {self.backbone.divisor}, got {tuple(input_size)!r}."
@@ -200,6 +254,7 @@ class UniReg(nn.Module):
             "feature_extractor": extractor_name,
             "extractor_channels": extracted or None,
             "train_extractor": self.train_extractor,
+            "correlation": self.correlation,
         }
 
     def _check_aliases(self, task_aliases: Mapping[str, str] | None) -> dict[str, str]:
@@ -269,17 +324,20 @@ class UniReg(nn.Module):
         return REGISTRATION_TYPES.index(reg_type)
 
     def features(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """Backbone features ``E`` ``[B, 8, *S]`` of a pair ``[B, C, *S]`` (extracted features joined first)."""
-        inputs = [moving, fixed]
+        """Backbone features ``E`` ``[B, 8, *S]`` of a pair ``[B, C, *S]`` (extracted features joined first, and
+        their correlation at 1/2 resolution when :attr:`correlation`; the images' own without an extractor)."""
+        extracted = {"moving": moving, "fixed": fixed}
         if self.extractor is not None:
             size = moving.shape[2:]
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_extractor):
-                for image in (moving, fixed):
-                    extracted = self.extractor(image)
-                    if extracted.shape[2:] != size:
-                        extracted = resize_image(extracted, size)
-                    inputs.append(extracted.to(moving.dtype))
-        return self.backbone(torch.cat(inputs, dim=1))
+                for side, image in (("moving", moving), ("fixed", fixed)):
+                    features = self.extractor(image)
+                    if features.shape[2:] != size:
+                        features = resize_image(features, size)
+                    extracted[side] = features.to(moving.dtype)
+        inputs = [moving, fixed] + ([extracted["moving"], extracted["fixed"]] if self.extractor is not None else [])
+        correlation = feature_correlation(extracted["fixed"], extracted["moving"]) if self.correlation else None
+        return self.backbone(torch.cat(inputs, dim=1), correlation)
 
     def control_vector(self, features: torch.Tensor, task: Condition, reg_type: Condition) -> torch.Tensor:
         """``c = [T, e, pool(E)]`` ``[B, n_tasks + 2 + 8]`` (Eq. 3-5) for features ``E`` ``[B, 8, *S]``.
@@ -358,7 +416,7 @@ def load_unireg(path: str | os.PathLike, feature_extractor: nn.Module | None = N
 def _unireg_from_config(path: str, extractor: nn.Module | None, config: dict | None) -> UniReg:
     if config is None:
         raise ValueError(f"weights file {path!r} is not a UniReg checkpoint (no 'config': its tasks and sizes).")
-    config = dict(config)
+    config = {"correlation": False, **config}  # checkpoints written before the correlation layer have none
     if config.get("feature_extractor") == "module":
         if extractor is None:
             raise ValueError(
