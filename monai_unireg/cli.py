@@ -477,6 +477,9 @@ class _LevelProgress:
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.terminal = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.restart()
+
+    def restart(self) -> None:
         self.start = time.perf_counter()
 
     def __call__(self, done: int, total: int) -> None:
@@ -493,11 +496,14 @@ class _LevelProgress:
 
 
 def _attach_progress(network: nn.Module) -> None:
-    """Give every module of ``network`` with a ``progress`` attribute (VoxelOpt's pyramid) a progress reporter."""
+    """Give every module of ``network`` with a ``progress`` attribute (VoxelOpt's pyramid) a progress reporter; its
+    clock starts when the network is called."""
     reporter = _LevelProgress()
-    for module in network.modules():
-        if hasattr(module, "progress"):
-            module.progress = reporter
+    targets = [module for module in network.modules() if hasattr(module, "progress")]
+    for module in targets:
+        module.progress = reporter
+    if targets:
+        network.register_forward_pre_hook(lambda module, inputs: reporter.restart())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -96,10 +96,12 @@ def test_ras_view_puts_the_marker_right_anterior_superior():
 
 def test_central_log_jacobian_of_a_slab_equals_the_whole_volume():
     from monai_unireg.spatial import jacobian_determinant
-    from monai_unireg.visualize import _central_log_jacobian
+    from monai_unireg.visualize import _IDENTITY_ORIENTATION, _central_log_jacobian, _RasField
 
     field = np.random.default_rng(1).normal(0, 0.2, (3, 9, 10, 11))
     whole = jacobian_determinant(torch.from_numpy(field)[None])[0, 0].numpy()
     for axis in range(3):
         expected = np.log(np.take(whole, field.shape[1 + axis] // 2, axis=axis))
-        np.testing.assert_allclose(_central_log_jacobian(field, axis), expected, atol=1e-12)
+        np.testing.assert_allclose(
+            _central_log_jacobian(_RasField(field, _IDENTITY_ORIENTATION), axis), expected, atol=1e-12
+        )
