@@ -239,11 +239,16 @@ def test_singular_or_non_finite_affine_names_the_file(files, tmp_path, capsys):
     flat = np.diag([2.0, 2.0, 2.0, 1.0])
     flat[2, 2] = 0.0  # a voxel size of 0 along z
     for name, affine in (("flat", flat), ("nan", np.where(np.eye(4) > 0, np.nan, 0.0))):
-        image = nib.Nifti1Image(data, None)
-        image.set_sform(affine, code=1)
-        image.set_qform(None, code=0)
+        header = nib.Nifti1Header()
+        header.set_data_shape(data.shape)
+        header.set_data_dtype(data.dtype)
+        header["qform_code"], header["sform_code"] = 0, 1
+        header["srow_x"], header["srow_y"], header["srow_z"] = affine[0], affine[1], affine[2]  # as a broken writer
         path = tmp_path / f"{name}.nii.gz"
-        nib.save(image, str(path))
+        nib.save(nib.Nifti1Image(data, None, header=header), str(path))
+        assert (
+            not np.isfinite(nib.load(str(path)).affine).all() or abs(np.linalg.det(nib.load(str(path)).affine)) < 1e-9
+        )
         line = refused(capsys, register({**files, "moving": path}, tmp_path / "out"))
         assert f"moving {str(path)!r} has a singular or non-finite voxel-to-world affine" in line
 
