@@ -5,7 +5,8 @@ Used by the ``monai-unireg`` command line and by the bundles, so both produce th
 ``warped.nii.gz`` (moving image on the fixed grid), ``warped_label.nii.gz`` (when a moving label is given),
 ``ddf.nii.gz`` (ITK/ANTs displacement field in LPS mm on the fixed grid, see :mod:`monai_unireg.io`),
 ``metrics.json`` and ``overview.png``. Results are staged in a temporary folder and moved into place only
-when every file is written, so a failure never leaves half a result behind.
+when every file is written, so a failure never leaves half a result behind; a run into a folder that holds an
+earlier run's results replaces all of them (an earlier result file this run does not write is removed).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn as nn
@@ -31,7 +33,6 @@ from monai_unireg.metrics import HD95Metric, JacobianMetric, LabelDiceMetric
 from monai_unireg.spatial import spacing_from_affine
 from monai_unireg.transforms import CTWindow, MRIPercentile
 from monai_unireg.validation import check_labels, check_option
-from monai_unireg.visualize import save_overview
 
 __all__ = [
     "MODALITIES",
@@ -48,17 +49,29 @@ __all__ = [
     "register_files",
     "register_pairs",
     "write_table",
+    "OUTPUT_FILES",
+    "volume_shape",
 ]
 
 MODALITIES = ("auto", "ct", "mri")
 #: CT images whose 1st intensity percentile lies below this (HU) are treated as CT by ``modality="auto"``.
 AUTO_CT_THRESHOLD_HU = -500.0
 Log = Callable[[str], None]
+#: Every file a registration writes into its output folder (a rerun removes the ones it does not write again).
+OUTPUT_FILES = ("warped.nii.gz", "warped_label.nii.gz", "ddf.nii.gz", "metrics.json", "overview.png")
+#: Labels are sampled in float32 (exact for integers below 2^24); larger values are sampled in float64.
+_FLOAT32_EXACT = 2**24
 
 
 @dataclass
 class LoadedPair:
-    """A pair on the fixed grid: images ``[1, 1, *S]`` float32 (original intensities), labels ``[1, 1, *S]``."""
+    """A pair on the fixed grid: images ``[1, 1, *S]`` float32 (original intensities), labels ``[1, 1, *S]``.
+
+    When the moving files lie on another grid, ``moving`` / ``moving_label`` are their resampled copies on the
+    fixed grid (what the network sees, and the "before" of the metrics), and the originals are kept with
+    ``fixed_to_moving`` (``[4, 4]``, fixed voxel -> moving voxel), so the result is sampled once from the original
+    through the composed map instead of twice.
+    """
 
     fixed: torch.Tensor
     moving: torch.Tensor
@@ -66,6 +79,10 @@ class LoadedPair:
     fixed_label: torch.Tensor | None = None
     moving_label: torch.Tensor | None = None
     moving_resampled: bool = False
+    moving_source: torch.Tensor | None = None
+    moving_label_source: torch.Tensor | None = None
+    fixed_to_moving: np.ndarray | None = None
+    moving_label_values: tuple[int, ...] | None = None
 
     @property
     def spacing(self) -> tuple[float, ...]:
@@ -97,18 +114,50 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return resolved
 
 
+def _check_geometry(shape: tuple[int, ...], affine: np.ndarray, path: str | os.PathLike, name: str) -> tuple[int, ...]:
+    """The 3D spatial shape of a volume of ``shape`` (a trailing singleton 4th axis dropped) with a usable affine."""
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise ValueError(f"{name} must be a 3D volume, got shape {tuple(shape)} in {str(path)!r}.")
+    if min(shape) < 2:
+        raise ValueError(f"{name} must have at least 2 voxels along every axis, got shape {tuple(shape)}.")
+    affine = np.asarray(affine, dtype=np.float64)
+    linear = affine[:3, :3]
+    if (
+        not np.isfinite(affine).all()
+        or abs(float(np.linalg.det(linear))) < 1e-12 * max(float(np.abs(linear).max()), 1e-300) ** 3
+    ):
+        raise ValueError(
+            f"{name} {str(path)!r} has a singular or non-finite voxel-to-world affine (its header's sform/qform "
+            f"or voxel sizes are broken: {np.round(affine[:3], 4).tolist()}); expected an invertible matrix."
+        )
+    return tuple(int(s) for s in shape)
+
+
+def volume_shape(path: str | os.PathLike, name: str) -> tuple[int, ...]:
+    """Spatial shape ``(X, Y, Z)`` of a 3D NIfTI file from its header alone (no voxel data is read), with the
+    same checks on shape and affine as :func:`read_volume`; raises ``ValueError`` naming ``name`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{name}: path {str(path)!r} does not exist or is not a file.")
+    try:
+        image = nib.load(str(path))
+        shape, affine = tuple(image.shape), image.affine
+    except Exception as error:
+        raise ValueError(f"{name}: path {str(path)!r} is not a readable NIfTI file: {error}") from None
+    return _check_geometry(shape, affine, path, name)
+
+
 def read_volume(path: str | os.PathLike, name: str) -> tuple[torch.Tensor, np.ndarray]:
     """``[1, 1, X, Y, Z]`` tensor and affine of a 3D NIfTI file (a trailing singleton 4th axis is dropped)."""
     try:
         array, affine = io.load_nifti(path)
     except ValueError as error:
         raise ValueError(f"{name}: {error}") from error
-    if array.ndim == 4 and array.shape[3] == 1:
+    _check_geometry(tuple(array.shape), affine, path, name)
+    if array.ndim == 4:
         array = array[..., 0]
-    if array.ndim != 3:
-        raise ValueError(f"{name} must be a 3D volume, got shape {array.shape} in {str(path)!r}.")
-    if min(array.shape) < 2:
-        raise ValueError(f"{name} must have at least 2 voxels along every axis, got shape {array.shape}.")
     tensor = torch.from_numpy(np.asarray(array))[None, None]
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name} ({str(path)!r}) contains NaN or Inf values.")
@@ -137,8 +186,8 @@ def read_pair(
     """Read a pair of NIfTI files with their affines and bring the moving image onto the fixed grid.
 
     When the moving image has another shape or affine (another voxel size, orientation or field of view), it
-    and its label are resampled onto the fixed grid in physical space (trilinear for the image, artefact-free
-    one-hot sampling for the label; zero outside the moving field of view), so the identity field means
+    and its label are resampled onto the fixed grid in physical space (trilinear for the image, nearest neighbour
+    for the label, one ``grid_sample`` each; zero outside the moving field of view), so the identity field means
     "same physical point" and the result is right for images straight from a scanner.
 
     Raises:
@@ -156,15 +205,52 @@ def read_pair(
         if moving_label is None
         else _read_label(moving_label, "moving_label", moving_shape, moving_affine),
     }
+    moving_values = None if labels["moving_label"] is None else _label_values(labels["moving_label"])
     fixed_image, moving_image = fixed_image.to(torch.float32), moving_image.to(torch.float32)
     resample = moving_shape != fixed_shape or not np.allclose(moving_affine, fixed_affine, atol=1e-3)
-    if resample:
-        moving_image = spatial.resample_to_grid(moving_image, moving_affine, fixed_affine, fixed_shape)
-        if labels["moving_label"] is not None:
-            labels["moving_label"] = spatial.resample_to_grid(
-                labels["moving_label"], moving_affine, fixed_affine, fixed_shape, is_label=True
-            )
-    return LoadedPair(fixed_image, moving_image, fixed_affine, moving_resampled=resample, **labels)
+    if not resample:
+        return LoadedPair(fixed_image, moving_image, fixed_affine, moving_label_values=moving_values, **labels)
+    mapping = np.linalg.inv(np.asarray(moving_affine, np.float64)) @ np.asarray(fixed_affine, np.float64)
+    coords = _mapped_coordinates(mapping, fixed_shape)
+    source, label_source = moving_image, labels["moving_label"]
+    moving_image = spatial.sample(source, coords, "bilinear", "zeros")
+    if label_source is not None:
+        labels["moving_label"] = _sample_labels(label_source, coords)
+    return LoadedPair(
+        fixed_image,
+        moving_image,
+        fixed_affine,
+        moving_resampled=True,
+        moving_source=source,
+        moving_label_source=label_source,
+        fixed_to_moving=mapping,
+        moving_label_values=moving_values,
+        **labels,
+    )
+
+
+def _label_values(label: torch.Tensor) -> tuple[int, ...]:
+    """The non-zero label values of a label map, sorted."""
+    return tuple(int(v) for v in torch.unique(label) if int(v) != 0)
+
+
+def _mapped_coordinates(mapping: np.ndarray, shape: Sequence[int], ddf: torch.Tensor | None = None) -> torch.Tensor:
+    """``[1, 3, *shape]`` float32 coordinates ``M (x + ddf(x))`` for the ``[4, 4]`` voxel map ``M`` (float64 maths
+    for the matrix, float32 for the grid: sub-millivoxel accurate for grids below 10^4 voxels a side)."""
+    matrix = torch.from_numpy(np.asarray(mapping, np.float64))
+    points = spatial.identity_grid(tuple(shape), dtype=torch.float32).unsqueeze(0)
+    if ddf is not None:
+        points = points + ddf.to(torch.float32)
+    linear, offset = matrix[:3, :3].to(torch.float32), matrix[:3, 3].to(torch.float32)
+    return torch.einsum("ij,bj...->bi...", linear, points) + offset.view(1, 3, 1, 1, 1)
+
+
+def _sample_labels(labels: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour labels at ``coords`` (one ``grid_sample`` over the label tensor, whatever the number of
+    labels; outside the grid: 0)."""
+    if labels.numel() and int(labels.abs().max()) >= _FLOAT32_EXACT:
+        coords = coords.to(torch.float64)
+    return spatial.sample_labels(labels, coords, method="nearest", padding_mode="zeros")
 
 
 def normalise_intensity(
@@ -225,20 +311,83 @@ def register_pair(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     runtime = time.perf_counter() - start
+    del fixed, moving
     ddf = ddf.detach().to("cpu", torch.float32)
-    warped = spatial.warp(pair.moving, ddf, padding_mode="zeros")
-    warped_label = (
-        None if pair.moving_label is None else spatial.warp_labels(pair.moving_label, ddf, padding_mode="zeros")
-    )
+    warped, warped_label = warp_moving(pair, ddf)
     return RegistrationResult(ddf, warped, warped_label, runtime, resolved)
 
 
-def evaluate_result(pair: LoadedPair, result: RegistrationResult, labels: Sequence[int] | None = None) -> dict:
-    """Metrics of one registration: SDlogJ (Learn2Reg "+3"), % folding, runtime and, with both labels,
-    Dice and HD95 (mm) per label with their means (labels absent from both maps are left out).
+def warp_moving(pair: LoadedPair, ddf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The moving image (trilinear) and label (nearest neighbour) warped by ``ddf [1, 3, *S]`` onto the fixed grid,
+    zero outside the moving field of view. A moving pair read from another grid is sampled once, from its
+    original files through the composed map (fixed voxel -> ``x + ddf(x)`` -> moving voxel)."""
+    if pair.fixed_to_moving is None:
+        coords = spatial.identity_grid(tuple(ddf.shape[2:]), dtype=torch.float32).unsqueeze(0) + ddf
+        image, label = pair.moving, pair.moving_label
+    else:
+        coords = _mapped_coordinates(pair.fixed_to_moving, tuple(ddf.shape[2:]), ddf)
+        image, label = pair.moving_source, pair.moving_label_source
+    warped = spatial.sample(image, coords, "bilinear", "zeros")
+    warped_label = None if label is None else _sample_labels(label, coords)
+    return warped, warped_label
+
+
+def evaluation_labels(pair: LoadedPair, labels: Sequence[int] | None = None) -> tuple[tuple[int, ...], str]:
+    """The label values the metrics average over, and how they were chosen (for the headline).
 
     Args:
-        labels: label values to evaluate; ``None`` takes the non-zero labels of the fixed label map.
+        labels: the values asked for (e.g. a dataset's evaluation list); ``None``: every non-zero label present
+            in both the fixed and the moving label map.
+
+    Raises:
+        ValueError: a value of ``labels`` that is negative or 0 (background), repeated, or in neither label map.
+    """
+    if pair.fixed_label is None or pair.moving_label is None:
+        raise ValueError("labels need both label maps (fixed_label and moving_label).")
+    fixed_values = set(_label_values(pair.fixed_label))
+    moving_values = set(pair.moving_label_values or _label_values(pair.moving_label))
+    if labels is None:
+        both = tuple(sorted(fixed_values & moving_values))
+        if not both:
+            raise ValueError(
+                "the fixed and moving label maps share no label value (fixed: "
+                f"{_values_text(fixed_values)}; moving: {_values_text(moving_values)}): nothing to evaluate."
+            )
+        return both, f"all {len(both)} labels present in both maps"
+    values = [int(v) for v in labels]
+    bad = [v for v in values if v <= 0]
+    if bad:
+        raise ValueError(f"labels must be positive label values (0 is the background), got {bad[0]}.")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"labels must be distinct, got {repeated[0]} more than once.")
+    absent = [v for v in values if v not in fixed_values and v not in moving_values]
+    if absent:
+        raise ValueError(
+            f"labels {', '.join(map(str, absent))} {'is' if len(absent) == 1 else 'are'} in neither label map "
+            f"(fixed: {_values_text(fixed_values)}; moving: {_values_text(moving_values)})."
+        )
+    return tuple(values), f"the {len(values)} labels given (--labels)"
+
+
+def _values_text(values: set[int], limit: int = 12) -> str:
+    ordered = sorted(values)
+    if not ordered:
+        return "none"
+    shown = ", ".join(map(str, ordered[:limit]))
+    return shown + (f", ... ({len(ordered)} in all)" if len(ordered) > limit else "")
+
+
+def evaluate_result(
+    pair: LoadedPair, result: RegistrationResult, labels: Sequence[int] | None = None, *, surface: bool = True
+) -> dict:
+    """Metrics of one registration: SDlogJ (Learn2Reg "+3"), % folding, runtime and, with both labels,
+    Dice (after and before registration) and HD95 (mm) per label with their means.
+
+    Args:
+        labels: label values to evaluate; ``None`` takes every non-zero label present in both label maps (see
+            :func:`evaluation_labels`; ``metrics["dice_labels"]`` says which were used).
+        surface: also compute HD95 (the slowest metric).
     """
     jacobian = JacobianMetric()
     jacobian(result.ddf)
@@ -252,14 +401,19 @@ def evaluate_result(pair: LoadedPair, result: RegistrationResult, labels: Sequen
     }
     if pair.fixed_label is None or result.warped_label is None:
         return metrics
-    dice_metric = LabelDiceMetric(labels=labels)
-    dice = dice_metric(result.warped_label, pair.fixed_label)[0]
-    hd95 = HD95Metric(labels=dice_metric.label_values, spacing=pair.spacing)(result.warped_label, pair.fixed_label)[0]
-    label_values = [int(v) for v in dice_metric.label_values]
+    label_values, chosen = evaluation_labels(pair, labels)
+    dice = LabelDiceMetric(labels=label_values)(result.warped_label, pair.fixed_label)[0]
+    before = LabelDiceMetric(labels=label_values)(pair.moving_label, pair.fixed_label)[0]
+    metrics["dice_labels"] = list(label_values)
+    metrics["dice_labels_chosen"] = chosen
     metrics["dice"] = {str(v): _finite_or_none(d) for v, d in zip(label_values, dice.tolist())}
-    metrics["hd95_mm"] = {str(v): _finite_or_none(h) for v, h in zip(label_values, hd95.tolist())}
     metrics["dice_mean"] = _finite_or_none(float(torch.nanmean(dice)))
-    metrics["hd95_mm_mean"] = _finite_or_none(float(torch.nanmean(hd95)))
+    metrics["dice_before"] = {str(v): _finite_or_none(d) for v, d in zip(label_values, before.tolist())}
+    metrics["dice_mean_before"] = _finite_or_none(float(torch.nanmean(before)))
+    if surface:
+        hd95 = HD95Metric(labels=label_values, spacing=pair.spacing)(result.warped_label, pair.fixed_label)[0]
+        metrics["hd95_mm"] = {str(v): _finite_or_none(h) for v, h in zip(label_values, hd95.tolist())}
+        metrics["hd95_mm_mean"] = _finite_or_none(float(torch.nanmean(hd95)))
     return metrics
 
 
@@ -271,21 +425,104 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _label_dtype(label: torch.Tensor) -> torch.dtype:
+    """The smallest of uint8 / int16 / int32 that holds every value of ``label``."""
+    low, high = (int(label.min()), int(label.max())) if label.numel() else (0, 0)
+    if low >= 0 and high <= 255:
+        return torch.uint8
+    if low >= -(2**15) and high < 2**15:
+        return torch.int16
+    return torch.int32
+
+
+def prepare_output_folder(out_dir: str | os.PathLike, name: str = "out_dir") -> list[Path]:
+    """Make ``out_dir`` (and its parents), check by a test write that files can be created in it, and remove the
+    temporaries an interrupted earlier run left there; returns what was removed.
+
+    Raises:
+        ValueError: naming ``name`` and the folder, when it is a file, lies below a file, cannot be created or is
+            not writable (read-only, permissions, full disk).
+    """
+    folder = Path(out_dir)
+    for parent in (folder, *folder.parents):
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == folder else f"lies below {str(parent)!r}, which is a file"
+            raise ValueError(f"{name} {str(folder)!r} {where}; expected a folder (existing or to be made).")
+        if parent.exists():
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{name} {str(folder)!r} cannot be created: {error.strerror or error}.") from None
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-test.", suffix=io.TEMPORARY_INFIX, dir=folder)
+        try:
+            os.write(handle, b"monai_unireg write test\n")
+        finally:
+            os.close(handle)
+            os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"{name} {str(folder)!r} is not writable: {error.strerror or error}.") from None
+    return io.remove_stale_temporaries(folder)
+
+
 def write_results(
-    out_dir: str | os.PathLike, pair: LoadedPair, result: RegistrationResult, metrics: dict
+    out_dir: str | os.PathLike,
+    pair: LoadedPair,
+    result: RegistrationResult,
+    metrics: dict,
+    *,
+    overview: bool = True,
+    log: Log | None = None,
 ) -> list[Path]:
-    """Write the result files into ``out_dir`` (staged in a temporary folder, then moved into place)."""
+    """Write the result files into ``out_dir`` (staged in a temporary folder, then moved into place), each with
+    the mode the umask gives; an earlier run's result file (:data:`OUTPUT_FILES`) that this run does not write
+    (e.g. ``warped_label.nii.gz`` of a run with labels, or ``overview.png`` with ``overview=False``) is removed,
+    so the folder holds one run's results. Returns the files written.
+
+    Raises:
+        ValueError: ``out_dir`` is a file, lies below one or is not writable (:func:`prepare_output_folder`).
+        OSError: writing failed (e.g. a full disk); one line naming ``out_dir``; nothing of this run is kept.
+    """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a folder.")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_folder(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
     try:
-        io.save_nifti(result.warped[0, 0], pair.affine, staging / "warped.nii.gz")
-        if result.warped_label is not None:
-            io.save_nifti(result.warped_label[0, 0].to(torch.int16), pair.affine, staging / "warped_label.nii.gz")
-        io.save_ddf(result.ddf, pair.affine, staging / "ddf.nii.gz")
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        try:
+            _write_staged(staging, pair, result, metrics, overview)
+        except OSError as error:  # e.g. a full disk: the staged files go, earlier results stay as they were
+            raise OSError(
+                error.errno,
+                f"could not write the results to {str(out_dir)!r}: {error.strerror or error}; nothing of this run "
+                "was kept (earlier results there are unchanged)",
+            ) from error
+        written = []
+        for path in sorted(staging.iterdir()):
+            os.replace(path, out_dir / path.name)
+            written.append(out_dir / path.name)
+        stale = [out_dir / name for name in OUTPUT_FILES if out_dir / name not in written]
+        for path in stale:
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+                if log is not None:
+                    log(f"      removed {path.name} of an earlier run (this run does not write it)")
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_staged(staging: Path, pair: LoadedPair, result: RegistrationResult, metrics: dict, overview: bool) -> None:
+    """Every result file into the staging folder, each through :func:`io.atomic_path` (umask respected)."""
+    io.save_nifti(result.warped[0, 0], pair.affine, staging / "warped.nii.gz")
+    if result.warped_label is not None:
+        label = result.warped_label[0, 0]
+        io.save_nifti(label.to(_label_dtype(label)), pair.affine, staging / "warped_label.nii.gz")
+    io.save_ddf(result.ddf, pair.affine, staging / "ddf.nii.gz")
+    with io.atomic_path(staging / "metrics.json") as temporary:
+        temporary.write_text(json.dumps(metrics, indent=2))
+    if overview:
+        from monai_unireg.visualize import save_overview  # matplotlib: imported only when drawing
+
         save_overview(
             staging / "overview.png",
             pair.fixed,
@@ -295,26 +532,46 @@ def write_results(
             fixed_label=pair.fixed_label,
             moving_label=pair.moving_label,
             warped_label=result.warped_label,
-            spacing=pair.spacing,
+            affine=pair.affine,
             title=_overview_title(metrics),
         )
-        written = []
-        for path in sorted(staging.iterdir()):
-            os.replace(path, out_dir / path.name)
-            written.append(out_dir / path.name)
-        return written
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _overview_title(metrics: dict) -> str:
-    parts = [f"SDlogJ {metrics['sdlogj']:.3f}", f"folding {metrics['folding_percent']:.2f} %"]
+    """Two lines: the mean Dice after and before registration and which labels it averages; the field's
+    regularity and the registration time."""
+    lines = []
     if metrics.get("dice_mean") is not None:
-        parts.insert(0, f"mean Dice {metrics['dice_mean']:.3f}")
-    return ", ".join(parts) + f", {metrics['runtime_s']:.2f} s"
+        before = _number(metrics.get("dice_mean_before"), ".3f")
+        lines.append(f"mean Dice {metrics['dice_mean']:.3f} (before {before}) over {metrics['dice_labels_chosen']}")
+    regularity = (
+        f"SDlogJ {metrics['sdlogj']:.3f}, folding {metrics['folding_percent']:.2f} %, " if "sdlogj" in metrics else ""
+    )
+    lines.append(f"{regularity}registration {metrics['runtime_s']:.2f} s")
+    return "\n".join(lines)
 
 
 NetworkOrFactory = nn.Module | Callable[[tuple[int, ...]], nn.Module]
+
+
+class _Stages:
+    """Numbered stage lines (``[k/N] name``) through ``log``, and the seconds each stage took."""
+
+    def __init__(self, names: Sequence[str], log: Log) -> None:
+        self.names, self.log = list(names), log
+        self.seconds: dict[str, float] = {}
+        self._current: str | None = None
+        self._start = 0.0
+
+    def start(self, name: str, detail: str = "") -> None:
+        self.finish()
+        self._current, self._start = name, time.perf_counter()
+        self.log(f"[{self.names.index(name) + 1}/{len(self.names)}] {name}{' ' + detail if detail else ''}")
+
+    def finish(self) -> None:
+        if self._current is not None:
+            self.seconds[self._current] = round(time.perf_counter() - self._start, 3)
+            self._current = None
 
 
 def register_files(
@@ -330,33 +587,61 @@ def register_files(
     ct_window: Sequence[float] = (-800.0, 500.0),
     log: Log = print,
     intensity_range: Sequence[float] = (0.0, 1.0),
+    *,
+    metrics: bool = True,
+    overview: bool = True,
 ) -> dict:
     """Register one pair of files and write every result file to ``out_dir``; returns the metrics.
 
     Args:
         network: a registration module, or a function of the fixed grid's spatial shape returning one
-            (for methods whose configuration depends on the volume size).
+            (for methods whose configuration depends on the volume size); it is built from the fixed file's
+            header before any voxel data is read, so a bad network option fails at once.
         intensity_range: range the images are normalised to for the network ([0, 1]; UniReg: [-1, 1]).
+        metrics: evaluate (Jacobian, Dice and HD95 with labels); ``False`` for batch use writes only the timing in
+            ``metrics.json``.
+        overview: draw ``overview.png``.
+
+    ``metrics["timing_s"]`` holds the seconds of each stage (reading, registering, evaluating, writing).
     """
     check_option(modality, "modality", MODALITIES)
-    log(f"[1/4] reading {fixed} and {moving}")
-    pair = read_pair(fixed, moving, fixed_label, moving_label)
+    if labels is not None and (fixed_label is None or moving_label is None):
+        raise ValueError("labels choose the labels to evaluate; give both fixed_label and moving_label with them.")
+    names = ["reading", "registering", *(["evaluating"] if metrics else []), "writing"]
+    stages = _Stages(names, log)
     if not isinstance(network, nn.Module):
-        network = network(tuple(pair.fixed.shape[2:]))
+        network = network(volume_shape(fixed, "fixed"))
+    stages.start("reading", f"{fixed} and {moving}")
+    pair = read_pair(fixed, moving, fixed_label, moving_label)
+    if labels is not None or (metrics and pair.fixed_label is not None and pair.moving_label is not None):
+        evaluation_labels(pair, labels)  # refuse bad label values before registering
     if pair.moving_resampled:
         log("      moving image resampled onto the fixed grid (physical space)")
     grid = f"grid {tuple(pair.fixed.shape[2:])}, spacing {_rounded(pair.spacing)} mm"
-    log(f"[2/4] registering on {resolve_device(device)} ({grid})")
+    stages.start("registering", f"on {resolve_device(device)} ({grid})")
     result = register_pair(network, pair, modality, device, ct_window, intensity_range)
-    log(f"      {result.runtime_s:.2f} s ({result.modality.upper()} intensities)")
-    log("[3/4] evaluating")
-    metrics = evaluate_result(pair, result, labels)
-    if "dice_mean" in metrics:
-        log(f"      mean Dice {metrics['dice_mean']:.4f}, mean HD95 {metrics['hd95_mm_mean']:.2f} mm")
-    log(f"      SDlogJ {metrics['sdlogj']:.4f}, folding {metrics['folding_percent']:.3f} %")
-    log(f"[4/4] writing results to {out_dir}")
-    write_results(out_dir, pair, result, metrics)
-    return metrics
+    log(f"      network {result.runtime_s:.2f} s ({result.modality.upper()} intensities)")
+    values: dict = {"runtime_s": result.runtime_s, "modality": result.modality}
+    if metrics:
+        stages.start("evaluating")
+        values = evaluate_result(pair, result, labels)
+        if values.get("dice_mean") is not None:
+            before = _number(values["dice_mean_before"], ".4f")
+            log(
+                f"      mean Dice {values['dice_mean']:.4f} (before {before}) over {values['dice_labels_chosen']}"
+                f", mean HD95 {_number(values.get('hd95_mm_mean'), '.2f')} mm"
+            )
+        log(f"      SDlogJ {values['sdlogj']:.4f}, folding {values['folding_percent']:.3f} %")
+    stages.start("writing", f"results to {out_dir}")
+    values["timing_s"] = dict(stages.seconds)
+    write_results(out_dir, pair, result, values, overview=overview, log=log)
+    stages.finish()
+    values["timing_s"] = dict(stages.seconds)
+    return values
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def register_pairs(
