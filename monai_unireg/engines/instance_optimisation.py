@@ -72,7 +72,8 @@ def optimise_field(
     def objective(field: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         similarity_value = similarity(spatial.warp(moving, field), fixed)
         regularisation = diffusion_regularisation(field)
-        return similarity_value + smoothness * regularisation, {"similarity": similarity_value, "diffusion": regularisation}
+        parts = {"similarity": similarity_value, "diffusion": regularisation}
+        return similarity_value + smoothness * regularisation, parts
 
     def report(step: int, loss: float, parts: dict[str, torch.Tensor]) -> None:
         if log is not None and (step % 10 == 0 or step == iterations):

@@ -372,7 +372,7 @@ def refined_voxelopt(
     voxelopt: dict[str, object] | None = None,
     refinement: dict[str, object] | None = None,
 ) -> RefinedRegistration:
-    """"VoxelOpt + refinement" for a fixed grid of spatial ``shape``: :class:`VoxelOpt` with
+    """ "VoxelOpt + refinement" for a fixed grid of spatial ``shape``: :class:`VoxelOpt` with
     ``num_levels=VoxelOpt.levels_for(shape)`` and ``voxelopt`` (default :data:`CLI_VOXELOPT`), followed by
     :class:`FieldRefinement` with ``refinement`` (default :data:`CLI_REFINEMENT`)."""
     voxelopt = dict(CLI_VOXELOPT if voxelopt is None else voxelopt)
