@@ -91,6 +91,7 @@ def adam_on_field(
     iterations: int,
     learning_rate: float,
     on_step: StepCallback | None = None,
+    eps: float = 1e-8,
 ) -> tuple[torch.Tensor, list[float]]:
     """Adam on a field: the loop shared by :func:`optimise_field` and the refinement stage
     (:func:`~monai_unireg.engines.refinement.refine_field`).
@@ -107,6 +108,8 @@ def adam_on_field(
         learning_rate: Adam step size, in the field's units.
         on_step: ``on_step(step, loss, parts)`` with the objective before step ``step`` (``0..iterations``; the last
             call is after the last step), parts detached.
+        eps: Adam's ``epsilon`` (PyTorch's default ``1e-8``): where the gradient is much smaller, a step is
+            ``learning_rate * gradient / eps`` instead of about ``learning_rate``.
 
     Returns:
         the optimised ``[B, n, *S]`` field (no gradient) and the loss before each step and after the last
@@ -115,7 +118,7 @@ def adam_on_field(
     check_integer(iterations, "iterations", 0)
     check_positive(learning_rate, "learning_rate")
     field = nn.Parameter(initial.detach().clone())
-    optimizer = torch.optim.Adam([field], lr=learning_rate)
+    optimizer = torch.optim.Adam([field], lr=learning_rate, eps=float(check_positive(eps, "eps")))
     losses: list[float] = []
     with torch.enable_grad():
         for step in range(iterations + 1):

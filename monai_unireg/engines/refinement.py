@@ -147,7 +147,9 @@ def refine_field(
     mind_radius: int = 1,
     mind_dilation: int = 1,
     lncc_sigma: float = 2.0,
+    lncc_eps: float = 1e-3,
     gradient_sigma: float = 0.0,
+    gradient_floor: float = 1e-3,
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """Refine ``initial_ddf`` by multi-resolution Adam on the displacement (module docstring).
@@ -170,9 +172,19 @@ def refine_field(
         mind_radius: MIND-SSC patch radius (``similarity="mind"``).
         mind_dilation: MIND-SSC neighbour distance (``similarity="mind"``).
         lncc_sigma: LNCC window standard deviation in level voxels (``similarity="lncc"``).
+        lncc_eps: the ``eps`` added to each local variance of LNCC (:class:`~monai_unireg.losses.LNCCLoss`). With
+            it LNCC is not stationary at ``warped = fixed``: where the local variance is about ``eps`` (flat
+            background next to an edge) it pulls the edge into the window; uniGradICON's ``1e-5`` moved the flat
+            background of an identity pair (8-bit [0, 1] images) by up to 0.9 voxel, ``1e-3`` by much less.
         gradient_sigma: Gaussian smoothing (standard deviation in level voxels, 0: none) of the objective's
             gradient with respect to the field before each Adam step, as FireANTs' ``smooth_grad_sigma`` (and
             Greedy's update-field smoothing): the steps move neighbouring voxels together.
+        gradient_floor: per-voxel gradient (objective per voxel, per voxel of displacement) below which Adam stops
+            normalising: its ``eps`` is ``gradient_floor / (B * voxels of the level)`` (the objective is a mean).
+            Adam's steps are about ``learning_rate`` wherever the gradient is not exactly zero, however small; with
+            PyTorch's ``eps = 1e-8`` an identity pair (where LNCC's ``eps`` leaves a tiny gradient) moved flat
+            background by up to 0.9 voxel. With the floor, voxels that carry almost no signal move by
+            ``learning_rate * gradient / eps``, i.e. hardly.
         progress: ``progress(levels_done, levels_total)`` after each level, or ``None``.
 
     Returns:
@@ -201,7 +213,9 @@ def refine_field(
     check_integer(mind_radius, "mind_radius", 0)
     check_integer(mind_dilation, "mind_dilation", 1)
     check_positive(lncc_sigma, "lncc_sigma")
+    check_positive(lncc_eps, "lncc_eps")
     check_positive(gradient_sigma, "gradient_sigma", allow_zero=True)
+    check_positive(gradient_floor, "gradient_floor")
     gradient_kernel = window_kernel("gaussian", sigma=gradient_sigma) if gradient_sigma > 0 else None
 
     shape = tuple(fixed.shape[2:])
@@ -214,7 +228,7 @@ def refine_field(
             lncc = None
         else:
             moving_source, fixed_source = moving32, fixed32
-            lncc = LNCCLoss(sigma=lncc_sigma)
+            lncc = LNCCLoss(sigma=lncc_sigma, eps=lncc_eps)
         ddf = initial_ddf.detach().to(torch.float32).clone()
     for done, (grid, index) in enumerate(plan, start=1):
         if steps[index]:
@@ -241,7 +255,8 @@ def refine_field(
                 regularisation = diffusion_regularisation(field)
                 return value + weight * regularisation, {}
 
-            refined, _ = adam_on_field(start, objective, steps[index], rates[index])
+            eps = gradient_floor / (fixed.shape[0] * math.prod(grid))
+            refined, _ = adam_on_field(start, objective, steps[index], rates[index], eps=eps)
             with torch.no_grad():
                 ddf = refined if grid == shape else ddf + spatial.resize_ddf(refined - start, shape)
         if progress is not None:
