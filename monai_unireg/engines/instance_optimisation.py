@@ -92,6 +92,7 @@ def adam_on_field(
     learning_rate: float,
     on_step: StepCallback | None = None,
     eps: float = 1e-8,
+    schedule: Callable[[int], float] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Adam on a field: the loop shared by :func:`optimise_field` and the refinement stage
     (:func:`~monai_unireg.engines.refinement.refine_field`).
@@ -110,6 +111,10 @@ def adam_on_field(
             call is after the last step), parts detached.
         eps: Adam's ``epsilon`` (PyTorch's default ``1e-8``): where the gradient is much smaller, a step is
             ``learning_rate * gradient / eps`` instead of about ``learning_rate``.
+        schedule: ``schedule(step) -> factor``: step ``step`` (``0..iterations - 1``) uses ``learning_rate *
+            factor``; ``None``: constant. Adam with a constant rate does not settle: near the optimum it keeps
+            stepping by about the learning rate (its steps are normalised), so a rate decayed to 0 is what lets
+            the field come to rest.
 
     Returns:
         the optimised ``[B, n, *S]`` field (no gradient) and the loss before each step and after the last
@@ -130,6 +135,9 @@ def adam_on_field(
             if step == iterations:
                 break
             loss.backward()
+            if schedule is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate * float(schedule(step))
             optimizer.step()
     return field.detach(), losses
 
