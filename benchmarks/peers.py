@@ -202,6 +202,8 @@ BASELINE = "ants-synonly"
 GREEDY = "greedy"
 FIREANTS = "fireants"
 CANDIDATE = "voxelopt"
+#: Our contenders the targets are checked for, each against the same peers (those of them in ``--methods``).
+CANDIDATES = ("voxelopt", "voxelopt-refined", "voxelopt-half-refined")
 #: Peers the targets compare VoxelOpt with: EPE on known-field cases, Dice on labelled cases.
 EPE_PEERS = (BASELINE, GREEDY)
 DICE_PEERS = (BASELINE, GREEDY, FIREANTS)
@@ -351,6 +353,28 @@ def run_voxelopt(fixed_path: Path, moving_path: Path, workdir: Path, meter: Mete
     with meter, torch.no_grad():
         ddf = model(moving, fixed)
     return RunnerOutput(ddf.float())
+
+
+def _run_refined(fixed_path: Path, moving_path: Path, meter: Meter, finest_level: int) -> RunnerOutput:
+    from monai_unireg.engines.refinement import CLI_VOXELOPT, refined_voxelopt
+
+    fixed, moving = _normalised_pair(fixed_path, moving_path)
+    voxelopt = {**CLI_VOXELOPT, "finest_level": finest_level}
+    model = refined_voxelopt(tuple(fixed.shape[2:]), voxelopt=voxelopt).eval()
+    with meter:
+        ddf = model(moving, fixed)
+    return RunnerOutput(ddf.float())
+
+
+def run_voxelopt_refined(fixed_path: Path, moving_path: Path, workdir: Path, meter: Meter) -> RunnerOutput:
+    """ "VoxelOpt + refinement" (``engines.refinement.refined_voxelopt``: the register VoxelOpt, then
+    ``CLI_REFINEMENT``), same normalised inputs; times the whole network call (VoxelOpt, features and refinement)."""
+    return _run_refined(fixed_path, moving_path, meter, finest_level=0)
+
+
+def run_voxelopt_half_refined(fixed_path: Path, moving_path: Path, workdir: Path, meter: Meter) -> RunnerOutput:
+    """The same with VoxelOpt's finest optimised level at half resolution (``finest_level=1``)."""
+    return _run_refined(fixed_path, moving_path, meter, finest_level=1)
 
 
 def run_voxelopt_paper(fixed_path: Path, moving_path: Path, workdir: Path, meter: Meter) -> RunnerOutput:
@@ -525,6 +549,12 @@ METHODS: dict[str, Method] = {
     "identity": Method(run_identity, "torch", "identity (affine only)"),
     "voxelopt": Method(run_voxelopt, "monai_unireg.networks.nets:VoxelOpt", "VoxelOpt (register)"),
     "voxelopt-paper": Method(run_voxelopt_paper, "monai_unireg.networks.nets:VoxelOpt", "VoxelOpt (paper)"),
+    "voxelopt-refined": Method(
+        run_voxelopt_refined, "monai_unireg.engines.refinement:refined_voxelopt", "VoxelOpt + refinement"
+    ),
+    "voxelopt-half-refined": Method(
+        run_voxelopt_half_refined, "monai_unireg.engines.refinement:refined_voxelopt", "VoxelOpt half + refinement"
+    ),
     "ants-synonly": Method(run_ants_synonly, "ants", "ANTs SyNOnly default"),
     "ants-synonly-fine": Method(run_ants_synonly_fine, "ants", "ANTs SyNOnly 100x70x50x20"),
     "greedy": Method(run_greedy, "picsl_greedy:Greedy3D", "Greedy NCC 2x2x2"),
@@ -533,8 +563,9 @@ METHODS: dict[str, Method] = {
     "elastix-bspline": Method(run_elastix_bspline, "itk:elastix_registration_method", "elastix B-spline"),
     "convexadam": Method(run_convexadam, "convexAdam.convex_adam_MIND", "ConvexAdam (MIND)"),
 }
-#: Methods run when ``--methods`` is not given (``voxelopt-paper`` and ``greedy-sv`` only on request).
-DEFAULT_METHODS = [m for m in METHODS if m not in ("voxelopt-paper", "greedy-sv")]
+#: Methods run when ``--methods`` is not given (``voxelopt-paper``, ``voxelopt-half-refined`` and ``greedy-sv``
+#: only on request).
+DEFAULT_METHODS = [m for m in METHODS if m not in ("voxelopt-paper", "voxelopt-half-refined", "greedy-sv")]
 
 
 def missing_requirement(requires: str) -> str | None:
@@ -915,8 +946,21 @@ registration.optimize()
 registration.save_as_ants_transforms(out + "/warp.nii.gz")
 registration.save_moved_images(registration.evaluate(f, m), out + "/warped.nii.gz")
 """
-#: Tools ``--process`` can time (those of them in ``--methods`` are timed).
-PROCESS_TOOLS = ("voxelopt", BASELINE, GREEDY, FIREANTS)
+REFINED_PROCESS = """
+import sys
+from pathlib import Path
+from monai_unireg.cli import CT_WINDOWS, INTENSITY_RANGES, _log
+from monai_unireg.engines import register_files
+from monai_unireg.engines.refinement import CLI_VOXELOPT, refined_voxelopt
+fixed, moving, out, finest = sys.argv[1:5]
+voxelopt = {**CLI_VOXELOPT, "finest_level": int(finest)}
+register_files(lambda shape: refined_voxelopt(shape, voxelopt=voxelopt), Path(fixed), Path(moving), Path(out),
+               device="cpu", ct_window=CT_WINDOWS["voxelopt"], intensity_range=INTENSITY_RANGES["voxelopt"], log=_log)
+"""
+#: Tools ``--process`` can time (those of them in ``--methods`` are timed). "VoxelOpt + refinement" is not (yet) a
+#: ``register`` option: its process is ``REFINED_PROCESS``, a ``python -c`` doing what ``monai-unireg register``
+#: does (``cli._register``: ``register_files`` with VoxelOpt's CT window and intensity range) with the refined network.
+PROCESS_TOOLS = ("voxelopt", "voxelopt-refined", "voxelopt-half-refined", BASELINE, GREEDY, FIREANTS)
 
 
 def process_command(tool: str, fixed: Path, moving: Path, out: Path, threads: int) -> list[str]:
@@ -937,6 +981,9 @@ def process_command(tool: str, fixed: Path, moving: Path, out: Path, threads: in
             "--device",
             "cpu",
         ]
+    if tool in ("voxelopt-refined", "voxelopt-half-refined"):
+        finest = "1" if tool == "voxelopt-half-refined" else "0"
+        return [python, "-c", REFINED_PROCESS, str(fixed), str(moving), str(out), finest]
     if tool == BASELINE:
         return [python, "-c", ANTS_PROCESS, str(fixed), str(moving), str(out)]
     if tool == GREEDY:
@@ -1156,8 +1203,10 @@ def target_checks(
     runs: list[dict[str, object]],
     rows: list[dict[str, object]],
     processes: dict[str, dict[str, object]] | None,
+    contender: str = CANDIDATE,
 ) -> list[dict[str, object]]:
-    """The VoxelOpt targets (module docstring); ``N/A`` where VoxelOpt or the reference did not run."""
+    """The VoxelOpt targets (module docstring) for ``contender``; ``N/A`` where it or the reference did not
+    run."""
     checks: list[dict[str, object]] = []
 
     def add(text: str, value: float, reference: float, relation: str, note: str = "") -> None:
@@ -1172,7 +1221,7 @@ def target_checks(
             }
         )
 
-    mine = [r for r in runs if r["method"] == CANDIDATE]
+    mine = [r for r in runs if r["method"] == contender]
     if mine:
         ok = [r for r in mine if "error" not in r]
         worse = [r["pair"] for r in ok if not r["not_worse_than_identity"]]
@@ -1186,7 +1235,7 @@ def target_checks(
         )
     by_key = {(row["group"], row["method"]): row for row in rows}
     for group in dict.fromkeys(row["group"] for row in rows):
-        candidate = by_key.get((group, CANDIDATE))
+        candidate = by_key.get((group, contender))
         if candidate is None or not candidate["pairs"]:
             continue
         label = candidate["case"]
@@ -1204,12 +1253,12 @@ def target_checks(
         add(f"{label}: Dice >= best peer", candidate["dice"], peers[best] if best else math.nan, "ge", note)
     add(
         f"registration call wall time / {METHODS[BASELINE].label} <= 0.5 (in-process, same pairs)",
-        paired_time_ratio(runs, CANDIDATE, BASELINE),
+        paired_time_ratio(runs, contender, BASELINE),
         0.5,
         "le",
     )
     if processes:
-        ours = processes.get(CANDIDATE, {}).get("wall_s", math.nan)
+        ours = processes.get(contender, {}).get("wall_s", math.nan)
         for peer, limit in ((BASELINE, 0.5), (GREEDY, 1.0)):
             theirs = processes.get(peer, {}).get("wall_s", math.nan)
             ratio = ours / theirs if theirs and not math.isnan(theirs) else math.nan
@@ -1304,33 +1353,35 @@ def print_summary(
     rows: list[dict[str, object]],
     processes: dict[str, dict[str, object]] | None,
     targets: list[dict[str, object]],
+    candidate: str = CANDIDATE,
 ) -> None:
-    """The compact end summary: VoxelOpt's ratios to the peers, then the targets' PASS/FAIL lines."""
+    """The compact end summary for ``candidate``: its ratios to the peers, then the targets' PASS/FAIL lines."""
+    name = METHODS[candidate].label
     ran = {r["method"] for r in runs if "error" not in r}
-    print(f"\nsummary ({load_text()})")
-    if CANDIDATE in ran:
+    print(f"\nsummary for {name} ({load_text()})")
+    if candidate in ran:
         for peer in (BASELINE, GREEDY, FIREANTS):
             if peer in ran:
                 print(
-                    f"  VoxelOpt / {METHODS[peer].label}: registration call wall time "
-                    f"{_fmt(paired_time_ratio(runs, CANDIDATE, peer), 2)}x (same pairs)"
+                    f"  {name} / {METHODS[peer].label}: registration call wall time "
+                    f"{_fmt(paired_time_ratio(runs, candidate, peer), 2)}x (same pairs)"
                 )
-    if processes and CANDIDATE in processes:
-        ours = processes[CANDIDATE]
+    if processes and candidate in processes:
+        ours = processes[candidate]
         for peer in (BASELINE, GREEDY, FIREANTS):
             if peer in processes:
                 theirs = processes[peer]
                 wall = ours["wall_s"] / theirs["wall_s"] if theirs["wall_s"] else math.nan
                 memory = ours["peak_rss_mib"] / theirs["peak_rss_mib"] if theirs["peak_rss_mib"] else math.nan
                 print(
-                    f"  monai-unireg register / {METHODS[peer].label} whole process: wall {_fmt(wall, 2)}x "
+                    f"  {name} process / {METHODS[peer].label} whole process: wall {_fmt(wall, 2)}x "
                     f"({_fmt(ours['wall_s'], 1)} s vs {_fmt(theirs['wall_s'], 1)} s), peak RSS {_fmt(memory, 2)}x"
                 )
     for target in targets:
         note = f"  [{target['note']}]" if target["note"] else ""
         sign = ">=" if target["relation"] == "ge" else "<="
         print(
-            f"  {target['verdict']:>4}  VoxelOpt {target['target']}: {_fmt(target['value'], 3)} {sign} "
+            f"  {target['verdict']:>4}  {name} {target['target']}: {_fmt(target['value'], 3)} {sign} "
             f"{_fmt(target['reference'], 3)}{note}"
         )
 
@@ -1463,8 +1514,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(run.get("peak_was_reset") is False for run in runs):
         print("note: /proc/self/clear_refs was not writable, so peak RSS includes the child's start-up")
     failed_conventions = print_conventions(runs)
-    targets = target_checks(runs, rows, processes)
-    print_summary(runs, rows, processes, targets)
+    ran = {run["method"] for run in runs} | set(processes or {})
+    targets = []
+    for candidate in [c for c in CANDIDATES if c in ran] or [CANDIDATE]:
+        checks = target_checks(runs, rows, processes, candidate)
+        print_summary(runs, rows, processes, checks, candidate)
+        targets += [{**check, "candidate": candidate} for check in checks]
     if args.out is not None:
         config = {
             "methods": args.methods,

@@ -19,9 +19,13 @@ from monai_unireg.engines.training import Log
 from monai_unireg.losses import diffusion_regularisation
 from monai_unireg.validation import check_ddf, check_image_pair, check_integer, check_positive, check_same_spatial_shape
 
-__all__ = ["FieldOptimised", "optimise_field"]
+__all__ = ["FieldOptimised", "adam_on_field", "optimise_field"]
 
 Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``objective(field) -> (loss, parts)``: the scalar loss and its named terms.
+Objective = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+#: ``on_step(step, loss, parts)``: called with the objective before each Adam step and after the last.
+StepCallback = Callable[[int, float, dict[str, torch.Tensor]], None]
 
 
 def optimise_field(
@@ -64,24 +68,76 @@ def optimise_field(
     smoothness = float(check_positive(smoothness, "smoothness", allow_zero=True))
     check_positive(learning_rate, "learning_rate")
     moving, fixed = moving.detach(), fixed.detach()
-    field = nn.Parameter(initial_ddf.detach().clone())
-    optimizer = torch.optim.Adam([field], lr=learning_rate)
+
+    def objective(field: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        similarity_value = similarity(spatial.warp(moving, field), fixed)
+        regularisation = diffusion_regularisation(field)
+        parts = {"similarity": similarity_value, "diffusion": regularisation}
+        return similarity_value + smoothness * regularisation, parts
+
+    def report(step: int, loss: float, parts: dict[str, torch.Tensor]) -> None:
+        if log is not None and (step % 10 == 0 or step == iterations):
+            log(
+                f"instance optimisation {step}/{iterations}: loss {loss:.5f} similarity "
+                f"{float(parts['similarity']):.5f} diffusion {float(parts['diffusion']):.5f}"
+            )
+
+    return adam_on_field(initial_ddf, objective, iterations, learning_rate, report)
+
+
+def adam_on_field(
+    initial: torch.Tensor,
+    objective: Objective,
+    iterations: int,
+    learning_rate: float,
+    on_step: StepCallback | None = None,
+    eps: float = 1e-8,
+    schedule: Callable[[int], float] | None = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """Adam on a field: the loop shared by :func:`optimise_field` and the refinement stage
+    (:func:`~monai_unireg.engines.refinement.refine_field`).
+
+    The only variable is a copy of ``initial``; whatever ``objective`` closes over (images, features) is treated as
+    constant. Deterministic on the CPU for a given thread count: Adam's update is elementwise, and the gradient of a
+    mean does not depend on the order of its sum.
+
+    Args:
+        initial: ``[B, n, *S]`` starting field (any floating tensor; it is copied, not modified).
+        objective: ``objective(field) -> (loss, parts)``: the scalar loss to minimise and named scalar terms of it
+            (for ``on_step``; may be empty).
+        iterations: Adam steps (0 returns a copy of ``initial``).
+        learning_rate: Adam step size, in the field's units.
+        on_step: ``on_step(step, loss, parts)`` with the objective before step ``step`` (``0..iterations``; the last
+            call is after the last step), parts detached.
+        eps: Adam's ``epsilon`` (PyTorch's default ``1e-8``): where the gradient is much smaller, a step is
+            ``learning_rate * gradient / eps`` instead of about ``learning_rate``.
+        schedule: ``schedule(step) -> factor``: step ``step`` (``0..iterations - 1``) uses ``learning_rate *
+            factor``; ``None``: constant. Adam with a constant rate does not settle: near the optimum it keeps
+            stepping by about the learning rate (its steps are normalised), so a rate decayed to 0 is what lets
+            the field come to rest.
+
+    Returns:
+        the optimised ``[B, n, *S]`` field (no gradient) and the loss before each step and after the last
+        (``iterations + 1`` values).
+    """
+    check_integer(iterations, "iterations", 0)
+    check_positive(learning_rate, "learning_rate")
+    field = nn.Parameter(initial.detach().clone())
+    optimizer = torch.optim.Adam([field], lr=learning_rate, eps=float(check_positive(eps, "eps")))
     losses: list[float] = []
     with torch.enable_grad():
         for step in range(iterations + 1):
             optimizer.zero_grad(set_to_none=True)
-            similarity_value = similarity(spatial.warp(moving, field), fixed)
-            regularisation = diffusion_regularisation(field)
-            loss = similarity_value + smoothness * regularisation
+            loss, parts = objective(field)
             losses.append(float(loss.detach()))
-            if log is not None and (step % 10 == 0 or step == iterations):
-                log(
-                    f"instance optimisation {step}/{iterations}: loss {losses[-1]:.5f} similarity "
-                    f"{float(similarity_value.detach()):.5f} diffusion {float(regularisation.detach()):.5f}"
-                )
+            if on_step is not None:
+                on_step(step, losses[-1], {name: value.detach() for name, value in parts.items()})
             if step == iterations:
                 break
             loss.backward()
+            if schedule is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate * float(schedule(step))
             optimizer.step()
     return field.detach(), losses
 

@@ -1,0 +1,407 @@
+"""Continuous refinement of a displacement field, and a registration network followed by it.
+
+**Ours, beyond the VoxelOpt paper** (``shared/papers/voxelopt.txt`` stops at the discrete field). VoxelOpt's field
+moves by at most one voxel of each pyramid level per level, so its finest detail is a {-1, 0, 1} step smoothed by
+the adaptive filter. Like the second stages of ConvexAdam (Siebert et al., "ConvexAdam: Self-Configuring Dual-
+Optimisation-Based 3D Multitask Medical Image Registration", IEEE TMI 2024: Adam on the field at half resolution,
+MIND-SSC features, diffusion regulariser) and FireANTs (Jena et al., "FireANTs: Adaptive Riemannian Optimization for
+Multi-Scale Diffeomorphic Registration", 2024: Adam at 4x/2x/1x with cross-correlation), :func:`refine_field` moves
+the field continuously, a few multi-resolution Adam steps on the displacement itself, with
+
+.. math::
+
+    L(u) = \\mathrm{sim}(m \\circ (\\mathrm{Id} + u), f) + \\lambda \\, L_{diff}(u)
+
+per level (``sim``: mean squared difference of MIND-SSC features, or ``1 - LNCC`` of the intensities;
+``L_diff``: :func:`~monai_unireg.losses.diffusion_regularisation`, in the level's voxels). The Adam loop is
+:func:`~monai_unireg.engines.instance_optimisation.adam_on_field`, shared with the field instance optimisation.
+
+Multi-resolution scheme, level by level (coarse to fine, ``factors`` e.g. ``(2, 1)``): the features (or images) of
+both images are smoothed and resized to the level's grid (``size // factor``, corner-aligned, as every resize in
+:mod:`monai_unireg.spatial`), the current full-resolution field is resized to it (``u0``), Adam moves it to ``u``,
+and the change is added back at full resolution, ``ddf <- ddf + resize_ddf(u - u0)``, so that detail finer than the
+level (VoxelOpt's finest level) is kept.
+
+Where things live: :func:`refine_field` and :class:`FieldRefinement` are an optimisation engine, next to the field
+instance optimisation they share the loop with; :class:`RefinedRegistration` (a network followed by a refinement)
+sits here too, like :class:`~monai_unireg.engines.instance_optimisation.FieldOptimised`, because
+:mod:`monai_unireg.networks` does not depend on the engines.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from monai_unireg import spatial
+from monai_unireg.engines.instance_optimisation import adam_on_field
+from monai_unireg.filtering import separable_filter
+from monai_unireg.losses import diffusion_regularisation
+from monai_unireg.losses.lncc import LNCCLoss, window_kernel
+from monai_unireg.losses.mind import MINDSSC
+from monai_unireg.networks.nets.voxelopt import VoxelOpt
+from monai_unireg.validation import (
+    check_ddf,
+    check_image_pair,
+    check_integer,
+    check_option,
+    check_positive,
+    check_same_spatial_shape,
+)
+
+__all__ = [
+    "CLI_REFINEMENT",
+    "CLI_VOXELOPT",
+    "FieldRefinement",
+    "REFINEMENT_SIMILARITIES",
+    "RefinedRegistration",
+    "refine_field",
+    "refined_voxelopt",
+]
+
+REFINEMENT_SIMILARITIES = ("mind", "lncc")
+
+Progress = Callable[[int, int], None]
+
+
+def _per_level(value: float | int | Sequence[float | int], count: int, name: str) -> tuple:
+    """``value`` repeated for ``count`` levels, or checked to have ``count`` entries."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (value,) * count
+    values = tuple(value)
+    if len(values) != count:
+        raise ValueError(f"{name} must be one value or one per level ({count} levels), got {value!r}.")
+    return values
+
+
+def _check_factors(factors: Sequence[int]) -> tuple[int, ...]:
+    values = tuple(factors) if not isinstance(factors, (int, str)) else (factors,)
+    if not values:
+        raise ValueError("factors must list at least one downsampling factor, got an empty sequence.")
+    for value in values:
+        check_integer(value, "factors", 1)
+    if list(values) != sorted(values, reverse=True):
+        raise ValueError(f"factors must run from coarse to fine (non-increasing), got {tuple(factors)!r}.")
+    return tuple(int(v) for v in values)
+
+
+def level_shapes(
+    shape: Sequence[int], factors: Sequence[int], max_voxels: int | None = None, min_size: int = 8
+) -> list[tuple[int, ...]]:
+    """The grids the levels of :func:`refine_field` run on, coarse to fine.
+
+    Level ``k`` runs at ``s // factors[k]`` per axis; with ``max_voxels`` a level whose grid would hold more voxels
+    is coarsened (its factor doubled) until it fits, which is how the finest level adapts to the volume's size. A
+    level with an axis under ``min_size`` voxels is raised to ``min(min_size, s)`` along that axis; levels that end on
+    the same grid are merged (the settings of the finer entry are used).
+
+    Returns:
+        the spatial shape of each level kept, coarse to fine.
+    """
+    return [grid for grid, _ in _level_plan(shape, factors, max_voxels, min_size)]
+
+
+def _level_plan(
+    shape: Sequence[int], factors: Sequence[int], max_voxels: int | None, min_size: int = 8
+) -> list[tuple[tuple[int, ...], int]]:
+    plan: list[tuple[tuple[int, ...], int]] = []
+    for index, factor in enumerate(factors):
+        while True:
+            grid = tuple(max(min(min_size, s), s // factor) for s in shape)
+            if max_voxels is None or math.prod(grid) <= max_voxels or min(grid) <= min_size:
+                break
+            factor *= 2
+        if plan and plan[-1][0] == grid:
+            plan[-1] = (grid, index)
+        else:
+            plan.append((grid, index))
+    return plan
+
+
+def _smooth_and_resize(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``volume [B, C, *S]`` resized to ``size``; when shrinking, first Gaussian-smoothed with sigma = half the
+    (largest) shrink factor, against aliasing (trilinear resizing alone samples every ``factor``-th voxel)."""
+    if tuple(volume.shape[2:]) == tuple(size):
+        return volume
+    factor = max(s / n for s, n in zip(volume.shape[2:], size))
+    if factor > 1.0:
+        kernel = window_kernel("gaussian", sigma=0.5 * factor)
+        volume = separable_filter(volume, kernel, spatial_dims=3, padding_mode="replicate")
+    return spatial.resize_image(volume, size)
+
+
+def refine_field(
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    initial_ddf: torch.Tensor,
+    similarity: str = "mind",
+    factors: Sequence[int] = (2, 1),
+    iterations: int | Sequence[int] = 30,
+    learning_rate: float | Sequence[float] = 0.2,
+    smoothness: float | Sequence[float] = 1.0,
+    max_voxels: int | None = None,
+    mind_radius: int = 1,
+    mind_dilation: int = 1,
+    lncc_sigma: float = 2.0,
+    lncc_eps: float = 1e-3,
+    gradient_sigma: float = 0.0,
+    gradient_floor: float = 1e-2,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Refine ``initial_ddf`` by multi-resolution Adam on the displacement (module docstring).
+
+    Args:
+        moving: ``[B, 1, D, H, W]`` moving image (normalised as for the initial network).
+        fixed: ``[B, 1, D, H, W]`` fixed image on the same grid.
+        initial_ddf: ``[B, 3, D, H, W]`` starting field in voxels (MONAI ``Warp`` convention).
+        similarity: ``"mind"`` (mean squared difference of MIND-SSC features of both images, computed once at the
+            input resolution, smoothed and resized per level; works across modalities, flat regions have no
+            gradient) or ``"lncc"`` (``1 - LNCC`` of the intensities resized per level, Gaussian window of
+            ``lncc_sigma`` level voxels; same modality).
+        factors: downsampling factor of each level, coarse to fine (non-increasing integers >= 1; 1 = the input
+            grid).
+        iterations: Adam steps per level (one value for all levels or one per level; 0 skips a level).
+        learning_rate: Adam step size in voxels of each level's grid (one or per level), at the first step of the
+            level; it decays to 0 along a cosine over the level's steps.
+        smoothness: weight ``lambda`` of the diffusion term, on the level's field in its voxels (one or per level).
+        max_voxels: coarsen any level whose grid would hold more voxels (see :func:`level_shapes`); ``None``: no
+            limit.
+        mind_radius: MIND-SSC patch radius (``similarity="mind"``).
+        mind_dilation: MIND-SSC neighbour distance (``similarity="mind"``).
+        lncc_sigma: LNCC window standard deviation in level voxels (``similarity="lncc"``).
+        lncc_eps: the ``eps`` added to each local variance of LNCC (:class:`~monai_unireg.losses.LNCCLoss`). With
+            it LNCC is not stationary at ``warped = fixed``: where the local variance is about ``eps`` (flat
+            background next to an edge) it pulls the edge into the window; uniGradICON's ``1e-5`` moved the flat
+            background of an identity pair (8-bit [0, 1] images) by up to 0.9 voxel, ``1e-3`` by much less.
+        gradient_sigma: Gaussian smoothing (standard deviation in level voxels, 0: none) of the objective's
+            gradient with respect to the field before each Adam step, as FireANTs' ``smooth_grad_sigma`` (and
+            Greedy's update-field smoothing): the steps move neighbouring voxels together.
+        gradient_floor: per-voxel gradient (objective per voxel, per voxel of displacement) below which Adam stops
+            normalising: its ``eps`` is ``gradient_floor / (B * voxels of the level)`` (the objective is a mean).
+            Adam's steps are about ``learning_rate`` wherever the gradient is not exactly zero, however small; with
+            PyTorch's ``eps = 1e-8`` an identity pair (where LNCC's ``eps`` leaves a tiny gradient) moved flat
+            background by up to 0.9 voxel. With the floor, voxels that carry almost no signal move by
+            ``learning_rate * gradient / eps``, i.e. hardly.
+        progress: ``progress(levels_done, levels_total)`` after each level, or ``None``.
+
+    Returns:
+        ``[B, 3, D, H, W]`` refined field in voxels, in the dtype of ``initial_ddf``, without gradient.
+
+    Raises:
+        ValueError: for a malformed image, field or setting (the message names the argument).
+    """
+    check_image_pair(moving, fixed, 3)
+    check_ddf(initial_ddf, "initial_ddf")
+    check_same_spatial_shape(fixed, initial_ddf, "fixed", "initial_ddf")
+    if initial_ddf.shape[0] != fixed.shape[0]:
+        raise ValueError(
+            f"initial_ddf must have the batch size of fixed ({fixed.shape[0]}), got {tuple(initial_ddf.shape)}."
+        )
+    check_option(similarity, "similarity", REFINEMENT_SIMILARITIES)
+    factors = _check_factors(factors)
+    count = len(factors)
+    steps = [check_integer(v, "iterations", 0) for v in _per_level(iterations, count, "iterations")]
+    rates = [float(check_positive(v, "learning_rate")) for v in _per_level(learning_rate, count, "learning_rate")]
+    weights = [
+        float(check_positive(v, "smoothness", allow_zero=True)) for v in _per_level(smoothness, count, "smoothness")
+    ]
+    if max_voxels is not None:
+        check_integer(max_voxels, "max_voxels", 1)
+    check_integer(mind_radius, "mind_radius", 0)
+    check_integer(mind_dilation, "mind_dilation", 1)
+    check_positive(lncc_sigma, "lncc_sigma")
+    check_positive(lncc_eps, "lncc_eps")
+    check_positive(gradient_sigma, "gradient_sigma", allow_zero=True)
+    check_positive(gradient_floor, "gradient_floor")
+    gradient_kernel = window_kernel("gaussian", sigma=gradient_sigma) if gradient_sigma > 0 else None
+
+    shape = tuple(fixed.shape[2:])
+    plan = _level_plan(shape, factors, max_voxels)
+    with torch.no_grad():
+        moving32, fixed32 = moving.detach().to(torch.float32), fixed.detach().to(torch.float32)
+        if similarity == "mind":
+            descriptor = MINDSSC(radius=mind_radius, dilation=mind_dilation)
+            moving_source, fixed_source = descriptor(moving32), descriptor(fixed32)
+            lncc = None
+        else:
+            moving_source, fixed_source = moving32, fixed32
+            lncc = LNCCLoss(sigma=lncc_sigma, eps=lncc_eps)
+        ddf = initial_ddf.detach().to(torch.float32).clone()
+    for done, (grid, index) in enumerate(plan, start=1):
+        if steps[index]:
+            with torch.no_grad():
+                moving_level = _smooth_and_resize(moving_source, grid)
+                fixed_level = _smooth_and_resize(fixed_source, grid)
+                start = ddf if grid == shape else spatial.resize_ddf(ddf, grid)
+            weight = weights[index]
+
+            def objective(
+                field: torch.Tensor,
+                moving_level: torch.Tensor = moving_level,
+                fixed_level: torch.Tensor = fixed_level,
+                weight: float = weight,
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                if gradient_kernel is not None:  # identity forward, smoothed gradient backward
+                    field = field.view_as(field)
+                    field.register_hook(
+                        lambda grad: separable_filter(grad, gradient_kernel, spatial_dims=3, padding_mode="replicate")
+                    )
+                # inputs checked above: the unchecked warp of the spatial module, as in its own inner loops
+                warped = spatial._warp(moving_level, field)
+                value = (warped - fixed_level).square().mean() if lncc is None else lncc(warped, fixed_level)
+                regularisation = diffusion_regularisation(field)
+                return value + weight * regularisation, {}
+
+            eps = gradient_floor / (fixed.shape[0] * math.prod(grid))
+            # cosine decay to 0 over the level's steps: the field settles instead of jittering by ~learning_rate
+            count_steps = steps[index]
+            refined, _ = adam_on_field(
+                start,
+                objective,
+                count_steps,
+                rates[index],
+                eps=eps,
+                schedule=lambda step, n=count_steps: 0.5 * (1.0 + math.cos(math.pi * step / n)),
+            )
+            with torch.no_grad():
+                ddf = refined if grid == shape else ddf + spatial.resize_ddf(refined - start, shape)
+        if progress is not None:
+            progress(done, len(plan))
+    return ddf.to(initial_ddf.dtype)
+
+
+class FieldRefinement:
+    """The settings of :func:`refine_field`, kept together: ``refinement(moving, fixed, initial_ddf) -> ddf``.
+
+    Args:
+        **settings: keyword arguments of :func:`refine_field` except the tensors and ``progress`` (checked here,
+            so that a wrong setting fails before any registration runs).
+
+    Attributes:
+        progress: ``None``, or ``progress(levels_done, levels_total)`` after each level.
+    """
+
+    def __init__(self, **settings: object) -> None:
+        allowed = set(list(inspect.signature(refine_field).parameters)[3:]) - {"progress"}
+        unknown = sorted(set(settings) - allowed)
+        if unknown:
+            raise ValueError(f"unknown refinement settings {unknown}; allowed: {sorted(allowed)}.")
+        self.settings = dict(settings)
+        # the checks of refine_field, by running it on a tiny pair (8^3: a few milliseconds)
+        probe = torch.zeros(1, 1, 8, 8, 8)
+        refine_field(probe, probe, torch.zeros(1, 3, 8, 8, 8), **self.settings)
+        self.progress: Progress | None = None
+
+    def num_levels(self, shape: Sequence[int]) -> int:
+        """How many levels run on a volume of spatial ``shape``."""
+        factors = _check_factors(self.settings.get("factors", (2, 1)))
+        return len(_level_plan(tuple(shape), factors, self.settings.get("max_voxels")))
+
+    def __call__(self, moving: torch.Tensor, fixed: torch.Tensor, initial_ddf: torch.Tensor) -> torch.Tensor:
+        """Refine ``initial_ddf [B, 3, D, H, W]`` for the pair ``moving``, ``fixed`` ``[B, 1, D, H, W]``."""
+        return refine_field(moving, fixed, initial_ddf, progress=self.progress, **self.settings)
+
+    def __repr__(self) -> str:
+        return f"FieldRefinement({', '.join(f'{k}={v!r}' for k, v in self.settings.items())})"
+
+
+class RefinedRegistration(nn.Module):
+    """A registration network followed by a continuous refinement of its field (ours, beyond the papers).
+
+    ``forward(moving, fixed) -> ddf``: ``refinement(moving, fixed, initial(moving, fixed))``; the initial network
+    runs without gradients. With :func:`refined_voxelopt` it is "VoxelOpt + refinement".
+
+    Args:
+        initial: ``initial(moving, fixed) -> ddf [B, 3, D, H, W]`` (e.g. :class:`VoxelOpt`).
+        refinement: a :class:`FieldRefinement` (or any ``refinement(moving, fixed, ddf) -> ddf``).
+
+    Attributes:
+        progress: ``None``, or ``progress(done, total)`` over the initial network's steps (when it reports them
+            through its own ``progress`` attribute, as VoxelOpt reports levels) followed by the refinement's
+            levels.
+    """
+
+    def __init__(self, initial: nn.Module, refinement: FieldRefinement) -> None:
+        super().__init__()
+        if not isinstance(initial, nn.Module):
+            raise ValueError(f"initial must be an nn.Module registration network, got {type(initial).__name__}.")
+        if not callable(refinement):
+            raise ValueError(f"refinement must be callable as refinement(moving, fixed, ddf), got {refinement!r}.")
+        self.initial = initial
+        self.refinement = refinement
+        self.progress: Progress | None = None
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """Register ``moving`` to ``fixed``.
+
+        Args:
+            moving: ``[B, 1, D, H, W]`` moving image.
+            fixed: ``[B, 1, D, H, W]`` fixed image on the same grid.
+
+        Returns:
+            ``[B, 3, D, H, W]`` displacement in voxels, ``warp(moving, ddf) ~ fixed``.
+        """
+        check_image_pair(moving, fixed, 3)
+        report = self.progress
+        levels = getattr(self.refinement, "num_levels", None)
+        after = levels(fixed.shape[2:]) if report is not None and callable(levels) else 0
+        first = {"total": 0}
+
+        def initial_progress(done: int, total: int) -> None:
+            first["total"] = total
+            report(done, total + after)
+
+        def refinement_progress(done: int, total: int) -> None:
+            report(first["total"] + done, first["total"] + total)
+
+        reports_initial = report is not None and hasattr(self.initial, "progress")
+        saved_initial = getattr(self.initial, "progress", None)
+        saved_refinement = getattr(self.refinement, "progress", None)
+        try:
+            if reports_initial:
+                self.initial.progress = initial_progress
+            if report is not None and hasattr(self.refinement, "progress"):
+                self.refinement.progress = refinement_progress
+            with torch.no_grad():
+                initial = self.initial(moving, fixed)
+            return self.refinement(moving, fixed, initial)
+        finally:
+            if reports_initial:
+                self.initial.progress = saved_initial
+            if report is not None and hasattr(self.refinement, "progress"):
+                self.refinement.progress = saved_refinement
+
+
+#: VoxelOpt settings of "VoxelOpt + refinement" for ``monai-unireg register`` (beside the pyramid depth from
+#: :meth:`VoxelOpt.levels_for`); see :data:`CLI_REFINEMENT` for the measurements.
+CLI_VOXELOPT: dict[str, object] = {"mind_radius": 1, "mind_dilation": 1, "finest_level": 0}
+
+#: Refinement settings of "VoxelOpt + refinement" for ``monai-unireg register`` (measured in the closing note of
+#: issue 13; tuned on BrainVXM2mm 8-bit known field and BrainSynth pairs only).
+CLI_REFINEMENT: dict[str, object] = {
+    "similarity": "lncc",
+    "factors": (4, 2, 1),
+    "iterations": (50, 50, 30),
+    "learning_rate": 0.2,
+    "smoothness": 1.0,
+    "max_voxels": 2_000_000,
+}
+
+
+def refined_voxelopt(
+    shape: Sequence[int],
+    voxelopt: dict[str, object] | None = None,
+    refinement: dict[str, object] | None = None,
+) -> RefinedRegistration:
+    """ "VoxelOpt + refinement" for a fixed grid of spatial ``shape``: :class:`VoxelOpt` with
+    ``num_levels=VoxelOpt.levels_for(shape)`` and ``voxelopt`` (default :data:`CLI_VOXELOPT`), followed by
+    :class:`FieldRefinement` with ``refinement`` (default :data:`CLI_REFINEMENT`)."""
+    voxelopt = dict(CLI_VOXELOPT if voxelopt is None else voxelopt)
+    finest = int(voxelopt.get("finest_level", 0))
+    levels = VoxelOpt.levels_for([max(1, int(s) // 2**finest) for s in shape])
+    network = VoxelOpt(**{"num_levels": levels, **voxelopt})
+    return RefinedRegistration(network, FieldRefinement(**dict(CLI_REFINEMENT if refinement is None else refinement)))

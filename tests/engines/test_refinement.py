@@ -1,0 +1,172 @@
+"""The continuous refinement stage (ours, beyond the VoxelOpt paper) and VoxelOpt + refinement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monai_unireg import spatial
+from monai_unireg.engines.instance_optimisation import adam_on_field
+from monai_unireg.engines.refinement import (
+    CLI_REFINEMENT,
+    FieldRefinement,
+    RefinedRegistration,
+    level_shapes,
+    refine_field,
+    refined_voxelopt,
+)
+from monai_unireg.networks.nets import VoxelOpt
+
+SIZE = 40
+FAST = {"factors": (2, 1), "iterations": (30, 15), "learning_rate": 0.2}
+
+
+def quantised_object(size: int = SIZE, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """An 8-bit textured ball ``[1, 1, size^3]`` in an exactly flat (zero) background, and its mask ``[size^3]``."""
+    generator = torch.Generator().manual_seed(seed)
+    axis = torch.linspace(-1, 1, size)
+    radius = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).norm(dim=0)
+    inside = radius < 0.6
+    coarse = torch.rand(1, 1, 10, 10, 10, generator=generator)
+    texture = torch.nn.functional.interpolate(coarse, size=(size,) * 3, mode="trilinear", align_corners=True)
+    image = torch.where(inside, 0.2 + 0.8 * texture, torch.zeros(()))
+    return torch.round(image * 255) / 255, inside
+
+
+def known_pair(size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``moving, fixed, true_field, inside``: the object under a smooth field that vanishes outside it."""
+    fixed, inside = quantised_object(size)
+    generator = torch.Generator().manual_seed(3)
+    axis = torch.linspace(-1, 1, size)
+    radius = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).norm(dim=0)
+    coarse = torch.nn.functional.interpolate(
+        torch.randn(1, 3, 4, 4, 4, generator=generator), size=fixed.shape[2:], mode="trilinear", align_corners=True
+    )
+    velocity = coarse / coarse.abs().max() * 6.0 * (0.55 - radius).clamp(0, 0.4) / 0.4
+    true_field = spatial.integrate_velocity(velocity)
+    moving = torch.round(spatial.warp(fixed, spatial.integrate_velocity(-velocity)) * 255) / 255
+    return moving, fixed, true_field, inside
+
+
+@pytest.fixture(scope="module")
+def known() -> dict[str, torch.Tensor]:
+    moving, fixed, true_field, inside = known_pair()
+    start = VoxelOpt(num_levels=3, mind_radius=1, mind_dilation=1)(moving, fixed)
+    return {"moving": moving, "fixed": fixed, "true": true_field, "inside": inside, "start": start}
+
+
+def endpoint_error(ddf: torch.Tensor, true_field: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((ddf - true_field).norm(dim=1)[0][mask].mean())
+
+
+@pytest.mark.parametrize("similarity", ["mind", "lncc"])
+def test_identity_pair_stays_still(similarity):
+    image, _ = quantised_object()
+    ddf = refine_field(image, image, torch.zeros(1, 3, *image.shape[2:]), similarity=similarity, **FAST)
+    norm = ddf.norm(dim=1)
+    assert ddf.shape == (1, 3, SIZE, SIZE, SIZE)
+    limit = 0.1 if similarity == "mind" else 0.5  # LNCC's eps leaves it a small pull at edges
+    assert float(norm.mean()) < 0.05 and float(norm.max()) < limit
+
+
+@pytest.mark.parametrize("similarity", ["mind", "lncc"])
+def test_known_field_is_recovered_better_than_the_voxelopt_start(known, similarity):
+    before = endpoint_error(known["start"], known["true"], known["inside"])
+    ddf = refine_field(known["moving"], known["fixed"], known["start"], similarity=similarity, **FAST)
+    after = endpoint_error(ddf, known["true"], known["inside"])
+    assert after < 0.9 * before, (before, after)
+
+
+def test_flat_background_stays_still(known):
+    ddf = refine_field(known["moving"], known["fixed"], known["start"], **FAST)
+    axis = torch.linspace(-1, 1, SIZE)
+    radius = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).norm(dim=0)
+    far = radius > 0.75  # the flat background, two voxels or more from the object
+    assert float(ddf.norm(dim=1)[0][far].max()) < 0.5
+
+
+def test_bit_identical_across_runs(known):
+    settings = {**FAST, "gradient_sigma": 1.0}
+    first = refine_field(known["moving"], known["fixed"], known["start"], **settings)
+    second = refine_field(known["moving"], known["fixed"], known["start"], **settings)
+    assert torch.equal(first, second) and not torch.equal(first, known["start"])
+
+
+def test_levels_adapt_to_the_volume():
+    assert level_shapes((80, 96, 112), (4, 2, 1)) == [(20, 24, 28), (40, 48, 56), (80, 96, 112)]
+    # a level over max_voxels is coarsened; levels on the same grid merge
+    assert level_shapes((80, 96, 112), (2, 1), max_voxels=300_000) == [(40, 48, 56)]
+    assert level_shapes((16, 16, 16), (4, 2, 1)) == [(8, 8, 8), (16, 16, 16)]
+
+
+def test_zero_iterations_and_batches(known):
+    start = known["start"]
+    assert torch.equal(refine_field(known["moving"], known["fixed"], start, iterations=0), start)
+    pair = [torch.cat([x, x.flip(2)]) for x in (known["moving"], known["fixed"], start)]
+    both = refine_field(*pair, **FAST)
+    one = refine_field(pair[0][1:], pair[1][1:], pair[2][1:], **FAST)
+    assert both.shape == (2, 3, SIZE, SIZE, SIZE)
+    torch.testing.assert_close(both[1:], one, atol=0.05, rtol=0)
+
+
+def test_refined_registration_and_progress(known):
+    calls = []
+    network = RefinedRegistration(VoxelOpt(num_levels=3), FieldRefinement(**FAST))
+    network.progress = lambda done, total: calls.append((done, total))
+    ddf = network(known["moving"], known["fixed"])
+    assert ddf.shape == (1, 3, SIZE, SIZE, SIZE)
+    assert calls == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    assert network.initial.progress is None and network.refinement.progress is None
+    cli = refined_voxelopt((SIZE,) * 3)
+    assert isinstance(cli.initial, VoxelOpt) and cli.refinement.settings == CLI_REFINEMENT
+
+
+def test_adam_on_field_minimises_a_quadratic():
+    target = torch.arange(6.0).view(1, 3, 2, 1, 1)
+
+    def objective(field: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return (field - target).square().mean(), {}
+
+    field, losses = adam_on_field(torch.zeros_like(target), objective, 200, 0.1)
+    assert len(losses) == 201 and losses[-1] < 1e-3 * losses[0]
+    torch.testing.assert_close(field, target, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"similarity": "ssd"}, "similarity"),
+        ({"factors": (1, 2)}, "factors"),
+        ({"factors": ()}, "factors"),
+        ({"factors": (2, 0)}, "factors"),
+        ({"iterations": (10, 10, 10)}, "iterations"),
+        ({"iterations": -1}, "iterations"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"smoothness": -1.0}, "smoothness"),
+        ({"max_voxels": 0}, "max_voxels"),
+        ({"gradient_sigma": -1.0}, "gradient_sigma"),
+        ({"gradient_floor": 0.0}, "gradient_floor"),
+        ({"lncc_sigma": 0.0}, "lncc_sigma"),
+        ({"mind_radius": -1}, "mind_radius"),
+    ],
+)
+def test_bad_settings(settings, match):
+    image = torch.rand(1, 1, 12, 12, 12)
+    with pytest.raises(ValueError, match=match):
+        refine_field(image, image, torch.zeros(1, 3, 12, 12, 12), **settings)
+    with pytest.raises(ValueError, match=match):
+        FieldRefinement(**settings)
+
+
+def test_bad_tensors_and_unknown_settings():
+    image = torch.rand(1, 1, 12, 12, 12)
+    with pytest.raises(ValueError, match="initial_ddf"):
+        refine_field(image, image, torch.zeros(1, 3, 12, 12, 10))
+    with pytest.raises(ValueError, match="initial_ddf"):
+        refine_field(image, image, torch.zeros(2, 3, 12, 12, 12))
+    with pytest.raises(ValueError, match="moving"):
+        refine_field(image[0], image, torch.zeros(1, 3, 12, 12, 12))
+    with pytest.raises(ValueError, match="unknown refinement settings"):
+        FieldRefinement(levels=(2, 1))
+    with pytest.raises(ValueError, match="initial"):
+        RefinedRegistration(lambda m, f: m, FieldRefinement())
