@@ -62,3 +62,21 @@ def test_image_file_check_reads_only_headers_and_names_the_entry(tmp_path):
         check_image_file(tmp_path / "table.csv", "entry 3")
     with pytest.raises(FileNotFoundError, match=r"entry 4 names .*missing\.nii.*does not exist"):
         check_image_file(tmp_path / "missing.nii", "entry 4")
+
+
+@pytest.mark.parametrize("side, value", [("moving", 0.0), ("fixed", 1.0)])
+def test_command_refuses_a_constant_image_before_registering(tmp_path, capsys, side, value):
+    from monai_unireg.cli import main
+
+    structured = (np.random.default_rng(1).random((24, 24, 24)) > 0.5).astype(np.float32)
+    paths = {}
+    for name in ("fixed", "moving"):
+        data = np.full((24, 24, 24), value, np.float32) if name == side else structured
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])), paths[name])
+    out = tmp_path / "out"
+    arguments = ["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]), "--out", str(out)]
+    assert main([*arguments, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{side} image" in err[0] and f"{side}.nii.gz" in err[0] and "constant" in err[0]
+    assert not any(out.glob("*.nii.gz"))

@@ -32,7 +32,7 @@ from monai_unireg.data import pair_name
 from monai_unireg.metrics import HD95Metric, JacobianMetric, LabelDiceMetric
 from monai_unireg.spatial import spacing_from_affine
 from monai_unireg.transforms import CTWindow, MRIPercentile
-from monai_unireg.validation import check_labels, check_option
+from monai_unireg.validation import check_informative_image, check_labels, check_option
 
 __all__ = [
     "MODALITIES",
@@ -192,10 +192,12 @@ def read_pair(
 
     Raises:
         ValueError: naming the argument, for missing or unreadable files, non-3D volumes, NaN/Inf values,
-            non-integer or empty labels, or a label not on its image's grid.
+            non-integer or empty labels, a constant image, or a label not on its image's grid.
     """
     fixed_image, fixed_affine = read_volume(fixed, "fixed")
     moving_image, moving_affine = read_volume(moving, "moving")
+    check_informative_image(fixed_image, f"fixed image {os.fspath(fixed)!r}")
+    check_informative_image(moving_image, f"moving image {os.fspath(moving)!r}")
     fixed_shape, moving_shape = tuple(fixed_image.shape[2:]), tuple(moving_image.shape[2:])
     labels = {
         "fixed_label": None
