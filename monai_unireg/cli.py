@@ -72,10 +72,10 @@ class UsageError(Exception):
 def _voxelopt(shape: tuple[int, ...], weights: Path | None = None, io_iterations: int = 0) -> nn.Module:
     """VoxelOpt for any scan: the paper's settings with 5 levels (fewer for small volumes, see
     :meth:`VoxelOpt.levels_for`) and a finer MIND-SSC than the authors' code (radius 1, dilation 1 instead of
-    2, 2), which their abdomen CT setting registers at 4 mm. Measured on native-resolution scans
-    (``benchmarks/peers.py`` pairs; the same VoxelOpt with MIND 2/2 in brackets): BrainSynth 2 mm, 10 pairs,
-    Dice 0.678 (0.660); BrainVXM2mm known field, endpoint error 0.83 mm (1.09 mm); ProstateMRUS (US-MR),
-    5 pairs, prostate Dice 0.657 (0.598).
+    2, 2; their abdomen CT setting computes MIND on the 2 mm grid and optimises from 4 mm down). Measured on
+    native-resolution scans (``benchmarks/peers.py`` pairs; the same VoxelOpt with MIND 2/2 in brackets):
+    BrainSynth 2 mm, 10 pairs, Dice 0.678 (0.660); BrainVXM2mm known field, endpoint error 0.83 mm (1.09 mm);
+    ProstateMRUS (US-MR), 5 pairs, prostate Dice 0.657 (0.598).
     """
     from monai_unireg.networks.nets import VoxelOpt
 

@@ -107,9 +107,9 @@ def check_informative_image(x: Any, name: str) -> None:
     """Refuse a constant or nearly constant image: there is nothing in it to register.
 
     An image is refused when fewer than ``max(8, INFORMATIVE_FRACTION * voxels)`` of its voxels differ from its
-    (subsampled) median by more than ``1e-6`` of its largest magnitude (all-zero, all-one, a constant plus rounding noise, or a
-    blank volume with a handful of stray voxels). Such an image gives a similarity that is flat or decided by
-    noise, and every method would return a field of whatever its regulariser and ties make of it.
+    (subsampled) median by more than ``1e-6`` of its largest magnitude (all-zero, all-one, a constant plus rounding
+    noise, or a blank volume with a handful of stray voxels). Such an image gives a similarity that is flat or decided
+    by noise, and every method would return a field of whatever its regulariser and ties make of it.
 
     Args:
         x: image tensor of any shape (e.g. ``[B, C, D, H, W]`` or ``[C, D, H, W]``), finite values.

@@ -3,7 +3,8 @@
 Xie et al., "PromptReg", MICCAI 2025 (``shared/papers/promptreg.txt``, Sec. 2.4 and 3.1):
 ``L = L_sim + 0.1 L_smooth + 0.001 L_ort + 0.001 L_ts`` with MIND-SSC similarity (radius 2, dilation 2), the
 VoxelMorph smoothness (mean squared forward differences), the knowledge base's orthogonality (Eq. 1) and the task
-similarity between the weighted prompt and the prompt of the pair's own dataset (Eq. 5); Adam, learning rate
+similarity between the weighted prompt and the prompt of the pair's own dataset (Eq. 5); Adam (with AMSGrad, as the
+authors' code: :data:`PROMPTREG_OPTIMIZER`; the paper says only "Adam"), learning rate
 1e-4 with polynomial decay (power 0.9) per iteration, batch 1, 100 random pairs per dataset per epoch, 300 epochs,
 images in [0, 1] (CT: HU [-1000, 1000]; MRI: [min, 99th percentile]) resized to 160^3. Leaving one dataset out of
 training (and validating on it) gives the paper's zero-shot setting (Table 1). The loop is
@@ -37,6 +38,10 @@ from monai_unireg.networks.nets.promptreg import PromptReg
 from monai_unireg.validation import check_bool, check_positive
 
 __all__ = ["DomainPairLoader", "PromptRegObjective", "train_promptreg"]
+
+
+#: The optimiser of the authors' training script: ``torch.optim.Adam(..., amsgrad=True)`` (the paper names Adam).
+PROMPTREG_OPTIMIZER = functools.partial(torch.optim.Adam, amsgrad=True)
 
 
 class DomainPairLoader(PairLoader):
@@ -193,6 +198,7 @@ def train_promptreg(
         epochs,
         batch_size=batch_size,
         learning_rate=learning_rate,
+        optimizer_factory=PROMPTREG_OPTIMIZER,
         scheduler_factory=functools.partial(polynomial_decay, power=power),
         augmentation=augmentation,
         validation_pairs=validation_pairs,

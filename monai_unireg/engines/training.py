@@ -95,7 +95,8 @@ class PairLoader:
 
     Each image is read with its own grid, brought to ``intensity_range`` (CT: the HU window ``ct_window``; MRI:
     [min, 99th percentile]; the modality detected per image, :func:`~monai_unireg.engines.detect_modality`) and
-    resized to ``size`` (trilinear, corner-aligned), as uniGradICON and SACB-Net do: no physical-space alignment.
+    resized to ``size`` (trilinear, corner-aligned; ours: uniGradICON's reference resizes with
+    ``align_corners=False`` and SACB-Net's data come at the working size already), with no physical-space alignment.
     Labels, when the pair names them, are resized by nearest neighbour.
 
     Args:

@@ -93,6 +93,8 @@ def test_training_over_two_domains_resumes_exactly(tiny_datasets, tmp_path):
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert [r["loss"] for r in history] == [r["loss"] for r in resumed_history]
+    saved = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    assert all(group["amsgrad"] for group in saved["optimizer"]["param_groups"])  # the authors' Adam(amsgrad=True)
     with pytest.raises(ValueError, match="num_domains=3"):
         train_promptreg(
             PromptReg(**{**SMALL, "num_domains": 3}), PairSampler(datasets, 2), tmp_path / "bad", 1, log=print
