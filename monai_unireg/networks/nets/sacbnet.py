@@ -14,7 +14,12 @@ import torch
 import torch.nn as nn
 
 from monai_unireg.io import load_network
-from monai_unireg.networks.blocks.sacb import SpatialAwareConvBlock, conv_norm_act, soft_matching_flow
+from monai_unireg.networks.blocks.sacb import (
+    KMEANS_ITERATIONS,
+    SpatialAwareConvBlock,
+    conv_norm_act,
+    soft_matching_flow,
+)
 from monai_unireg.spatial import _compose, _warp, resize_ddf
 from monai_unireg.validation import check_image_pair, check_integer, plain_tensor
 
@@ -58,7 +63,7 @@ class SACBNet(nn.Module):
         in_channels: channels of each image.
         channels: encoder channels at the five levels.
         num_clusters: K-Means clusters ``N`` of the SACBs (paper: 7), one value or one per level (1/16 .. 1/2).
-        kmeans_iterations: Lloyd iteration cap of every SACB.
+        kmeans_iterations: Lloyd iteration cap of every SACB (:data:`~.blocks.sacb.KMEANS_ITERATIONS`: 200).
         kmeans_tolerance: K-Means stopping tolerance (largest centroid move).
         kmeans_fit_points: K-Means fits on at most this many evenly spaced voxels and then labels all of them
             (``None``: all voxels, as the authors' code); see :class:`SpatialAwareConvBlock`.
@@ -71,7 +76,7 @@ class SACBNet(nn.Module):
         in_channels: int = 1,
         channels: Sequence[int] = SACBNET_CHANNELS,
         num_clusters: int | Sequence[int] = 7,
-        kmeans_iterations: int = 50,
+        kmeans_iterations: int = KMEANS_ITERATIONS,
         kmeans_tolerance: float = 1e-4,
         kmeans_fit_points: int | None = None,
         seed: int = 0,

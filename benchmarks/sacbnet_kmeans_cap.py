@@ -1,0 +1,104 @@
+"""Does SACB-Net's K-Means iteration cap (50, ours) change the clustering against running to convergence?
+
+For BrainSynth pairs (80x96x96 at 2 mm, native size, divisible by 16), the projected features of every SACB (levels
+1/2 .. 1/16, fixed and moving) are clustered twice with the same seed: with the network's cap and with a cap of
+``--converged`` iterations (convergence: the largest centroid move <= the tolerance). Printed per level: the share
+of voxels whose cluster differs, the iterations convergence took (largest over the batch), and the largest field
+difference at full resolution between the two networks.
+
+    python benchmarks/sacbnet_kmeans_cap.py [--weights models/lpba/model.pt] [--pairs 3] [--converged 1000]
+
+Without ``--weights`` the network is untrained (its features are random projections, not trained ones): say so
+when quoting the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from monai_unireg.data import load_learn2reg
+from monai_unireg.engines import read_pair
+from monai_unireg.networks.blocks import kmeans
+from monai_unireg.networks.nets import SACBNet, load_sacbnet
+from monai_unireg.transforms import MRIPercentile
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def _iterations_to_converge(points: torch.Tensor, block, cap: int) -> int:
+    """Smallest iteration cap (doubling search up to ``cap``) at which K-Means returns its converged labels."""
+    reference, _ = kmeans(points, block.num_clusters, cap, block.kmeans_tolerance, block.seed)
+    iterations = 1
+    while iterations < cap:
+        labels, _ = kmeans(points, block.num_clusters, iterations, block.kmeans_tolerance, block.seed)
+        if torch.equal(labels, reference):
+            return iterations
+        iterations *= 2
+    return cap
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, default=None, help="a trained SACB-Net model.pt (default: untrained)")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--converged", type=int, default=1000, help="iteration cap standing for convergence")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    network = load_sacbnet(args.weights) if args.weights else SACBNet(input_size=(80, 96, 96))
+    network.eval()
+    converged = copy.deepcopy(network)
+    for block in converged.sacbs[1:]:
+        block.kmeans_iterations = args.converged
+    captured: dict[int, list[torch.Tensor]] = {}
+    for level, block in enumerate(network.sacbs):
+        if level:
+            block.register_forward_hook(
+                lambda module, inputs, output, level=level: captured.setdefault(level, []).append(inputs[0].detach())
+            )
+    pairs = load_learn2reg(DATA / "BrainSynth" / "BrainSynth_dataset.json", "registration_val")[: args.pairs]
+    normalise = MRIPercentile()
+    changed = {level: [] for level in range(1, 5)}
+    needed = {level: 0 for level in range(1, 5)}
+    field_difference = 0.0
+    start = time.perf_counter()
+    for pair in pairs:
+        loaded = read_pair(pair["fixed_image"], pair["moving_image"])
+        fixed, moving = normalise(loaded.fixed[0])[None], normalise(loaded.moving[0])[None]
+        captured.clear()
+        with torch.no_grad():
+            ddf = network(moving, fixed)
+            ddf_converged = converged(moving, fixed)
+        field_difference = max(field_difference, float((ddf - ddf_converged).abs().max()))
+        for level, inputs in captured.items():
+            block = network.sacbs[level]
+            for features in inputs:
+                projected = block.project(features)
+                patch = torch.nn.functional.avg_pool3d(torch.nn.functional.pad(projected, (1,) * 6), 3, stride=1)
+                points = patch.flatten(2).transpose(1, 2)
+                capped, _ = kmeans(points, block.num_clusters, block.kmeans_iterations, block.kmeans_tolerance, 0)
+                full, _ = kmeans(points, block.num_clusters, args.converged, block.kmeans_tolerance, 0)
+                changed[level].append(float((capped != full).float().mean()))
+                needed[level] = max(needed[level], _iterations_to_converge(points, block, args.converged))
+    kind = f"trained ({args.weights})" if args.weights else "UNTRAINED (random projections)"
+    print(f"SACB-Net K-Means cap {network.sacbs[1].kmeans_iterations} vs {args.converged}, {kind} network,")
+    print(f"{len(pairs)} BrainSynth pairs, {time.perf_counter() - start:.0f} s, load {os.getloadavg()[0]:.1f}")
+    print("| level | voxels whose cluster changes (mean, max) | iterations to converge (max) |")
+    print("|---|---|---|")
+    for level in range(4, 0, -1):
+        values = changed[level]
+        print(
+            f"| 1/{2**level} | {100 * sum(values) / len(values):.3f} %, {100 * max(values):.3f} % | {needed[level]} |"
+        )
+    print(f"largest field difference at full resolution: {field_difference:.2e} voxels")
+
+
+if __name__ == "__main__":
+    main()
