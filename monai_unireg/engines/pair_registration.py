@@ -605,16 +605,14 @@ def register_files(
     ``metrics["timing_s"]`` holds the seconds of each stage (reading, registering, evaluating, writing).
     """
     check_option(modality, "modality", MODALITIES)
-    if labels is not None and (fixed_label is None or moving_label is None):
-        raise ValueError("labels choose the labels to evaluate; give both fixed_label and moving_label with them.")
     names = ["reading", "registering", *(["evaluating"] if metrics else []), "writing"]
     stages = _Stages(names, log)
     if not isinstance(network, nn.Module):
         network = network(volume_shape(fixed, "fixed"))
     stages.start("reading", f"{fixed} and {moving}")
     pair = read_pair(fixed, moving, fixed_label, moving_label)
-    if labels is not None or (metrics and pair.fixed_label is not None and pair.moving_label is not None):
-        evaluation_labels(pair, labels)  # refuse bad label values before registering
+    if metrics and pair.fixed_label is not None and pair.moving_label is not None:
+        evaluation_labels(pair, labels)  # refuse bad label values before registering (labels unused without maps)
     if pair.moving_resampled:
         log("      moving image resampled onto the fixed grid (physical space)")
     grid = f"grid {tuple(pair.fixed.shape[2:])}, spacing {_rounded(pair.spacing)} mm"
