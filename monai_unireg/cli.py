@@ -512,9 +512,11 @@ def _attach_progress(network: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _prepare_out(out: Path) -> None:
+def _prepare_out(out: Path) -> bool:
+    """Make and test-write ``--out``, removing an interrupted run's temporaries; returns whether it was made now."""
     from monai_unireg.engines.pair_registration import prepare_output_folder
 
+    made = not out.exists()
     try:
         removed = prepare_output_folder(out, "--out")
     except ValueError as error:
@@ -522,6 +524,21 @@ def _prepare_out(out: Path) -> None:
     if removed:
         names = ", ".join(path.name for path in removed)
         _log(f"removed {len(removed)} temporar{'y' if len(removed) == 1 else 'ies'} of an interrupted run: {names}")
+    return made
+
+
+class _RemoveIfEmpty:
+    """Within the block, a failure removes the output folder again if this run made it and left it empty."""
+
+    def __init__(self, folder: Path, made: bool) -> None:
+        self.folder, self.made = folder, made
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, *rest: Any) -> None:
+        if kind is not None and self.made and self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
 
 
 def _register(arguments: argparse.Namespace) -> dict:
@@ -529,7 +546,11 @@ def _register(arguments: argparse.Namespace) -> dict:
     conditions = {
         name: value for name, value in (("task", arguments.task), ("reg_type", arguments.reg_type)) if value is not None
     }
-    _prepare_out(arguments.out)
+    with _RemoveIfEmpty(arguments.out, _prepare_out(arguments.out)):
+        return _register_into(arguments, conditions)
+
+
+def _register_into(arguments: argparse.Namespace, conditions: dict[str, str]) -> dict:
     from monai_unireg.engines.pair_registration import register_files, volume_shape
 
     ct_windows, ranges = _method_windows()

@@ -474,6 +474,7 @@ def write_results(
     *,
     overview: bool = True,
     log: Log | None = None,
+    writing_started: float | None = None,
 ) -> list[Path]:
     """Write the result files into ``out_dir`` (staged in a temporary folder, then moved into place), each with
     the mode the umask gives; an earlier run's result file (:data:`OUTPUT_FILES`) that this run does not write
@@ -489,7 +490,7 @@ def write_results(
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
     try:
         try:
-            _write_staged(staging, pair, result, metrics, overview)
+            _write_staged(staging, pair, result, metrics, overview, writing_started)
         except OSError as error:  # e.g. a full disk: the staged files go, earlier results stay as they were
             raise OSError(
                 error.errno,
@@ -511,15 +512,20 @@ def write_results(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_staged(staging: Path, pair: LoadedPair, result: RegistrationResult, metrics: dict, overview: bool) -> None:
+def _write_staged(
+    staging: Path,
+    pair: LoadedPair,
+    result: RegistrationResult,
+    metrics: dict,
+    overview: bool,
+    writing_started: float | None = None,
+) -> None:
     """Every result file into the staging folder, each through :func:`io.atomic_path` (umask respected)."""
     io.save_nifti(result.warped[0, 0], pair.affine, staging / "warped.nii.gz")
     if result.warped_label is not None:
         label = result.warped_label[0, 0]
         io.save_nifti(label.to(_label_dtype(label)), pair.affine, staging / "warped_label.nii.gz")
     io.save_ddf(result.ddf, pair.affine, staging / "ddf.nii.gz")
-    with io.atomic_path(staging / "metrics.json") as temporary:
-        temporary.write_text(json.dumps(metrics, indent=2))
     if overview:
         from monai_unireg.visualize import save_overview  # matplotlib: imported only when drawing
 
@@ -535,6 +541,10 @@ def _write_staged(staging: Path, pair: LoadedPair, result: RegistrationResult, m
             affine=pair.affine,
             title=_overview_title(metrics),
         )
+    if writing_started is not None and "timing_s" in metrics:  # metrics.json last, with the writing time (nearly all)
+        metrics["timing_s"]["writing"] = round(time.perf_counter() - writing_started, 3)
+    with io.atomic_path(staging / "metrics.json") as temporary:
+        temporary.write_text(json.dumps(metrics, indent=2))
 
 
 def _overview_title(metrics: dict) -> str:
@@ -561,16 +571,16 @@ class _Stages:
         self.names, self.log = list(names), log
         self.seconds: dict[str, float] = {}
         self._current: str | None = None
-        self._start = 0.0
+        self.started = 0.0
 
     def start(self, name: str, detail: str = "") -> None:
         self.finish()
-        self._current, self._start = name, time.perf_counter()
+        self._current, self.started = name, time.perf_counter()
         self.log(f"[{self.names.index(name) + 1}/{len(self.names)}] {name}{' ' + detail if detail else ''}")
 
     def finish(self) -> None:
         if self._current is not None:
-            self.seconds[self._current] = round(time.perf_counter() - self._start, 3)
+            self.seconds[self._current] = round(time.perf_counter() - self.started, 3)
             self._current = None
 
 
@@ -632,7 +642,7 @@ def register_files(
         log(f"      SDlogJ {values['sdlogj']:.4f}, folding {values['folding_percent']:.3f} %")
     stages.start("writing", f"results to {out_dir}")
     values["timing_s"] = dict(stages.seconds)
-    write_results(out_dir, pair, result, values, overview=overview, log=log)
+    write_results(out_dir, pair, result, values, overview=overview, log=log, writing_started=stages.started)
     stages.finish()
     values["timing_s"] = dict(stages.seconds)
     return values
