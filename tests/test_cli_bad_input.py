@@ -383,3 +383,13 @@ def test_a_killed_run_leaves_at_most_one_temporary_that_the_next_run_removes(fil
     assert main(register(files, tmp_path / "kill", "--no-overview")) == 0
     assert "removed 1 temporary of an interrupted run" in capsys.readouterr().out
     assert not [p for p in (tmp_path / "kill").iterdir() if p.name.startswith(".")]
+
+
+def test_cuda_asked_for_on_a_machine_without_it_is_refused_before_reading(files, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    arguments = register({**files, "fixed": files["junk"]}, tmp_path / "out")
+    arguments[arguments.index("cpu")] = "cuda:1"
+    assert "--device cuda:1: CUDA is not available on this machine; use --device cpu" in refused(capsys, arguments)

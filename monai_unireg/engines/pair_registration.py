@@ -83,6 +83,7 @@ class LoadedPair:
     moving_label_source: torch.Tensor | None = None
     fixed_to_moving: np.ndarray | None = None
     moving_label_values: tuple[int, ...] | None = None
+    fixed_label_values: tuple[int, ...] | None = None
 
     @property
     def spacing(self) -> tuple[float, ...]:
@@ -206,10 +207,18 @@ def read_pair(
         else _read_label(moving_label, "moving_label", moving_shape, moving_affine),
     }
     moving_values = None if labels["moving_label"] is None else _label_values(labels["moving_label"])
+    fixed_values = None if labels["fixed_label"] is None else _label_values(labels["fixed_label"])
     fixed_image, moving_image = fixed_image.to(torch.float32), moving_image.to(torch.float32)
     resample = moving_shape != fixed_shape or not np.allclose(moving_affine, fixed_affine, atol=1e-3)
     if not resample:
-        return LoadedPair(fixed_image, moving_image, fixed_affine, moving_label_values=moving_values, **labels)
+        return LoadedPair(
+            fixed_image,
+            moving_image,
+            fixed_affine,
+            moving_label_values=moving_values,
+            fixed_label_values=fixed_values,
+            **labels,
+        )
     mapping = np.linalg.inv(np.asarray(moving_affine, np.float64)) @ np.asarray(fixed_affine, np.float64)
     coords = _mapped_coordinates(mapping, fixed_shape)
     source, label_source = moving_image, labels["moving_label"]
@@ -225,6 +234,7 @@ def read_pair(
         moving_label_source=label_source,
         fixed_to_moving=mapping,
         moving_label_values=moving_values,
+        fixed_label_values=fixed_values,
         **labels,
     )
 
@@ -344,7 +354,7 @@ def evaluation_labels(pair: LoadedPair, labels: Sequence[int] | None = None) -> 
     """
     if pair.fixed_label is None or pair.moving_label is None:
         raise ValueError("labels need both label maps (fixed_label and moving_label).")
-    fixed_values = set(_label_values(pair.fixed_label))
+    fixed_values = set(pair.fixed_label_values or _label_values(pair.fixed_label))
     moving_values = set(pair.moving_label_values or _label_values(pair.moving_label))
     if labels is None:
         both = tuple(sorted(fixed_values & moving_values))
