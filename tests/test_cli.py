@@ -309,7 +309,7 @@ def test_headline_dice_names_its_labels_and_the_value_before(small_pair, tmp_pat
     before = f"(before {metrics['dice_mean_before']:.4f}) over the 2 labels given (--labels)"
     assert f"mean Dice {metrics['dice_mean']:.4f} {before}" in printed
     assert "done in" in printed and "registering" in printed and set(metrics["timing_s"]) >= {"reading", "writing"}
-    assert main(register_arguments(paths, tmp_path / "all")) == 0
+    assert main(register_arguments(paths, tmp_path / "all", "--no-overview")) == 0
     assert "over all 4 labels present in both maps" in capsys.readouterr().out
 
 
