@@ -654,8 +654,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in arguments_list
     # OpenMP threads that sleep instead of spinning while they wait: on a machine whose cores are shared (other jobs,
-    # other users) spinning threads made VoxelOpt 20-40x slower at 32^3 and the 1 mm brain's process 1.2x slower
-    # (README); a user's own setting is kept. Only effective before torch is imported, as it is here.
+    # other users) spinning threads made VoxelOpt 2-4x slower on a 2 mm brain and 20-40x slower at 32^3 (README); a
+    # user's own setting (e.g. ACTIVE on dedicated cores) is kept. Only effective before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         arguments = build_parser().parse_args(arguments_list)
