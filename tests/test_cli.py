@@ -283,3 +283,79 @@ def test_unireg_method_defaults_aliases_and_refusals(small_pair, tmp_path, capsy
         "--method", "promptreg", "--weights", str(weights), "--reg-type", "intra"
     )
     assert "sideways" in refused("--method", "unireg", "--reg-type", "sideways")
+
+
+def test_light_constants_agree_with_the_method_modules():
+    """The command line keeps copies of a few names so that --help needs no torch; they must agree."""
+    from monai_unireg import cli
+    from monai_unireg.engines import MODALITIES
+    from monai_unireg.engines.unireg_workflows import DEFAULT_REG_TYPE, DEFAULT_TASK
+    from monai_unireg.networks.nets import REGISTRATION_TYPES
+
+    assert cli.MODALITIES == MODALITIES and cli.REGISTRATION_TYPES == REGISTRATION_TYPES
+    assert (cli.DEFAULT_TASK, cli.DEFAULT_REG_TYPE) == (DEFAULT_TASK, DEFAULT_REG_TYPE)
+    assert set(cli.METHOD_OPTIONS) == set(cli.METHODS)
+
+
+def test_headline_dice_names_its_labels_and_the_value_before(small_pair, tmp_path, capsys):
+    _, paths = small_pair
+    out = tmp_path / "out"
+    assert main(register_arguments(paths, out, "--labels", "1", "3")) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dice_labels"] == [1, 3] and set(metrics["dice"]) == {"1", "3"}
+    assert metrics["dice_labels_chosen"] == "the 2 labels given (--labels)"
+    assert metrics["dice_mean_before"] < metrics["dice_mean"]
+    before = f"(before {metrics['dice_mean_before']:.4f}) over the 2 labels given (--labels)"
+    assert f"mean Dice {metrics['dice_mean']:.4f} {before}" in printed
+    assert "done in" in printed and "registering" in printed and set(metrics["timing_s"]) >= {"reading", "writing"}
+    assert main(register_arguments(paths, tmp_path / "all", "--no-overview")) == 0
+    assert "over all 4 labels present in both maps" in capsys.readouterr().out
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise(capsys):
+    import io as text_io
+
+    from monai_unireg.cli import _LevelProgress
+
+    class Terminal(text_io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    bar = _LevelProgress(terminal)
+    for done in (1, 2, 3):
+        bar(done, 3)
+    shown = terminal.getvalue()
+    assert shown.count("\r") == 3 and "level 3/3" in shown and shown.endswith("\n") and shown.count("\n") == 1
+    plain = _LevelProgress(text_io.StringIO())
+    plain(1, 2)
+    plain(2, 2)
+    printed = capsys.readouterr().out
+    assert "pyramid level 1/2 done" in printed and "pyramid level 2/2 done" in printed
+
+
+def test_label_resampling_costs_about_what_the_image_costs(tmp_path):
+    """A moving label map with 200 labels on another grid: one nearest-neighbour sampling, not one per label."""
+    import time
+
+    from monai_unireg.engines.pair_registration import read_pair
+
+    rng = np.random.default_rng(0)
+    shape = (64, 64, 64)
+    image = rng.random(shape, dtype=np.float32)
+    labels = rng.integers(0, 200, shape).astype(np.int16)
+    rotation = np.array([[0.98, -0.17, 0, 2.0], [0.17, 0.98, 0, -3.0], [0, 0, 1.0, 1.5], [0, 0, 0, 1]])
+    io.save_nifti(image, np.eye(4), tmp_path / "fixed.nii.gz")
+    io.save_nifti(labels, np.eye(4), tmp_path / "fixed_label.nii.gz")
+    io.save_nifti(image, rotation, tmp_path / "moving.nii.gz")
+    io.save_nifti(labels, rotation, tmp_path / "moving_label.nii.gz")
+    paths = [tmp_path / f"{name}.nii.gz" for name in ("fixed", "moving", "fixed_label", "moving_label")]
+    start = time.perf_counter()
+    read_pair(*paths[:2])
+    images_only = time.perf_counter() - start
+    start = time.perf_counter()
+    pair = read_pair(*paths)
+    with_labels = time.perf_counter() - start
+    assert pair.moving_resampled and set(torch.unique(pair.moving_label).tolist()) <= set(range(200))
+    assert with_labels < 4 * images_only + 1.0, (with_labels, images_only)

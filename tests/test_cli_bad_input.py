@@ -256,7 +256,7 @@ def test_singular_or_non_finite_affine_names_the_file(files, tmp_path, capsys):
 def test_labels_absent_from_both_maps_are_named(files, tmp_path, capsys):
     line = refused(capsys, register(files, tmp_path / "out", "--labels", "1", "99"))
     assert "labels 99 is in neither label map (fixed: 1, 2; moving: 1, 2, 3)" in line
-    assert not (tmp_path / "out" / "ddf.nii.gz").exists()
+    assert not (tmp_path / "out").exists()  # the folder this failed run made is removed again
 
 
 def test_debug_shows_the_traceback(files, tmp_path):
@@ -339,7 +339,7 @@ def test_stale_temporaries_are_removed_and_an_interrupted_run_leaves_none(files,
     monkeypatch.setattr(io, "save_nifti", interrupted)
     assert main(register(files, tmp_path / "second")) == 130
     assert "interrupted" in capsys.readouterr().err
-    assert list((tmp_path / "second").iterdir()) == []
+    assert not (tmp_path / "second").exists()  # made by this run, left empty: removed again
 
 
 def test_a_killed_run_leaves_at_most_one_temporary_that_the_next_run_removes(files, tmp_path, capsys):
@@ -375,11 +375,21 @@ def test_a_killed_run_leaves_at_most_one_temporary_that_the_next_run_removes(fil
             status = process.wait(timeout=60)
         finally:
             process.kill()
-        leftovers = [p for p in folder.iterdir() if p.name.startswith(".")]
         if kill == signal.SIGTERM:
-            assert status == 130 and leftovers == [] and not any(folder.iterdir())
+            assert status == 130 and not folder.exists()  # nothing left, not even the folder this run made
         else:
+            leftovers = [p for p in folder.iterdir() if p.name.startswith(".")]
             assert len(leftovers) == 1 and io.TEMPORARY_INFIX in leftovers[0].name
     assert main(register(files, tmp_path / "kill", "--no-overview")) == 0
     assert "removed 1 temporary of an interrupted run" in capsys.readouterr().out
     assert not [p for p in (tmp_path / "kill").iterdir() if p.name.startswith(".")]
+
+
+def test_cuda_asked_for_on_a_machine_without_it_is_refused_before_reading(files, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    arguments = register({**files, "fixed": files["junk"]}, tmp_path / "out")
+    arguments[arguments.index("cpu")] = "cuda:1"
+    assert "--device cuda:1: CUDA is not available on this machine; use --device cpu" in refused(capsys, arguments)

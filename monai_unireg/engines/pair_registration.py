@@ -83,6 +83,7 @@ class LoadedPair:
     moving_label_source: torch.Tensor | None = None
     fixed_to_moving: np.ndarray | None = None
     moving_label_values: tuple[int, ...] | None = None
+    fixed_label_values: tuple[int, ...] | None = None
 
     @property
     def spacing(self) -> tuple[float, ...]:
@@ -208,10 +209,18 @@ def read_pair(
         else _read_label(moving_label, "moving_label", moving_shape, moving_affine),
     }
     moving_values = None if labels["moving_label"] is None else _label_values(labels["moving_label"])
+    fixed_values = None if labels["fixed_label"] is None else _label_values(labels["fixed_label"])
     fixed_image, moving_image = fixed_image.to(torch.float32), moving_image.to(torch.float32)
     resample = moving_shape != fixed_shape or not np.allclose(moving_affine, fixed_affine, atol=1e-3)
     if not resample:
-        return LoadedPair(fixed_image, moving_image, fixed_affine, moving_label_values=moving_values, **labels)
+        return LoadedPair(
+            fixed_image,
+            moving_image,
+            fixed_affine,
+            moving_label_values=moving_values,
+            fixed_label_values=fixed_values,
+            **labels,
+        )
     mapping = np.linalg.inv(np.asarray(moving_affine, np.float64)) @ np.asarray(fixed_affine, np.float64)
     coords = _mapped_coordinates(mapping, fixed_shape)
     source, label_source = moving_image, labels["moving_label"]
@@ -227,6 +236,7 @@ def read_pair(
         moving_label_source=label_source,
         fixed_to_moving=mapping,
         moving_label_values=moving_values,
+        fixed_label_values=fixed_values,
         **labels,
     )
 
@@ -346,7 +356,7 @@ def evaluation_labels(pair: LoadedPair, labels: Sequence[int] | None = None) -> 
     """
     if pair.fixed_label is None or pair.moving_label is None:
         raise ValueError("labels need both label maps (fixed_label and moving_label).")
-    fixed_values = set(_label_values(pair.fixed_label))
+    fixed_values = set(pair.fixed_label_values or _label_values(pair.fixed_label))
     moving_values = set(pair.moving_label_values or _label_values(pair.moving_label))
     if labels is None:
         both = tuple(sorted(fixed_values & moving_values))
@@ -476,6 +486,7 @@ def write_results(
     *,
     overview: bool = True,
     log: Log | None = None,
+    writing_started: float | None = None,
 ) -> list[Path]:
     """Write the result files into ``out_dir`` (staged in a temporary folder, then moved into place), each with
     the mode the umask gives; an earlier run's result file (:data:`OUTPUT_FILES`) that this run does not write
@@ -491,7 +502,7 @@ def write_results(
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
     try:
         try:
-            _write_staged(staging, pair, result, metrics, overview)
+            _write_staged(staging, pair, result, metrics, overview, writing_started)
         except OSError as error:  # e.g. a full disk: the staged files go, earlier results stay as they were
             raise OSError(
                 error.errno,
@@ -513,15 +524,20 @@ def write_results(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_staged(staging: Path, pair: LoadedPair, result: RegistrationResult, metrics: dict, overview: bool) -> None:
+def _write_staged(
+    staging: Path,
+    pair: LoadedPair,
+    result: RegistrationResult,
+    metrics: dict,
+    overview: bool,
+    writing_started: float | None = None,
+) -> None:
     """Every result file into the staging folder, each through :func:`io.atomic_path` (umask respected)."""
     io.save_nifti(result.warped[0, 0], pair.affine, staging / "warped.nii.gz")
     if result.warped_label is not None:
         label = result.warped_label[0, 0]
         io.save_nifti(label.to(_label_dtype(label)), pair.affine, staging / "warped_label.nii.gz")
     io.save_ddf(result.ddf, pair.affine, staging / "ddf.nii.gz")
-    with io.atomic_path(staging / "metrics.json") as temporary:
-        temporary.write_text(json.dumps(metrics, indent=2))
     if overview:
         from monai_unireg.visualize import save_overview  # matplotlib: imported only when drawing
 
@@ -537,6 +553,10 @@ def _write_staged(staging: Path, pair: LoadedPair, result: RegistrationResult, m
             affine=pair.affine,
             title=_overview_title(metrics),
         )
+    if writing_started is not None and "timing_s" in metrics:  # metrics.json last, with the writing time (nearly all)
+        metrics["timing_s"]["writing"] = round(time.perf_counter() - writing_started, 3)
+    with io.atomic_path(staging / "metrics.json") as temporary:
+        temporary.write_text(json.dumps(metrics, indent=2))
 
 
 def _overview_title(metrics: dict) -> str:
@@ -563,16 +583,16 @@ class _Stages:
         self.names, self.log = list(names), log
         self.seconds: dict[str, float] = {}
         self._current: str | None = None
-        self._start = 0.0
+        self.started = 0.0
 
     def start(self, name: str, detail: str = "") -> None:
         self.finish()
-        self._current, self._start = name, time.perf_counter()
+        self._current, self.started = name, time.perf_counter()
         self.log(f"[{self.names.index(name) + 1}/{len(self.names)}] {name}{' ' + detail if detail else ''}")
 
     def finish(self) -> None:
         if self._current is not None:
-            self.seconds[self._current] = round(time.perf_counter() - self._start, 3)
+            self.seconds[self._current] = round(time.perf_counter() - self.started, 3)
             self._current = None
 
 
@@ -607,16 +627,14 @@ def register_files(
     ``metrics["timing_s"]`` holds the seconds of each stage (reading, registering, evaluating, writing).
     """
     check_option(modality, "modality", MODALITIES)
-    if labels is not None and (fixed_label is None or moving_label is None):
-        raise ValueError("labels choose the labels to evaluate; give both fixed_label and moving_label with them.")
     names = ["reading", "registering", *(["evaluating"] if metrics else []), "writing"]
     stages = _Stages(names, log)
     if not isinstance(network, nn.Module):
         network = network(volume_shape(fixed, "fixed"))
     stages.start("reading", f"{fixed} and {moving}")
     pair = read_pair(fixed, moving, fixed_label, moving_label)
-    if labels is not None or (metrics and pair.fixed_label is not None and pair.moving_label is not None):
-        evaluation_labels(pair, labels)  # refuse bad label values before registering
+    if metrics and pair.fixed_label is not None and pair.moving_label is not None:
+        evaluation_labels(pair, labels)  # refuse bad label values before registering (labels unused without maps)
     if pair.moving_resampled:
         log("      moving image resampled onto the fixed grid (physical space)")
     grid = f"grid {tuple(pair.fixed.shape[2:])}, spacing {_rounded(pair.spacing)} mm"
@@ -636,7 +654,7 @@ def register_files(
         log(f"      SDlogJ {values['sdlogj']:.4f}, folding {values['folding_percent']:.3f} %")
     stages.start("writing", f"results to {out_dir}")
     values["timing_s"] = dict(stages.seconds)
-    write_results(out_dir, pair, result, values, overview=overview, log=log)
+    write_results(out_dir, pair, result, values, overview=overview, log=log, writing_started=stages.started)
     stages.finish()
     values["timing_s"] = dict(stages.seconds)
     return values
