@@ -29,7 +29,7 @@ from monai_unireg import io, spatial
 from monai_unireg.data import pair_name
 from monai_unireg.metrics import HD95Metric, JacobianMetric, LabelDiceMetric
 from monai_unireg.spatial import spacing_from_affine
-from monai_unireg.transforms import CTWindow, MRIPercentile
+from monai_unireg.transforms import CTWindow, MRIPercentile, detect_modality
 from monai_unireg.validation import check_labels, check_option
 from monai_unireg.visualize import save_overview
 
@@ -51,8 +51,6 @@ __all__ = [
 ]
 
 MODALITIES = ("auto", "ct", "mri")
-#: CT images whose 1st intensity percentile lies below this (HU) are treated as CT by ``modality="auto"``.
-AUTO_CT_THRESHOLD_HU = -500.0
 Log = Callable[[str], None]
 
 
@@ -188,12 +186,6 @@ def normalise_intensity(
     else:
         transform = MRIPercentile(b_min=low, b_max=high)
     return torch.as_tensor(transform(image[0]))[None]
-
-
-def detect_modality(image: torch.Tensor) -> str:
-    """``"ct"`` when the 1st intensity percentile is below -500 (air in HU), else ``"mri"``."""
-    sample = image.flatten()[:: max(1, image.numel() // 1_000_000)].to(torch.float64)
-    return "ct" if float(torch.quantile(sample, 0.01)) < AUTO_CT_THRESHOLD_HU else "mri"
 
 
 def register_pair(

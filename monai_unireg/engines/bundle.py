@@ -1,0 +1,201 @@
+"""The registration pieces MONAI's bundle workflows lack, used by the bundles' configs.
+
+A bundle config wires MONAI parts (``LoadImaged``, ``EnsureChannelFirstd``, ``Dataset``, ``DataLoader``,
+``SupervisedEvaluator``, ``CheckpointLoader``, ...) around a :class:`~monai_unireg.networks.nets.PairInput` network
+(one 2-channel ``[moving, fixed]`` ``image``); what registration adds sits here:
+
+- :class:`ResizeInferer`: runs the network at its working size and brings the field back to the pair's grid;
+- :class:`RegistrationWriter`: an evaluator handler writing, per pair, the ITK displacement field, the warped image
+  and label, ``metrics.json`` (Dice, HD95, SDlogJ, folding, runtime) and ``overview.png``;
+- :class:`RegistrationTable`: an evaluator handler writing the per-pair table and its summary after the run;
+- :func:`pair_items`: the data list of a Learn2Reg section or folder of pairs, each item named.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.inferers import Inferer
+
+from monai_unireg import spatial
+from monai_unireg.data import load_learn2reg, load_pair_folder, pair_name
+from monai_unireg.engines.pair_registration import (
+    LoadedPair,
+    RegistrationResult,
+    evaluate_result,
+    write_results,
+    write_table,
+)
+from monai_unireg.validation import check_integer, plain_tensor
+
+__all__ = [
+    "PAIR_KEYS",
+    "IMAGE_KEYS",
+    "LABEL_KEYS",
+    "ResizeInferer",
+    "RegistrationWriter",
+    "RegistrationTable",
+    "pair_items",
+]
+
+#: The keys of a pair item: images and (optional) label maps.
+IMAGE_KEYS = ("fixed_image", "moving_image")
+LABEL_KEYS = ("fixed_label", "moving_label")
+PAIR_KEYS = IMAGE_KEYS + LABEL_KEYS
+
+
+def pair_items(dataset_json: str | os.PathLike | None, section: str, pairs_dir: str | os.PathLike | None = None):
+    """The data list of an inference run: the pairs of ``pairs_dir`` when given, else of ``dataset_json``'s
+    ``section``; each a dict of file paths (:data:`PAIR_KEYS`, labels when present) and its ``"pair"`` name
+    (:func:`~monai_unireg.data.pair_name`, the name of its output folder)."""
+    pairs = load_pair_folder(pairs_dir) if pairs_dir else load_learn2reg(dataset_json, section)
+    return [{**pair, "pair": pair_name(pair)} for pair in pairs]
+
+
+class ResizeInferer(Inferer):
+    """``inferer(image, network)``: register the stacked ``[moving, fixed]`` ``image`` ``[B, 2C, *S]`` at the
+    network's working size ``size`` (both images resized trilinearly, corner-aligned) and return the displacement
+    ``[B, 3, *S]`` in voxels of the input grid (values rescaled, :func:`~monai_unireg.spatial.resize_ddf`).
+
+    Args:
+        size: the working size (e.g. SACB-Net's paper sizes, multiples of 16); ``None``: the network runs on the
+            input as it is (networks that resize themselves, e.g. uniGradICON).
+    """
+
+    def __init__(self, size: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.size = None if size is None else tuple(check_integer(s, "size", 1) for s in size)
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        shape = tuple(inputs.shape[2:])
+        if self.size is None or shape == self.size:
+            return network(inputs, *args, **kwargs)
+        if len(self.size) != len(shape):
+            raise ValueError(f"the inferer's size {self.size} and the image's spatial shape {shape} differ in rank.")
+        ddf = network(spatial.resize_image(plain_tensor(inputs), self.size), *args, **kwargs)
+        return spatial.resize_ddf(ddf, shape)
+
+
+def _items(value: Any) -> list:
+    """The per-pair items of an engine's (decollated or batched) ``state.batch`` / ``state.output``."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _volume(value: Any) -> torch.Tensor:
+    """``[C, *S]`` (Meta)Tensor -> ``[1, C, *S]`` plain float32 CPU tensor."""
+    return plain_tensor(torch.as_tensor(value)).detach().to("cpu", torch.float32)[None]
+
+
+def _label(value: Any) -> torch.Tensor:
+    return torch.round(_volume(value).to(torch.float64)).to(torch.int32)
+
+
+class RegistrationWriter:
+    """Evaluator handler: after every iteration, each pair's results into ``<output_dir>/<pair name>/``.
+
+    Files (as the command line writes them, :func:`~monai_unireg.engines.write_results`): ``ddf.nii.gz`` (ITK/ANTs
+    displacement field, LPS mm, on the fixed image's grid and affine), ``warped.nii.gz`` (the moving image in its
+    original intensities, warped), ``warped_label.nii.gz`` (with a moving label), ``metrics.json`` (SDlogJ, %
+    folding, runtime and, with both labels, Dice and HD95 in mm per label) and ``overview.png``. The rows (pair
+    name + metrics) are kept in ``engine.state.registration_rows`` for :class:`RegistrationTable`.
+
+    The pair item holds the fixed image, the moving image on the fixed grid in original intensities under
+    ``original_key``, the optional labels, and its name under ``"pair"``; the network's field is the output
+    ``pred``. The runtime is the iteration's (to device, inferer, post-processing).
+
+    Args:
+        output_dir: the results' folder.
+        labels: label values averaged by Dice / HD95; ``None``: the non-zero values of each fixed label map.
+        original_key: key of the moving image in original intensities (the network sees the normalised one).
+        fixed_key: key of the fixed image (its affine places the field).
+        log: progress output (one line per pair), e.g. ``logger.info``; ``None``: quiet.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        labels: Sequence[int] | None = None,
+        original_key: str = "moving_original",
+        fixed_key: str = "fixed_original",
+        log: Any = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.labels = None if labels is None else [check_integer(v, "labels") for v in labels]
+        self.original_key, self.fixed_key = original_key, fixed_key
+        self.log = log
+        self._start = 0.0
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.state.registration_rows = []
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _reset(self, engine: Any) -> None:
+        engine.state.registration_rows = []
+
+    def _started(self, engine: Any) -> None:
+        self._start = time.perf_counter()
+
+    def __call__(self, engine: Any) -> None:
+        if torch.cuda.is_available() and engine.state.device.type == "cuda":
+            torch.cuda.synchronize(engine.state.device)
+        runtime = (time.perf_counter() - self._start) / max(len(_items(engine.state.output)), 1)
+        total = len(engine.data_loader) if hasattr(engine.data_loader, "__len__") else None
+        for item, output in zip(_items(engine.state.batch), _items(engine.state.output)):
+            row = self.write(item, output["pred"], runtime)
+            engine.state.registration_rows.append(row)
+            if self.log is not None:
+                dice = f"Dice {row['dice_mean']:.4f}, " if row.get("dice_mean") is not None else ""
+                count = f"[{len(engine.state.registration_rows)}/{total}] " if total else ""
+                self.log(f"{count}{row['pair']}: {dice}SDlogJ {row['sdlogj']:.4f}, {row['runtime_s']:.2f} s")
+
+    def write(self, item: Mapping[str, Any], ddf: torch.Tensor, runtime: float) -> dict:
+        """Write one pair's files; returns its row (``pair`` + metrics)."""
+        fixed = item[self.fixed_key] if self.fixed_key in item else item["fixed_image"]
+        affine = np.asarray(torch.as_tensor(fixed.affine, dtype=torch.float64).cpu())
+        pair = LoadedPair(
+            fixed=_volume(fixed),
+            moving=_volume(item[self.original_key]),
+            affine=affine,
+            fixed_label=_label(item["fixed_label"]) if "fixed_label" in item else None,
+            moving_label=_label(item["moving_label"]) if "moving_label" in item else None,
+        )
+        field = _volume(ddf)
+        warped = spatial.warp(pair.moving, field, padding_mode="zeros")
+        warped_label = (
+            None if pair.moving_label is None else spatial.warp_labels(pair.moving_label, field, padding_mode="zeros")
+        )
+        result = RegistrationResult(field, warped, warped_label, runtime, item.get("modality", "auto"))
+        metrics = evaluate_result(pair, result, self.labels)
+        write_results(self.output_dir / item["pair"], pair, result, metrics)
+        return {"pair": item["pair"], **metrics}
+
+
+class RegistrationTable:
+    """Evaluator handler: when the run completes, the rows of :class:`RegistrationWriter` as ``csv_path`` (one row
+    per pair: mean Dice, mean HD95 in mm, SDlogJ, % folding, runtime) and ``summary_path`` (mean, std, n per
+    column), written by :func:`~monai_unireg.engines.write_table`. Attach it after the writer."""
+
+    def __init__(self, csv_path: str | os.PathLike, summary_path: str | os.PathLike) -> None:
+        self.csv_path, self.summary_path = Path(csv_path), Path(summary_path)
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Any) -> None:
+        rows = getattr(engine.state, "registration_rows", None)
+        if rows is None:
+            raise ValueError("RegistrationTable needs a RegistrationWriter among the evaluator's handlers, before it.")
+        engine.state.registration_summary = write_table(rows, self.csv_path, self.summary_path)
