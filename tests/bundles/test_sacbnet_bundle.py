@@ -93,12 +93,13 @@ def test_inference_with_weights_then_evaluation(brainsynth, trained, tmp_path):
     output_dir = tmp_path / "evaluation"
     log = run_bundle(
         EVALUATE,
+        **{"dataset#data": "$monai_unireg.engines.bundle.pair_items(@dataset_json, @section)[:2]"},
         dataset_json=brainsynth,
-        pairs="$monai_unireg.data.load_learn2reg(@dataset_json, @section)[:2]",
         output_dir=output_dir,
         weights=trained[0] / "model.pt",
+        **SMALL_NETWORK,
     )
-    assert "loaded" in log and "working size 32x32x32" in log and "untrained" not in log
+    assert f"Restored all variables from {trained[0] / 'model.pt'}" in log and "untrained" not in log
     pairs = load_learn2reg(brainsynth, "registration_val")[:2]
     for pair in pairs:
         field, fixed = nib.load(str(output_dir / pair_name(pair) / "ddf.nii.gz")), nib.load(pair["fixed_image"])
@@ -197,6 +198,12 @@ def test_bad_overrides_are_refused(brainsynth, tmp_path):
     overrides = {"dataset_json": brainsynth, "output_dir": tmp_path / "b", "input_size": "[30, 32, 32]"}
     log = run_bundle(["configs/inference.yaml"], succeed=False, **overrides)
     assert "each a multiple of 16" in log
+    # weights of another network: CheckpointLoader (strict) names the keys that do not fit
+    other = tmp_path / "other.pt"
+    torch.save({"model": SACBNet((32, 32, 32), channels=[4, 8, 8, 8, 8]).state_dict()}, other)
+    overrides = {"dataset_json": brainsynth, "output_dir": tmp_path / "b", "weights": other, "input_size": 32}
+    log = run_bundle(["configs/inference.yaml"], succeed=False, **overrides)
+    assert "size mismatch" in log
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
