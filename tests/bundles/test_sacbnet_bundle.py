@@ -201,7 +201,8 @@ def test_bad_overrides_are_refused(brainsynth, tmp_path):
     # weights of another network: CheckpointLoader (strict) names the keys that do not fit
     other = tmp_path / "other.pt"
     torch.save({"model": SACBNet((32, 32, 32), channels=[4, 8, 8, 8, 8]).state_dict()}, other)
-    overrides = {"dataset_json": brainsynth, "output_dir": tmp_path / "b", "weights": other, "input_size": 32}
+    overrides = {"dataset_json": brainsynth, "output_dir": tmp_path / "b", "weights": other, **SMALL_NETWORK}
+    overrides["channels"] = "[4, 8, 8, 8, 16]"
     log = run_bundle(["configs/inference.yaml"], succeed=False, **overrides)
     assert "size mismatch" in log
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
