@@ -13,6 +13,7 @@ A bundle config wires MONAI parts (``LoadImaged``, ``EnsureChannelFirstd``, ``Da
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,7 @@ __all__ = [
     "IMAGE_KEYS",
     "LABEL_KEYS",
     "ResizeInferer",
+    "PyramidDepthInferer",
     "RegistrationWriter",
     "RegistrationTable",
     "pair_items",
@@ -81,6 +83,32 @@ class ResizeInferer(Inferer):
             raise ValueError(f"the inferer's size {self.size} and the image's spatial shape {shape} differ in rank.")
         ddf = network(spatial.resize_image(plain_tensor(inputs), self.size), *args, **kwargs)
         return spatial.resize_ddf(ddf, shape)
+
+
+class PyramidDepthInferer(Inferer):
+    """``inferer(image, network)`` for a :class:`~monai_unireg.networks.nets.PairInput` of a
+    :class:`~monai_unireg.networks.nets.VoxelOpt`: each pair runs with ``num_levels`` optimised levels, but no more
+    than keep ``coarsest`` voxels along every axis at the coarsest one
+    (:meth:`~monai_unireg.networks.nets.VoxelOpt.levels_for` on the grid after ``finest_level`` halvings), so small
+    volumes get a shallower pyramid; the network's other settings are used as they are.
+
+    Args:
+        coarsest: fewest voxels per axis at the coarsest level (8: the paper's 192x160x256 keep 10 at 5 levels).
+    """
+
+    def __init__(self, coarsest: int = 8) -> None:
+        super().__init__()
+        self.coarsest = check_integer(coarsest, "coarsest", 2)
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        voxelopt = network.network
+        shape = [int(s) // 2**voxelopt.finest_level for s in inputs.shape[2:]]
+        levels = voxelopt.levels_for(shape, self.coarsest, voxelopt.num_levels)
+        if levels == voxelopt.num_levels:
+            return network(inputs, *args, **kwargs)
+        shallower = copy.copy(voxelopt)  # the same modules and settings, fewer levels
+        shallower.num_levels = levels
+        return type(network)(shallower, network.conditions)(inputs, *args, **kwargs)
 
 
 def _items(value: Any) -> list:
