@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUNDLES = PROJECT_ROOT / "bundles"
 #: Settings of a network small enough for a CPU test, per bundle (config ids of inference.yaml).
 SMALL = {
-    "sacbnet": {"input_size": [32, 32, 32], "channels": [4, 8, 8, 8, 8], "kmeans_iterations": 5},
+    "sacbnet": {"input_size": [32, 32, 32], "channels": [4, 8, 8, 8, 8], "num_clusters": 3, "kmeans_iterations": 3},
     "unigradicon": {"input_size": 32, "down_channels": [4, 8, 8], "up_channels": [4, 8, 8]},
     "promptreg": {"input_size": [32, 32, 32], "channels": 4},
     "unireg": {"input_size": [32, 32, 32], "channels": [4, 8, 8, 8]},
@@ -77,7 +76,7 @@ def _parse(method: str, **overrides):
 
 
 @pytest.mark.parametrize("method", LEARNED)
-def test_ckpt_export_gives_the_eager_field_and_weights_load_strictly(method, tmp_path):
+def test_ckpt_export_gives_the_eager_field_and_weights_load_strictly(method, tiny_dataset, tmp_path):
     torch.manual_seed(0)
     network = _parse(method, **SMALL[method]).get_parsed_content("network_def").eval()
     for parameter in network.parameters():  # non-trivial weights (some heads start at zero)
@@ -103,10 +102,13 @@ def test_ckpt_export_gives_the_eager_field_and_weights_load_strictly(method, tmp
     with torch.no_grad():
         eager, traced = network(image), scripted(image)
     assert traced.shape == eager.shape == (1, 3, *TINY_SHAPE)
-    assert (traced - eager).abs().max() <= 1e-4
+    difference = float((traced - eager).abs().max())
+    print(f"{method}: ckpt_export max |traced - eager| = {difference:.3g} voxel")
+    assert difference <= 1e-4
 
     # the config's network takes the file with every key matched; a missing key fails loudly
-    parser = _parse(method, weights=str(weights), **SMALL[method])
+    data = {"dataset_json": str(tiny_dataset), "weights": str(weights)}
+    parser = _parse(method, **data, **SMALL[method])
     loaded = parser.get_parsed_content("network")
     loader = parser.get_parsed_content("handlers")[0]
     loader(parser.get_parsed_content("evaluator"))
@@ -114,12 +116,10 @@ def test_ckpt_export_gives_the_eager_field_and_weights_load_strictly(method, tmp
     state = network.state_dict()
     state.pop(next(iter(state)))
     torch.save({"model": state}, weights)
-    parser = _parse(method, weights=str(weights), **SMALL[method])
+    parser = _parse(method, **data, **SMALL[method])
     with pytest.raises(RuntimeError, match="Missing key"):
         parser.get_parsed_content("handlers")[0](parser.get_parsed_content("evaluator"))
 
 
-def test_voxelopt_has_no_weights_to_load(caplog):
-    parser = _parse("voxelopt")
-    with caplog.at_level(logging.WARNING):
-        assert parser.get_parsed_content("handlers")[0] is None
+def test_voxelopt_has_no_weights_to_load():
+    assert _parse("voxelopt").get_parsed_content("handlers")[0] is None
