@@ -102,11 +102,13 @@ def test_inference_with_weights_then_the_dice_table(data, trained, tmp_path):
     log = run_bundle(
         INFERENCE,
         dataset_json=prostate,
-        pairs="$monai_unireg.data.load_learn2reg(@dataset_json, @section)[:1]",
+        **{"dataset#data": "$monai_unireg.engines.bundle.pair_items(@dataset_json, @section)[:1]"},
         output_dir=tmp_path / "inference",
         weights=weights,
+        num_domains=2,
+        **SMALL_NETWORK,
     )
-    assert "loaded" in log and "working size 32x32x32, channels 4, 2 prompts" in log and "untrained" not in log
+    assert f"Restored all variables from {weights}" in log and "untrained" not in log
     field, fixed = nib.load(str(tmp_path / "inference" / pair_name(pair) / "ddf.nii.gz")), nib.load(pair["fixed_image"])
     assert field.shape == (*fixed.shape, 1, 3) and np.isfinite(field.get_fdata()).all()
     np.testing.assert_allclose(field.affine, fixed.affine, atol=1e-4)
@@ -115,7 +117,7 @@ def test_inference_with_weights_then_the_dice_table(data, trained, tmp_path):
     output_dir = tmp_path / "evaluation"
     datasets = [data["BrainSynth"], prostate]
     overrides = {"datasets": listed(*datasets), "max_pairs": 2, "table_row": "w/o ProstateMRUS"}
-    log = run_bundle(EVALUATE, output_dir=output_dir, weights=weights, **overrides)
+    log = run_bundle(EVALUATE, output_dir=output_dir, weights=weights, num_domains=2, **SMALL_NETWORK, **overrides)
     assert "Dice (%) per dataset, w/o ProstateMRUS: BrainSynth" in log
     for dataset in datasets:
         name = dataset.name.removesuffix("_dataset.json")
