@@ -8,13 +8,25 @@ A bundle config wires MONAI parts (``LoadImaged``, ``EnsureChannelFirstd``, ``Da
 - :class:`RegistrationWriter`: an evaluator handler writing, per pair, the ITK displacement field, the warped image
   and label, ``metrics.json`` (Dice, HD95, SDlogJ, folding, runtime) and ``overview.png``;
 - :class:`RegistrationTable`: an evaluator handler writing the per-pair table and its summary after the run;
-- :func:`pair_items`: the data list of a Learn2Reg section or folder of pairs, each item named.
+- :func:`pair_items`: the data list of a Learn2Reg section or folder of pairs, each item named;
+
+and for training with ``SupervisedTrainer``:
+
+- :func:`prepare_pair_batch`: the trainer's ``prepare_batch``: the stacked ``image`` and the pair for the objective;
+- :class:`RegistrationStep`: the trainer's ``iteration_update``: one optimiser step on the method's objective
+  (which may call the network more than once, e.g. uniGradICON's both directions);
+- :class:`EpochPairs`: sets the epoch of an :class:`~monai_unireg.data.EpochPairDataset` as each epoch starts, and
+  saves/restores the sampler (a ``CheckpointSaver`` / ``CheckpointLoader`` ``save_dict`` entry);
+- :class:`RandomState`: the Python, NumPy and torch random states as a ``save_dict`` entry (bit-exact resume);
+- :func:`latest_checkpoint`: the newest ``checkpoint_epoch=N.pt`` of a training folder, for resuming.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import random
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +38,7 @@ import torch.nn as nn
 from monai.inferers import Inferer
 
 from monai_unireg import spatial
-from monai_unireg.data import load_learn2reg, load_pair_folder, pair_name
+from monai_unireg.data import EpochPairDataset, load_learn2reg, load_pair_folder, pair_name
 from monai_unireg.engines.pair_registration import (
     LoadedPair,
     RegistrationResult,
@@ -45,6 +57,11 @@ __all__ = [
     "RegistrationWriter",
     "RegistrationTable",
     "pair_items",
+    "prepare_pair_batch",
+    "RegistrationStep",
+    "EpochPairs",
+    "RandomState",
+    "latest_checkpoint",
 ]
 
 #: The keys of a pair item: images and (optional) label maps.
@@ -227,3 +244,142 @@ class RegistrationTable:
         if rows is None:
             raise ValueError("RegistrationTable needs a RegistrationWriter among the evaluator's handlers, before it.")
         engine.state.registration_summary = write_table(rows, self.csv_path, self.summary_path)
+
+
+def prepare_pair_batch(
+    batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``prepare_batch`` of a registration ``SupervisedTrainer``: ``(image, pair)``, the stacked ``[moving, fixed]``
+    ``image`` ``[B, 2C, *S]`` and ``pair`` = ``{"moving", "fixed"}`` ``[B, C, *S]`` plus ``moving_label`` /
+    ``fixed_label`` when the batch has both (the objective's input, see :class:`RegistrationStep`), on ``device``.
+    """
+
+    def move(value: Any) -> torch.Tensor:
+        return plain_tensor(torch.as_tensor(value)).to(device=device, non_blocking=non_blocking)
+
+    for key in IMAGE_KEYS:
+        if key not in batchdata:
+            raise ValueError(f"a training batch needs {key!r} (the pair's images), got the keys {sorted(batchdata)}.")
+    pair = {"moving": move(batchdata["moving_image"]), "fixed": move(batchdata["fixed_image"])}
+    if all(key in batchdata for key in LABEL_KEYS):
+        pair.update(moving_label=move(batchdata["moving_label"]), fixed_label=move(batchdata["fixed_label"]))
+    return torch.cat([pair["moving"], pair["fixed"]], dim=1), pair
+
+
+class RegistrationStep:
+    """``iteration_update`` of a registration ``SupervisedTrainer``: one optimiser step on ``objective``.
+
+    ``objective(network, pair) -> LossTerms`` is the method's objective (e.g.
+    :class:`~monai_unireg.engines.SACBNetObjective`), called with ``network(moving, fixed) -> ddf`` (the trainer's
+    network, a :class:`~monai_unireg.networks.nets.PairInput` possibly inside ``DistributedDataParallel``, fed the
+    stacked pair) and the pair of :func:`prepare_pair_batch`. As MONAI's own iteration: the network in train mode,
+    ``zero_grad``, the objective under ``torch.autocast`` with the trainer's ``amp`` (CUDA) and its grad scaler,
+    backward, ``optimizer.step``, and the ``IterationEvents`` fired in order. The output is ``{"loss": total, **parts}``
+    (detached scalars), what ``StatsHandler`` / ``TensorBoardStatsHandler`` log with
+    ``output_transform=monai.handlers.from_engine(["loss"], first=True)``.
+    """
+
+    def __init__(self, objective: Any) -> None:
+        if not callable(objective):
+            raise ValueError(f"objective must be callable, objective(network, pair) -> LossTerms, got {objective!r}.")
+        self.objective = objective
+
+    def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        from monai.engines.utils import IterationEvents
+
+        if batchdata is None:
+            raise ValueError("the training data loader gave no batch.")
+        image, pair = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        engine.state.output = {"image": image}
+        network = engine.network
+
+        def registration(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+            return network(torch.cat([moving, fixed], dim=1))
+
+        network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        with torch.autocast("cuda", enabled=bool(engine.amp and engine.scaler is not None)):
+            terms = self.objective(registration, pair)
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.scale(terms.total).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            terms.total.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        engine.state.output.update(loss=terms.total.detach(), **{k: v.detach() for k, v in terms.parts.items()})
+        return engine.state.output
+
+
+class EpochPairs:
+    """Trainer handler of an :class:`~monai_unireg.data.EpochPairDataset`: at every epoch start the dataset draws
+    that epoch's pairs (``set_epoch(epoch - 1)``, a pure function of the sampler's seed and the epoch, so a resumed
+    run sees the pairs it would have seen); its ``state_dict`` / ``load_state_dict`` (the sampler's) make it a
+    ``CheckpointSaver`` / ``CheckpointLoader`` entry, which refuses a checkpoint of other datasets.
+
+    Args:
+        dataset: the training dataset.
+    """
+
+    def __init__(self, dataset: EpochPairDataset) -> None:
+        if not isinstance(dataset, EpochPairDataset):
+            raise ValueError(f"dataset must be a monai_unireg.data.EpochPairDataset, got {type(dataset).__name__}.")
+        self.dataset = dataset
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Any) -> None:
+        self.dataset.set_epoch(engine.state.epoch - 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dataset.sampler.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.dataset.sampler.load_state_dict(dict(state))
+
+
+class RandomState:
+    """The Python, NumPy and torch (CPU and CUDA) random states as one ``save_dict`` entry: saved with the
+    checkpoint and restored on resume, random transforms and dropout continue as in an uninterrupted run."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors, ints and lists only, so ``torch.load(weights_only=True)`` (``CheckpointLoader``) reads it."""
+        version, values, gauss = random.getstate()
+        _, keys, position, has_gauss, cached = np.random.get_state()
+        state = {
+            "python": [version, list(values), gauss],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        version, values, gauss = state["python"]
+        random.setstate((version, tuple(values), gauss))
+        keys, position, has_gauss, cached = state["numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
+        torch.set_rng_state(torch.as_tensor(state["torch"]).cpu())
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+_CHECKPOINT = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
+
+
+def latest_checkpoint(output_dir: str | os.PathLike, resume: bool = True) -> str | None:
+    """The newest ``checkpoint_epoch=N.pt`` (highest ``N``) that ``CheckpointSaver`` wrote into ``output_dir``, or
+    ``None`` when there is none or ``resume`` is false (a new run)."""
+    if not resume or not Path(output_dir).is_dir():
+        return None
+    found = [(int(m.group(1)), path) for path in Path(output_dir).iterdir() if (m := _CHECKPOINT.match(path.name))]
+    return str(max(found)[1]) if found else None
