@@ -311,8 +311,8 @@ class RegistrationStep:
             terms.total.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
         engine.state.output.update(loss=terms.total.detach(), **{k: v.detach() for k, v in terms.parts.items()})
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI's trainer may decollate the output here
         return engine.state.output
 
 
