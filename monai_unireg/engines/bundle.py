@@ -18,7 +18,10 @@ and for training with ``SupervisedTrainer``:
 - :class:`EpochPairs`: sets the epoch of an :class:`~monai_unireg.data.EpochPairDataset` as each epoch starts, and
   saves/restores the sampler (a ``CheckpointSaver`` / ``CheckpointLoader`` ``save_dict`` entry);
 - :class:`RandomState`: the Python, NumPy and torch random states as a ``save_dict`` entry (bit-exact resume);
-- :func:`latest_checkpoint`: the newest ``checkpoint_epoch=N.pt`` of a training folder, for resuming.
+- :func:`latest_checkpoint`: the newest ``checkpoint_epoch=N.pt`` of a training folder, for resuming;
+
+and :func:`check_overrides` / :func:`check_settings`, the configs' ``initialize`` checks: a misspelt command-line
+key, or a value of the wrong kind, fails with a ``ValueError`` naming the key.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ __all__ = [
     "EpochPairs",
     "RandomState",
     "latest_checkpoint",
+    "check_overrides",
+    "check_settings",
 ]
 
 #: The keys of a pair item: images and (optional) label maps.
@@ -383,3 +388,96 @@ def latest_checkpoint(output_dir: str | os.PathLike, resume: bool = True) -> str
         return None
     found = [(int(m.group(1)), path) for path in Path(output_dir).iterdir() if (m := _CHECKPOINT.match(path.name))]
     return str(max(found)[1]) if found else None
+
+
+#: Arguments of ``python -m monai.bundle run`` that are not config ids.
+_RUN_ARGUMENTS = {"config_file", "meta_file", "logging_file", "args_file", "run_id", "init_id", "final_id", "tracking",
+                  "workflow_type", "workflow_name", "properties_path"}  # fmt: skip
+
+
+def _config_ids(config: Any, prefix: str = "") -> set[str]:
+    ids = set()
+    items = config.items() if isinstance(config, Mapping) else enumerate(config) if isinstance(config, list) else ()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        ids |= {name, name.replace("#", "::")}
+        ids |= _config_ids(value, f"{name}#")
+    return ids
+
+
+def check_overrides(argv: Sequence[str] | None = None) -> None:
+    """Refuse a command-line override of ``python -m monai.bundle run`` that names no id of its configs.
+
+    MONAI adds an unknown ``--key value`` to the config silently, so a misspelt key (``--dataset_jsn``) would leave
+    the default in force. Reads ``argv`` (default ``sys.argv``); does nothing outside ``monai.bundle run`` (no
+    ``--config_file`` in it).
+
+    Raises:
+        ValueError: naming the unknown key and the closest ids of the configs.
+    """
+    import ast
+    import difflib
+    import sys
+
+    from monai.bundle import ConfigParser
+
+    argv = list(sys.argv if argv is None else argv)
+    keys = [arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")]
+    if "config_file" not in keys:
+        return
+    index = next(i for i, arg in enumerate(argv) if arg.split("=", 1)[0] == "--config_file")
+    value = argv[index].split("=", 1)[1] if "=" in argv[index] else argv[index + 1]
+    try:
+        files = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        files = value
+    known = _config_ids(ConfigParser.load_config_files(files))
+    for key in keys:
+        if key in _RUN_ARGUMENTS or key in known or key.split("#")[0].split("::")[0] in {"_meta_"}:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"--{key} is not a key of the bundle's configs ({value}){hint}")
+
+
+_EXPECTED = {
+    "int": "a whole number >= 0",
+    "positive_int": "a whole number >= 1",
+    "number": "a number",
+    "bool": "True or False",
+    "size": "one size or a list of sizes, whole numbers >= 1",
+}
+
+
+def check_settings(**settings: Any) -> None:
+    """Check config values by kind: each keyword is a config id and ``(value, kind)``, ``kind`` one of ``"int"``
+    (a whole number >= 0), ``"positive_int"`` (>= 1), ``"number"``, ``"bool"``, ``"size"`` (one int or a list of
+    ints >= 1), or ``None``-able variants ending in ``"?"`` (``"int?"``).
+
+    Raises:
+        ValueError: naming the config id, for a value of the wrong kind (e.g. ``--epochs ten``).
+    """
+    import numbers
+
+    for key, (value, kind) in settings.items():
+        optional = kind.endswith("?")
+        kind = kind.rstrip("?")
+        if value is None and optional:
+            continue
+        whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if kind in ("int", "positive_int"):
+            ok = whole and value >= (1 if kind == "positive_int" else 0)
+        elif kind == "number":
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        elif kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "size":
+            values = [value] if whole else value if isinstance(value, (list, tuple)) else None
+            ok = values is not None and all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in values
+            )
+        else:
+            raise ValueError(f"check_settings: unknown kind {kind!r} for {key!r}.")
+        if not ok:
+            expected = _EXPECTED[kind]
+            raise ValueError(f"{key} must be {expected}{' or None' if optional else ''}, got {value!r}.")
