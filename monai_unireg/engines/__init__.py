@@ -20,7 +20,7 @@ from monai_unireg.engines.pair_registration import (
     write_table,
 )
 from monai_unireg.engines.promptreg import DomainPairLoader, PromptRegObjective, train_promptreg
-from monai_unireg.engines.promptreg_workflows import build_promptreg, evaluate_datasets
+from monai_unireg.engines.promptreg_workflows import evaluate_datasets
 from monai_unireg.engines.promptreg_workflows import train_workflow as train_promptreg_workflow
 from monai_unireg.engines.sacbnet import (
     SACBNET_CT_WINDOW,
@@ -28,8 +28,6 @@ from monai_unireg.engines.sacbnet import (
     SACBNetObjective,
     train_sacbnet,
 )
-from monai_unireg.engines.sacbnet_workflows import SACBNET_TASKS, build_sacbnet
-from monai_unireg.engines.sacbnet_workflows import train_workflow as train_sacbnet_workflow
 from monai_unireg.engines.training import (
     CT_WINDOW,
     LossTerms,
@@ -46,7 +44,7 @@ from monai_unireg.engines.unigradicon import (
     stage_two_from_stage_one,
     train_unigradicon,
 )
-from monai_unireg.engines.unigradicon_workflows import build_unigradicon, train_workflow
+from monai_unireg.engines.unigradicon_workflows import train_workflow
 from monai_unireg.engines.unireg import (
     UNIREG_CT_WINDOW,
     UNIREG_INTENSITY_RANGE,
@@ -86,7 +84,6 @@ __all__ = [
     "DomainPairLoader",
     "PromptRegObjective",
     "train_promptreg",
-    "build_promptreg",
     "evaluate_datasets",
     "train_promptreg_workflow",
     "CT_WINDOW",
@@ -99,16 +96,12 @@ __all__ = [
     "SACBNET_LAMBDAS",
     "SACBNetObjective",
     "train_sacbnet",
-    "SACBNET_TASKS",
-    "build_sacbnet",
-    "train_sacbnet_workflow",
     "GradICONObjective",
     "InstanceOptimised",
     "RandomPairAugmentation",
     "instance_optimise",
     "stage_two_from_stage_one",
     "train_unigradicon",
-    "build_unigradicon",
     "train_workflow",
     "DistributedRun",
     "check_datasets",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import shutil
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from bundle_runner import BundleRunner, read_checkpoint
 
 from monai_unireg.data import load_learn2reg, pair_name
-from monai_unireg.engines import build_promptreg, evaluate_datasets, train_promptreg_workflow
+from monai_unireg.engines import evaluate_datasets, train_promptreg_workflow
 from monai_unireg.networks.nets import PromptReg, ResizedRegistration
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -230,28 +229,6 @@ def test_bad_overrides_are_refused(data, tmp_path):
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
-def test_the_inference_network_with_and_without_weights(tmp_path, caplog):
-    small = {"input_size": 32, "channels": 2, "num_domains": 3}
-    with caplog.at_level(logging.WARNING, logger="promptreg"):
-        network = build_promptreg(None, **small)
-    assert any(r.levelno == logging.WARNING and "untrained" in r.message for r in caplog.records)
-    assert isinstance(network, ResizedRegistration) and network.size == (32, 32, 32)
-    again = build_promptreg(None, **small)  # the initial weights come from the seed
-    assert all(torch.equal(a, b) for a, b in zip(network.state_dict().values(), again.state_dict().values()))
-    moving, fixed = torch.rand(1, 1, 20, 24, 28), torch.rand(1, 1, 20, 24, 28)
-    with torch.no_grad():
-        assert network.eval()(moving, fixed).shape == (1, 3, 20, 24, 28)
-    assert build_promptreg(None, **small, use_prompt=False).network.use_prompt is False
-    trained = PromptReg((16, 24, 32), num_domains=2, channels=2, temperature=0.5)
-    torch.save({"config": trained.config, "model": trained.state_dict()}, tmp_path / "model.pt")
-    loaded = build_promptreg(tmp_path / "model.pt", **small)  # the file's configuration wins
-    assert loaded.size == (16, 24, 32) and loaded.network.config == trained.config
-    with pytest.raises(ValueError, match="does not exist"):
-        build_promptreg(tmp_path / "missing.pt")
-    with pytest.raises(ValueError, match="input_size must be one size or 3 sizes"):
-        build_promptreg(None, input_size=[32, 32])
-
-
 def test_training_set_up_is_checked(data, trained, tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     two = [data["BrainSynth"], data["ProstateMRUS"]]
@@ -279,7 +256,7 @@ def test_training_set_up_is_checked(data, trained, tmp_path, monkeypatch):
 
 
 def test_the_evaluation_is_checked(data, tmp_path):
-    network = build_promptreg(None, input_size=16, channels=2)
+    network = ResizedRegistration(PromptReg((16, 16, 16), channels=2), (16, 16, 16))
     with pytest.raises(ValueError, match="spread must be one of"):
         evaluate_datasets(network, [data["BrainSynth"]], tmp_path, spread="variance")
     with pytest.raises(ValueError, match="two datasets have the same name"):
