@@ -234,7 +234,11 @@ class RegistrationWriter:
 class RegistrationTable:
     """Evaluator handler: when the run completes, the rows of :class:`RegistrationWriter` as ``csv_path`` (one row
     per pair: mean Dice, mean HD95 in mm, SDlogJ, % folding, runtime) and ``summary_path`` (mean, std, n per
-    column), written by :func:`~monai_unireg.engines.write_table`. Attach it after the writer."""
+    column), written by :func:`~monai_unireg.engines.write_table`. Attach it after the writer.
+
+    In a ``torch.distributed`` run whose ranks register every ``world_size``-th pair (``multi_gpu_evaluate.yaml``:
+    a ``DistributedSampler`` without shuffling), the rows of all ranks are gathered into one table, in the pairs'
+    order, which rank 0 writes."""
 
     def __init__(self, csv_path: str | os.PathLike, summary_path: str | os.PathLike) -> None:
         self.csv_path, self.summary_path = Path(csv_path), Path(summary_path)
@@ -248,6 +252,15 @@ class RegistrationTable:
         rows = getattr(engine.state, "registration_rows", None)
         if rows is None:
             raise ValueError("RegistrationTable needs a RegistrationWriter among the evaluator's handlers, before it.")
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, list(rows))
+            # rank r registered the pairs r, r + world_size, ...: interleave them back into the pairs' order
+            rows = [part[k] for k in range(max(map(len, gathered))) for part in gathered if k < len(part)]
+            if dist.get_rank() != 0:
+                return
         engine.state.registration_summary = write_table(rows, self.csv_path, self.summary_path)
 
 
