@@ -78,7 +78,8 @@ def test_training_with_a_task_file_validates_logs_and_checkpoints(trained):
     assert list((output_dir / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard is on by default
     assert "train_loss: " in log and "val_dice" in log and "Saved checkpoint at epoch: 2" in log
     state = read_checkpoint(output_dir)
-    assert state["trainer"]["epoch"] == 2 and state["pairs"]["epoch"] == 1 and state["pairs"]["pairs_per_dataset"] == 2
+    assert state["trainer"]["iteration"] == 4 and state["pairs"]["epoch"] == 1
+    assert state["pairs"]["pairs_per_dataset"] == 2
     assert state["lr_scheduler"]["last_epoch"] == 4  # PolynomialLR stepped every iteration
     assert 0 < state["optimizer"]["param_groups"][0]["lr"] < 1e-4 and "betas" in state["optimizer"]["param_groups"][0]
     assert set(final_weights(output_dir)) == set(SACBNet((32, 32, 32), channels=[4, 8, 8, 8, 8]).state_dict())
@@ -179,7 +180,7 @@ def test_multi_gpu_train_on_two_cpu_processes(brainsynth, tmp_path):
     assert log.count("Epoch[1] Complete") == 1  # rank 0 alone logs
     assert "Iter: 2/2" in log  # 4 pairs over 2 processes: 2 synchronised steps each
     assert sorted(path.name for path in output_dir.glob("*.pt")) == ["checkpoint_epoch=1.pt", "model.pt"]
-    assert read_checkpoint(output_dir)["trainer"]["epoch"] == 1
+    assert read_checkpoint(output_dir)["trainer"]["iteration"] == 2
 
 
 def test_paper_defaults_and_task_files():
