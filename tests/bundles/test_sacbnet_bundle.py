@@ -183,6 +183,26 @@ def test_multi_gpu_train_on_two_cpu_processes(brainsynth, tmp_path):
     assert read_checkpoint(output_dir)["trainer"]["iteration"] == 2
 
 
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torchrun needs torch.distributed with the Gloo backend for CPU processes",
+)
+def test_multi_gpu_evaluate_on_two_cpu_processes(brainsynth, trained, tmp_path):
+    """3 pairs over 2 processes (2 + 1): each writes its pairs' folders, rank 0 the one merged table."""
+    output_dir = tmp_path / "distributed_evaluation"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    configs = [*EVALUATE, "configs/multi_gpu_evaluate.yaml"]
+    subset = {"dataset#data": "$monai_unireg.engines.bundle.pair_items(@dataset_json, @section)[:3]"}
+    overrides = {"dataset_json": brainsynth, "output_dir": output_dir, "weights": trained[0] / "model.pt"}
+    run_bundle(configs, launcher=torchrun, backend="gloo", **subset, **overrides, **SMALL_NETWORK)
+    pairs = load_learn2reg(brainsynth, "registration_val")[:3]
+    assert all((output_dir / pair_name(pair) / "ddf.nii.gz").is_file() for pair in pairs)
+    with open(output_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["pair"] for row in rows] == [pair_name(pair) for pair in pairs]
+    assert json.loads((output_dir / "summary.json").read_text())["dice_mean"]["n"] == 3
+
+
 def test_paper_defaults_and_task_files():
     train = parse(TRAIN)
     expected = {
