@@ -225,7 +225,7 @@ def test_bad_overrides_are_refused(data, tmp_path):
     assert "is the only dataset of datasets, which leaves no training dataset" in log
     overrides = {"dataset_json": brainsynth, "output_dir": tmp_path / "c", "input_size": "[30, 32, 32]"}
     log = run_bundle(INFERENCE, succeed=False, **overrides)
-    assert "each a multiple of 8" in log
+    assert "input_size must be 3 sizes divisible by 8" in log
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
