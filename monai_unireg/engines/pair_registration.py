@@ -232,12 +232,12 @@ def evaluate_result(pair: LoadedPair, result: RegistrationResult, labels: Sequen
     Args:
         labels: label values to evaluate; ``None`` takes the non-zero labels of the fixed label map.
     """
-    jacobian = JacobianMetric()
-    jacobian(result.ddf)
-    values = jacobian.aggregate()
+    # this pair's values (the call), not aggregate(): that gathers across torch.distributed ranks, which register
+    # other pairs (multi_gpu_evaluate.yaml)
+    sdlogj, folding = JacobianMetric()(result.ddf)[0].tolist()
     metrics: dict = {
-        "sdlogj": float(values["sdlogj"]),
-        "folding_percent": float(values["folding_percent"]),
+        "sdlogj": sdlogj,
+        "folding_percent": folding,
         "runtime_s": result.runtime_s,
         "modality": result.modality,
         "moving_resampled_to_fixed_grid": pair.moving_resampled,
