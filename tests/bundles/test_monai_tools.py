@@ -1,7 +1,7 @@
 """MONAI's own bundle tools on every bundle, in-process and on tiny networks (32^3):
 
-- ``ConfigWorkflow(...).check_properties()``: every required property of MONAI's inference (and, where the bundle
-  trains with MONAI parts, train) workflow is present;
+- ``ConfigWorkflow(...).check_properties()``: every required property of MONAI's inference workflow (and, for the
+  bundles that train with MONAI parts, of its train workflow) is present;
 - ``verify_net_in_out``: ``network_def`` takes the 2-channel ``[moving, fixed]`` ``image`` of the metadata and gives
   the 3-channel ``pred``;
 - ``ckpt_export`` (traced) of the learned networks: the TorchScript gives the eager network's field (max |diff| <=
@@ -57,6 +57,27 @@ def test_inference_workflow_properties(method, tiny_dataset):
     workflow.initialize()
     assert workflow.check_properties() == []
     for name in ("bundle_root", "device", "dataset_dir", "dataset", "evaluator", "network_def", "inferer"):
+        assert getattr(workflow, name) is not None, name
+
+
+#: Bundles whose train.yaml is made of MONAI parts (SupervisedTrainer & co.); the others still call a workflow.
+MONAI_TRAINING = ("sacbnet",)
+
+
+@pytest.mark.parametrize("method", MONAI_TRAINING)
+def test_train_workflow_properties(method, tiny_dataset, tmp_path):
+    workflow = ConfigWorkflow(
+        workflow_type="train",
+        bundle_root=str(BUNDLES / method),
+        datasets=[str(tiny_dataset)],
+        validation_json=str(tiny_dataset),
+        output_dir=str(tmp_path),
+        **configs(method, "train.yaml"),
+        **SMALL[method],
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    for name in ("trainer", "max_epochs", "train_dataset", "train_inferer", "evaluator", "val_interval"):
         assert getattr(workflow, name) is not None, name
 
 
