@@ -117,6 +117,8 @@ def _grid_sample(
     """
     batch, channels = grid.shape[0], image.shape[1]
     length = grid.shape[1] if length is None else length
+    if torch.jit.is_tracing():  # one plain call: the slab layout depends on the thread count and on Python ints
+        return F.grid_sample(image, grid[:, :length], mode=mode, padding_mode=padding_mode, align_corners=True)
     slabs, rows = _slab_layout(batch, length, image.device)
     if slabs == 1:
         return F.grid_sample(image, grid[:, :length], mode=mode, padding_mode=padding_mode, align_corners=True)
@@ -216,7 +218,7 @@ def _warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", paddin
         lines.append(torch.linspace(-1.0, 1.0, size, device=ddf.device, dtype=compute_dtype).view(line_shape))
         scales.append(2.0 / max(size - 1, 1))
     components = [ddf[:, axis].to(compute_dtype) for axis in range(spatial_dims)]
-    if torch.is_grad_enabled() and ddf.requires_grad:
+    if torch.jit.is_tracing() or (torch.is_grad_enabled() and ddf.requires_grad):
         grid = torch.stack([lines[a] + components[a] * scales[a] for a in reversed(range(spatial_dims))], dim=-1)
     else:
         slabs, rows = _slab_layout(batch, shape[0], image.device)

@@ -48,7 +48,8 @@ def check_tensor(x: Any, name: str, *, ndim: int | None = None, finite: bool = T
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
     if ndim is not None and x.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)} ({x.ndim} dimensions).")
-    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    # Under tracing (TorchScript export) the value check is skipped: it is a data-dependent branch on the example.
+    if finite and x.is_floating_point() and not torch.jit.is_tracing() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf values; expected finite values.")
     return x
 

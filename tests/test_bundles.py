@@ -1,10 +1,12 @@
 """Bundle conformance: every folder under ``bundles/`` must meet the contract of ``bundles/README.md``.
 
-For each bundle: the required files exist, ``configs/metadata.json`` validates against the offline schema
-``monai_unireg/resources/bundle_metadata_schema.json`` (``verify_metadata`` would download MONAI's), and
-``python -m monai.bundle run`` on its ``inference.yaml`` registers a tiny Learn2Reg dataset, writing one
-displacement field per pair on the fixed grid. New bundles are covered without changing this file.
-The checks themselves are exercised on a minimal fixture bundle and on broken metadata.
+For each bundle: the required files exist, ``configs/metadata.json`` validates against MONAI's published schema
+(``meta_schema_20240725.json``, shipped unchanged in ``monai_unireg/resources`` so that MONAI's own
+``verify_metadata`` runs offline) and declares the network as MONAI's tools drive it (one 2-channel ``[moving,
+fixed]`` input ``image``, a 3-channel output ``pred``), and ``python -m monai.bundle run`` on its ``inference.yaml``
+registers a tiny Learn2Reg dataset, writing one displacement field per pair on the fixed grid. New bundles are
+covered without changing this file. The checks themselves are exercised on a minimal fixture bundle and on broken
+metadata.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import verify_metadata
 
 from monai_unireg import io
 from monai_unireg.data import load_learn2reg, pair_name
@@ -33,8 +36,11 @@ REQUIRED_FILES = ("configs/metadata.json", "configs/inference.yaml", "configs/lo
 TINY_SHAPE = (24, 28, 32)
 
 
+SCHEMA = "resources/meta_schema_20240725.json"
+
+
 def metadata_schema() -> dict:
-    return json.loads(resources.files("monai_unireg").joinpath("resources/bundle_metadata_schema.json").read_text())
+    return json.loads(resources.files("monai_unireg").joinpath(SCHEMA).read_text())
 
 
 def check_layout(bundle: Path) -> None:
@@ -46,6 +52,14 @@ def check_metadata(metadata: dict) -> None:
     """Validate against the schema, and check that the version has a changelog entry."""
     jsonschema.validate(instance=metadata, schema=metadata_schema())
     assert metadata["version"] in metadata["changelog"], "metadata version must have a changelog entry"
+    assert metadata["schema"].endswith("/meta_schema_20240725.json"), "metadata must name MONAI's schema"
+    data_format = metadata["network_data_format"]
+    assert set(data_format["inputs"]) == {"image"}, "the network input is one 2-channel [moving, fixed] 'image'"
+    assert data_format["inputs"]["image"]["num_channels"] == 2, "image stacks the moving and the fixed image"
+    assert set(data_format["outputs"]) == {"pred"}, "the network output is 'pred', the displacement field"
+    assert data_format["outputs"]["pred"]["num_channels"] == 3, "pred is a 3-channel displacement field"
+    for tensor in (data_format["inputs"]["image"], data_format["outputs"]["pred"]):
+        assert tensor["dtype"] == "float32", "the network's input and output are float32"
 
 
 def write_tiny_dataset(root: Path) -> Path:
@@ -120,9 +134,17 @@ def check_outputs(dataset_json: Path, output_dir: Path) -> None:
         assert np.isfinite(field.get_fdata()).all()
 
 
+def verify_metadata_with_monai(bundle: Path, folder: Path) -> None:
+    """MONAI's own ``verify_metadata``, offline: the schema file is already where it would download it to."""
+    schema = folder / "meta_schema_20240725.json"
+    schema.write_text(resources.files("monai_unireg").joinpath(SCHEMA).read_text())
+    verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(schema))
+
+
 def check_bundle(bundle: Path, dataset_json: Path, output_dir: Path) -> None:
     check_layout(bundle)
     check_metadata(json.loads((bundle / "configs" / "metadata.json").read_text()))
+    verify_metadata_with_monai(bundle, output_dir.parent)
     run_inference(bundle, dataset_json, output_dir)
     check_outputs(dataset_json, output_dir)
 
@@ -143,7 +165,9 @@ def test_checks_pass_on_the_minimal_fixture_bundle(tiny_dataset, tmp_path):
         lambda meta: meta.pop("authors"),
         lambda meta: meta.update(version="one"),
         lambda meta: meta.update(changelog={"9.9.9": "other"}),
-        lambda meta: meta["network_data_format"]["outputs"]["ddf"].update(dtype="complex"),
+        lambda meta: meta["network_data_format"]["outputs"]["pred"].update(dtype="complex"),
+        lambda meta: meta["network_data_format"]["outputs"]["pred"].update(value_range=[None, None]),
+        lambda meta: meta["network_data_format"]["inputs"]["image"].update(num_channels=1),
         lambda meta: meta["network_data_format"].update(inputs={}),
     ],
 )

@@ -226,13 +226,18 @@ class EpochPairDataset(Dataset):
     Args:
         sampler: the pair sampler; its current epoch is used at construction.
         transform: MONAI transform applied to each pair dictionary.
+        max_pairs: keep only the first pairs of every epoch (quick runs, tests); ``None``: all.
     """
 
-    def __init__(self, sampler: PairSampler, transform: Callable | None = None) -> None:
+    def __init__(self, sampler: PairSampler, transform: Callable | None = None, max_pairs: int | None = None) -> None:
         self.sampler = sampler
-        super().__init__(data=sampler.pairs_for_epoch(sampler.epoch), transform=transform)
+        self.max_pairs = None if max_pairs is None else check_integer(max_pairs, "max_pairs", 1)
+        super().__init__(data=self._pairs(sampler.epoch), transform=transform)
+
+    def _pairs(self, epoch: int) -> list[dict[str, Any]]:
+        return self.sampler.pairs_for_epoch(epoch)[: self.max_pairs]
 
     def set_epoch(self, epoch: int) -> None:
         """Draw the pairs of ``epoch`` (also sets the sampler's epoch, so its ``state_dict`` follows)."""
         self.sampler.set_epoch(epoch)
-        self.data = self.sampler.pairs_for_epoch(epoch)
+        self.data = self._pairs(epoch)

@@ -2,6 +2,7 @@
 shared by the learned methods, their objectives, fine-tuning and instance optimisation; the workflows of the
 uniGradICON, SACB-Net, PromptReg and UniReg bundles and the pieces they share (``workflows``)."""
 
+from monai_unireg.engines.defaults import VOXELOPT_DEFAULTS, MethodDefaults
 from monai_unireg.engines.instance_optimisation import FieldOptimised, optimise_field
 from monai_unireg.engines.pair_registration import (
     MODALITIES,
@@ -19,17 +20,16 @@ from monai_unireg.engines.pair_registration import (
     write_results,
     write_table,
 )
-from monai_unireg.engines.promptreg import DomainPairLoader, PromptRegObjective, train_promptreg
-from monai_unireg.engines.promptreg_workflows import build_promptreg, evaluate_datasets
+from monai_unireg.engines.promptreg import PROMPTREG_DEFAULTS, DomainPairLoader, PromptRegObjective, train_promptreg
+from monai_unireg.engines.promptreg_workflows import evaluate_datasets
 from monai_unireg.engines.promptreg_workflows import train_workflow as train_promptreg_workflow
 from monai_unireg.engines.sacbnet import (
     SACBNET_CT_WINDOW,
+    SACBNET_DEFAULTS,
     SACBNET_LAMBDAS,
     SACBNetObjective,
     train_sacbnet,
 )
-from monai_unireg.engines.sacbnet_workflows import SACBNET_TASKS, build_sacbnet
-from monai_unireg.engines.sacbnet_workflows import train_workflow as train_sacbnet_workflow
 from monai_unireg.engines.training import (
     CT_WINDOW,
     LossTerms,
@@ -39,6 +39,7 @@ from monai_unireg.engines.training import (
     validation_dice,
 )
 from monai_unireg.engines.unigradicon import (
+    UNIGRADICON_DEFAULTS,
     GradICONObjective,
     InstanceOptimised,
     RandomPairAugmentation,
@@ -46,9 +47,10 @@ from monai_unireg.engines.unigradicon import (
     stage_two_from_stage_one,
     train_unigradicon,
 )
-from monai_unireg.engines.unigradicon_workflows import build_unigradicon, train_workflow
+from monai_unireg.engines.unigradicon_workflows import train_workflow
 from monai_unireg.engines.unireg import (
     UNIREG_CT_WINDOW,
+    UNIREG_DEFAULTS,
     UNIREG_INTENSITY_RANGE,
     UNIREG_LAMBDAS,
     UniRegObjective,
@@ -70,7 +72,20 @@ from monai_unireg.engines.workflows import (
     write_result_table,
 )
 
+#: Method name -> its defaults (working size, CT window, intensity range, weights loader, instance optimisation).
+METHOD_DEFAULTS: dict[str, MethodDefaults] = {
+    defaults.name: defaults
+    for defaults in (VOXELOPT_DEFAULTS, UNIGRADICON_DEFAULTS, SACBNET_DEFAULTS, PROMPTREG_DEFAULTS, UNIREG_DEFAULTS)
+}
+
 __all__ = [
+    "METHOD_DEFAULTS",
+    "MethodDefaults",
+    "VOXELOPT_DEFAULTS",
+    "SACBNET_DEFAULTS",
+    "UNIGRADICON_DEFAULTS",
+    "PROMPTREG_DEFAULTS",
+    "UNIREG_DEFAULTS",
     "FieldOptimised",
     "optimise_field",
     "UNIREG_CT_WINDOW",
@@ -86,7 +101,6 @@ __all__ = [
     "DomainPairLoader",
     "PromptRegObjective",
     "train_promptreg",
-    "build_promptreg",
     "evaluate_datasets",
     "train_promptreg_workflow",
     "CT_WINDOW",
@@ -99,16 +113,12 @@ __all__ = [
     "SACBNET_LAMBDAS",
     "SACBNetObjective",
     "train_sacbnet",
-    "SACBNET_TASKS",
-    "build_sacbnet",
-    "train_sacbnet_workflow",
     "GradICONObjective",
     "InstanceOptimised",
     "RandomPairAugmentation",
     "instance_optimise",
     "stage_two_from_stage_one",
     "train_unigradicon",
-    "build_unigradicon",
     "train_workflow",
     "DistributedRun",
     "check_datasets",

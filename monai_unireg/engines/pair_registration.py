@@ -31,7 +31,7 @@ from monai_unireg import io, spatial
 from monai_unireg.data import pair_name
 from monai_unireg.metrics import HD95Metric, JacobianMetric, LabelDiceMetric
 from monai_unireg.spatial import spacing_from_affine
-from monai_unireg.transforms import CTWindow, MRIPercentile
+from monai_unireg.transforms import CTWindow, MRIPercentile, detect_modality
 from monai_unireg.validation import check_informative_image, check_labels, check_option
 
 __all__ = [
@@ -54,8 +54,6 @@ __all__ = [
 ]
 
 MODALITIES = ("auto", "ct", "mri")
-#: CT images whose 1st intensity percentile lies below this (HU) are treated as CT by ``modality="auto"``.
-AUTO_CT_THRESHOLD_HU = -500.0
 Log = Callable[[str], None]
 #: Every file a registration writes into its output folder (a rerun removes the ones it does not write again).
 OUTPUT_FILES = ("warped.nii.gz", "warped_label.nii.gz", "ddf.nii.gz", "metrics.json", "overview.png")
@@ -288,12 +286,6 @@ def normalise_intensity(
     return torch.as_tensor(transform(image[0]))[None]
 
 
-def detect_modality(image: torch.Tensor) -> str:
-    """``"ct"`` when the 1st intensity percentile is below -500 (air in HU), else ``"mri"``."""
-    sample = image.flatten()[:: max(1, image.numel() // 1_000_000)].to(torch.float64)
-    return "ct" if float(torch.quantile(sample, 0.01)) < AUTO_CT_THRESHOLD_HU else "mri"
-
-
 def register_pair(
     network: nn.Module,
     pair: LoadedPair,
@@ -401,12 +393,12 @@ def evaluate_result(
             :func:`evaluation_labels`; ``metrics["dice_labels"]`` says which were used).
         surface: also compute HD95 (the slowest metric).
     """
-    jacobian = JacobianMetric()
-    jacobian(result.ddf)
-    values = jacobian.aggregate()
+    # this pair's values (the call), not aggregate(): that gathers across torch.distributed ranks, which register
+    # other pairs (multi_gpu_evaluate.yaml)
+    sdlogj, folding = JacobianMetric()(result.ddf)[0].tolist()
     metrics: dict = {
-        "sdlogj": float(values["sdlogj"]),
-        "folding_percent": float(values["folding_percent"]),
+        "sdlogj": sdlogj,
+        "folding_percent": folding,
         "runtime_s": result.runtime_s,
         "modality": result.modality,
         "moving_resampled_to_fixed_grid": pair.moving_resampled,

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from monai_unireg import spatial
 from monai_unireg.data import PairSampler
+from monai_unireg.engines.defaults import MethodDefaults
 from monai_unireg.engines.training import (
     CT_WINDOW,
     Augmentation,
@@ -34,10 +35,21 @@ from monai_unireg.engines.training import (
     train_registration,
 )
 from monai_unireg.losses import MINDSSCLoss, PromptOrthogonalityLoss, TaskSimilarityLoss, diffusion_regularisation
-from monai_unireg.networks.nets.promptreg import PromptReg
+from monai_unireg.networks.nets.promptreg import PromptReg, load_promptreg
 from monai_unireg.validation import check_bool, check_positive
 
-__all__ = ["DomainPairLoader", "PromptRegObjective", "train_promptreg"]
+__all__ = ["PROMPTREG_DEFAULTS", "DomainPairLoader", "PromptRegObjective", "train_promptreg"]
+
+#: PromptReg's defaults (one home for the command line, the bundle and the trainer).
+PROMPTREG_DEFAULTS = MethodDefaults(
+    name="promptreg",
+    working_size=(160, 160, 160),
+    size_multiple=8,
+    ct_window=(-1000.0, 1000.0),
+    intensity_range=(0.0, 1.0),
+    load_weights=load_promptreg,
+    sources={"working_size": "paper Sec. 3.1", "ct_window": "paper Sec. 3.1"},
+)
 
 
 #: The optimiser of the authors' training script: ``torch.optim.Adam(..., amsgrad=True)`` (the paper names Adam).

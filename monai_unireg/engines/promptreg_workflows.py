@@ -1,8 +1,7 @@
-"""PromptReg workflows for the MONAI bundle (``bundles/promptreg``): build the network, train it, tabulate Dice.
+"""PromptReg workflows for the MONAI bundle (``bundles/promptreg``): train the network, tabulate Dice.
 
-:func:`build_promptreg` gives the network ``inference.yaml`` runs (the user's weights, or an untrained network),
-wrapped in :class:`~monai_unireg.networks.nets.ResizedRegistration` so that pairs of any size are registered at the
-network's working size (paper: 160^3); :func:`train_workflow` is everything ``train.yaml`` and
+``inference.yaml`` builds its network from MONAI parts (a ``PairInput`` network_def, ``SupervisedEvaluator``);
+:func:`train_workflow` is everything ``train.yaml`` and
 ``multi_gpu_train.yaml`` do: training on several datasets (one knowledge-base prompt each) from scratch or from a
 weights file, with one dataset held out for the zero-shot setting of the paper's Table 1, on one process or several
 (``torchrun``, ``torch.distributed`` with NCCL on CUDA and Gloo on the CPU); :func:`evaluate_datasets` is what
@@ -40,13 +39,11 @@ from monai_unireg.engines.workflows import (
     wrap_distributed,
     write_result_table,
 )
-from monai_unireg.networks.nets import ResizedRegistration
 from monai_unireg.networks.nets.promptreg import PromptReg, load_promptreg
 from monai_unireg.validation import check_bool, check_integer, check_option
 
 __all__ = [
     "DEFAULT_INPUT_SIZE",
-    "build_promptreg",
     "evaluate_datasets",
     "run_name",
     "split_held_out",
@@ -87,51 +84,6 @@ def _describe_network(network: PromptReg) -> str:
     config = network.config
     prompt = f"{config['num_domains']} prompts, tau {config['temperature']:g}" if network.use_prompt else "no RPG"
     return f"working size {size_text(network.input_size)}, channels {config['channels']}, {prompt}"
-
-
-def build_promptreg(
-    weights: str | os.PathLike | None,
-    input_size: int | Sequence[int] = DEFAULT_INPUT_SIZE,
-    num_domains: int = 5,
-    channels: int = 16,
-    use_prompt: bool = True,
-    seed: int = 0,
-    logger: logging.Logger = LOGGER,
-) -> ResizedRegistration:
-    """The PromptReg network of ``inference.yaml``: ``network(moving, fixed) -> ddf`` for pairs of any size.
-
-    The network takes ``[B, 1, *S]`` moving and fixed images in [0, 1] on one grid of any size ``S``, resizes them
-    to its working size (trilinear, corner-aligned; paper Sec. 3.1: 160^3), registers them there and returns the
-    ``[B, 3, *S]`` displacement in voxels of the input grid (MONAI ``Warp`` convention, values rescaled by
-    :func:`~monai_unireg.spatial.resize_ddf`), so the field lands on each fixed image's own grid.
-
-    Args:
-        weights: a ``model.pt`` / ``checkpoint.pt`` of :func:`train_workflow`, loaded by
-            :func:`~monai_unireg.networks.nets.load_promptreg` with its own configuration (working size, channels,
-            domains, temperature, prompt on or off); the other arguments are then ignored. ``None``: a new network
-            from them, **untrained** (weights drawn from ``seed``): its fields are meaningless and a warning says so.
-        input_size: working size without weights, one size or 3, each a multiple of 8 (paper: 160^3).
-        num_domains: prompts ``Z`` of the knowledge base (paper: 5 datasets, 4 in the leave-one-out runs).
-        channels: base channels of the RDP backbone (16).
-        use_prompt: ``False`` builds the backbone alone (the paper's "w/o RPG" ablation).
-        seed: without weights, the seed of the initial weights.
-        logger: where the warning and the description of the loaded network go.
-
-    Raises:
-        ValueError: an unreadable or mismatched weights file, or an invalid size or channel count.
-    """
-    if weights is None:
-        network = _new_network(input_size, num_domains, channels, 0.1, use_prompt, seed)
-        logger.warning(
-            "no weights given: the PromptReg network is untrained (random weights drawn from seed %d), so its "
-            "displacement fields are meaningless, not a registration; pass --weights PATH (a model.pt of "
-            "train.yaml).",
-            seed,
-        )
-    else:
-        network = load_promptreg(weights)
-        logger.info("loaded %s: %s", os.fspath(weights), _describe_network(network))
-    return ResizedRegistration(network, network.input_size)
 
 
 def split_held_out(

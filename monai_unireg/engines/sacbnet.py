@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from monai_unireg import spatial
 from monai_unireg.data import PairSampler
+from monai_unireg.engines.defaults import MethodDefaults
 from monai_unireg.engines.training import (
     Augmentation,
     Log,
@@ -30,9 +31,11 @@ from monai_unireg.engines.training import (
     train_registration,
 )
 from monai_unireg.losses import LNCCLoss, diffusion_regularisation, soft_dice_loss
+from monai_unireg.networks.nets.sacbnet import load_sacbnet
 from monai_unireg.validation import check_integer, check_positive
 
 __all__ = [
+    "SACBNET_DEFAULTS",
     "SACBNET_CT_WINDOW",
     "SACBNET_LAMBDAS",
     "SACBNetObjective",
@@ -45,6 +48,21 @@ SACBNET_LAMBDAS = {"ixi": 3.0, "lpba": 1.0, "abdomen_ct": 0.4}
 
 #: HU window of the paper's abdomen CT preprocessing (Sec. 4), mapped to [0, 1].
 SACBNET_CT_WINDOW = (-1000.0, 1000.0)
+
+#: SACB-Net's defaults (one home for the command line, the bundle and the trainer).
+SACBNET_DEFAULTS = MethodDefaults(
+    name="sacbnet",
+    working_size=(160, 192, 224),
+    size_multiple=16,
+    ct_window=SACBNET_CT_WINDOW,
+    intensity_range=(0.0, 1.0),
+    load_weights=load_sacbnet,
+    sources={
+        "working_size": "paper Sec. 4 (IXI; LPBA 160x192x160, abdomen CT 192x160x224)",
+        "ct_window": "paper Sec. 4",
+        "lambdas": "METHODS.md/reference code (SACBNET_LAMBDAS)",
+    },
+)
 
 
 class SACBNetObjective(nn.Module):

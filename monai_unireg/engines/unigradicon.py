@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from monai_unireg import spatial
 from monai_unireg.data import PairSampler
+from monai_unireg.engines.defaults import MethodDefaults
 from monai_unireg.engines.training import (
     Augmentation,
     Batch,
@@ -37,10 +38,11 @@ from monai_unireg.engines.training import (
     validation_dice,
 )
 from monai_unireg.losses import GradICONLoss, LNCCLoss
-from monai_unireg.networks.nets.unigradicon import UniGradICON
+from monai_unireg.networks.nets.unigradicon import UniGradICON, load_unigradicon
 from monai_unireg.validation import check_bool, check_integer, check_positive
 
 __all__ = [
+    "UNIGRADICON_DEFAULTS",
     "GradICONObjective",
     "InstanceOptimised",
     "LossTerms",
@@ -55,6 +57,24 @@ __all__ = [
 
 #: HU window of the paper's CT preprocessing (Sec. 2.1), mapped to [0, 1].
 UNIGRADICON_CT_WINDOW = (-1000.0, 1000.0)
+
+#: uniGradICON's defaults (one home for the command line, the bundle and the trainer).
+UNIGRADICON_DEFAULTS = MethodDefaults(
+    name="unigradicon",
+    working_size=(175, 175, 175),
+    size_multiple=1,
+    ct_window=UNIGRADICON_CT_WINDOW,
+    intensity_range=(0.0, 1.0),
+    load_weights=load_unigradicon,
+    io_iterations=50,
+    io_learning_rate=2e-5,
+    sources={
+        "working_size": "paper Sec. 2.1",
+        "ct_window": "paper Sec. 2.1",
+        "io_iterations": "paper's (IO) rows, reference code: 50",
+        "io_learning_rate": "reference code",
+    },
+)
 
 
 class GradICONObjective(nn.Module):

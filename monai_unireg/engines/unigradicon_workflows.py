@@ -1,7 +1,7 @@
-"""uniGradICON workflows for the MONAI bundle (``bundles/unigradicon``): build the network for inference, train it.
+"""uniGradICON workflows for the MONAI bundle (``bundles/unigradicon``): train the network.
 
-:func:`build_unigradicon` gives the network ``inference.yaml`` runs (the user's weights, optionally with instance
-optimisation, or an untrained network); :func:`train_workflow` is everything ``train.yaml`` and
+``inference.yaml`` builds its network from MONAI parts (a ``PairInput`` network_def, ``SupervisedEvaluator``);
+:func:`train_workflow` is everything ``train.yaml`` and
 ``multi_gpu_train.yaml`` do: stage 1, stage 2 from a stage-1 network, fine-tuning from any weights file, on one
 process or several (``torchrun``, ``torch.distributed`` with NCCL on CUDA and Gloo on the CPU).
 """
@@ -14,13 +14,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from monai_unireg.data import PairSampler
 from monai_unireg.engines.pair_registration import resolve_device
 from monai_unireg.engines.unigradicon import (
     GradICONObjective,
-    InstanceOptimised,
     RandomPairAugmentation,
     stage_two_from_stage_one,
     train_unigradicon,
@@ -39,69 +37,11 @@ from monai_unireg.networks.nets.unigradicon import (
     UniGradICON,
     load_unigradicon,
 )
-from monai_unireg.validation import check_bool, check_integer, check_option, check_positive
+from monai_unireg.validation import check_bool, check_option
 
-__all__ = ["build_unigradicon", "train_workflow", "load_validation_pairs"]
+__all__ = ["train_workflow", "load_validation_pairs"]
 
 LOGGER = logging.getLogger("unigradicon")
-
-
-def build_unigradicon(
-    weights: str | os.PathLike | None,
-    input_size: int | Sequence[int] = 175,
-    include_step2: bool = True,
-    down_channels: Sequence[int] = PUBLISHED_DOWN_CHANNELS,
-    up_channels: Sequence[int] = PUBLISHED_UP_CHANNELS,
-    io_iterations: int = 0,
-    io_learning_rate: float = 2e-5,
-    logger: logging.Logger = LOGGER,
-) -> nn.Module:
-    """The uniGradICON network of ``inference.yaml``: ``network(moving, fixed) -> ddf``.
-
-    The network takes ``[B, 1, *S]`` moving and fixed images in [0, 1] on one grid of any size ``S``, resizes them
-    to its working size and returns the ``[B, 3, *S]`` displacement in voxels of that grid (MONAI ``Warp``
-    convention), so the field lands on each fixed image's own grid.
-
-    Args:
-        weights: a weights file: the released ``Step_2_final.trch`` (the published 4-step network at 175^3) or a
-            ``model.pt`` / ``checkpoint.pt`` of :func:`train_workflow` (its own size and channels, see
-            :func:`~monai_unireg.networks.nets.load_unigradicon`); ``input_size``, ``include_step2`` and the
-            channels are then ignored. ``None``: a new network from those arguments, untrained, which predicts
-            the identity map (zero displacement); a warning says so.
-        input_size: working size without weights (paper: 175).
-        include_step2: four UNets (the published model) or three (stage 1), without weights.
-        down_channels: encoder channels of every UNet, without weights.
-        up_channels: decoder channels of every UNet, without weights.
-        io_iterations: instance-optimisation steps per pair (0: none; the paper's IO: 50); the network is then
-            wrapped in :class:`~monai_unireg.engines.InstanceOptimised`.
-        io_learning_rate: Adam learning rate of instance optimisation (reference: 2e-5).
-        logger: where the warning and the progress of instance optimisation go.
-
-    Raises:
-        ValueError: an unreadable or mismatched weights file, negative ``io_iterations``, non-positive
-            ``io_learning_rate`` or an invalid size / channels.
-    """
-    check_integer(io_iterations, "io_iterations", 0)
-    check_positive(io_learning_rate, "io_learning_rate")
-    if weights is None:
-        network = UniGradICON(input_size, include_step2, down_channels, up_channels)
-        logger.warning(
-            "no weights given: the uniGradICON network is untrained and predicts the identity map (zero "
-            "displacement)%s; pass --weights PATH (the released Step_2_final.trch or a model.pt of train.yaml).",
-            f" before {io_iterations} instance-optimisation steps" if io_iterations else "",
-        )
-    else:
-        network = load_unigradicon(weights)
-        logger.info(
-            "loaded %s: %d UNets, working size %s, encoder channels %s",
-            os.fspath(weights),
-            len(network.unets),
-            size_text(network.input_size),
-            network.config["down_channels"],
-        )
-    if io_iterations:
-        return InstanceOptimised(network, io_iterations, io_learning_rate, log=logger.info)
-    return network
 
 
 def _initial_network(

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from monai_unireg import spatial
 from monai_unireg.data import PairSampler
+from monai_unireg.engines.defaults import MethodDefaults
 from monai_unireg.engines.training import (
     Augmentation,
     Batch,
@@ -30,10 +31,11 @@ from monai_unireg.engines.training import (
     train_registration,
 )
 from monai_unireg.losses import LNCCLoss, MINDSSCLoss, diffusion_regularisation, soft_dice_loss
-from monai_unireg.networks.nets.unireg import REGISTRATION_TYPES, UniReg
+from monai_unireg.networks.nets.unireg import REGISTRATION_TYPES, UniReg, load_unireg
 from monai_unireg.validation import check_option, check_positive
 
 __all__ = [
+    "UNIREG_DEFAULTS",
     "UNIREG_CT_WINDOW",
     "UNIREG_INTENSITY_RANGE",
     "UNIREG_LAMBDAS",
@@ -48,6 +50,23 @@ __all__ = [
 #: HU window of UniReg's CT preprocessing, mapped to :data:`UNIREG_INTENSITY_RANGE` (paper Sec. 4.3).
 UNIREG_CT_WINDOW = (-800.0, 400.0)
 UNIREG_INTENSITY_RANGE = (-1.0, 1.0)
+
+#: UniReg's defaults (one home for the command line, the bundle and the trainer).
+UNIREG_DEFAULTS = MethodDefaults(
+    name="unireg",
+    working_size=(192, 192, 160),
+    size_multiple=8,
+    ct_window=UNIREG_CT_WINDOW,
+    intensity_range=UNIREG_INTENSITY_RANGE,
+    load_weights=load_unireg,
+    io_learning_rate=0.1,
+    sources={
+        "working_size": "paper Sec. 4.1",
+        "ct_window": "paper Sec. 4.3",
+        "intensity_range": "paper Sec. 4.3",
+        "io_learning_rate": "ours (the paper gives no step count)",
+    },
+)
 #: Regularisation priors of the paper's training tasks (Table 8).
 UNIREG_LAMBDAS = {"head_neck": 0.05, "chest": 1.0, "abdomen": 0.1, "liver": 10.0}
 UNIREG_SIMILARITIES = ("lncc", "mind")

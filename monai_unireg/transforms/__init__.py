@@ -1,6 +1,15 @@
 """MONAI transforms for registration: intensity presets of the methods and pair dictionary transforms."""
 
-from monai_unireg.transforms.intensity import CT_WINDOW_PRESETS, CTWindow, CTWindowd, MRIPercentile, MRIPercentiled
+from monai_unireg.transforms.intensity import (
+    AUTO_CT_THRESHOLD_HU,
+    CT_WINDOW_PRESETS,
+    CTWindow,
+    CTWindowd,
+    MRIPercentile,
+    MRIPercentiled,
+    RegistrationIntensityd,
+    detect_modality,
+)
 from monai_unireg.transforms.pair import (
     DDF,
     FIXED_IMAGE,
@@ -20,6 +29,9 @@ from monai_unireg.transforms.pair import (
 )
 
 __all__ = [
+    "AUTO_CT_THRESHOLD_HU",
+    "RegistrationIntensityd",
+    "detect_modality",
     "CT_WINDOW_PRESETS",
     "CTWindow",
     "CTWindowd",

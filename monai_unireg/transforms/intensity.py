@@ -26,7 +26,13 @@ __all__ = [
     "CTWindowd",
     "MRIPercentile",
     "MRIPercentiled",
+    "AUTO_CT_THRESHOLD_HU",
+    "detect_modality",
+    "RegistrationIntensityd",
 ]
+
+#: CT images whose 1st intensity percentile lies below this (HU) are treated as CT by ``modality="auto"``.
+AUTO_CT_THRESHOLD_HU = -500.0
 
 #: HU window ``(a_min, a_max)`` and output range ``(b_min, b_max)`` of each method (METHODS.md).
 CT_WINDOW_PRESETS: dict[str, tuple[float, float, float, float]] = {
@@ -238,3 +244,51 @@ def _apply_named(transform: Transform, img: NdarrayOrTensor, key: Hashable) -> N
         return transform(img)
     except ValueError as err:
         raise ValueError(f"data[{key!r}]: {err}") from err
+
+
+def detect_modality(image: torch.Tensor) -> str:
+    """``"ct"`` when the 1st intensity percentile is below -500 (air in HU), else ``"mri"``."""
+    sample = torch.as_tensor(image).flatten()[:: max(1, image.numel() // 1_000_000)].to(torch.float64)
+    return "ct" if float(torch.quantile(sample, 0.01)) < AUTO_CT_THRESHOLD_HU else "mri"
+
+
+class RegistrationIntensityd(MapTransform):
+    """The intensity normalisation of the registration bundles: each image under ``keys`` to ``output_range``, CT
+    by the HU window ``ct_window`` (:class:`CTWindow`), MRI by [min, 99th percentile] (:class:`MRIPercentile`).
+
+    With ``modality="auto"`` every image is normalised by its own detected modality (:func:`detect_modality`: CT
+    when its 1st percentile is below -500 HU), so a CT-MRI pair gets the window for the CT and the percentiles for
+    the MRI.
+
+    Args:
+        keys: image keys, e.g. ``("fixed_image", "moving_image")``.
+        modality: ``"auto"``, ``"ct"`` or ``"mri"``.
+        ct_window: ``(a_min, a_max)`` HU window of CT images.
+        output_range: ``(b_min, b_max)`` (most methods [0, 1]; UniReg [-1, 1]).
+        allow_missing_keys: skip keys absent from the dictionary.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        modality: str = "auto",
+        ct_window: tuple[float, float] = (-800.0, 500.0),
+        output_range: tuple[float, float] = (0.0, 1.0),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.modality = check_option(modality, "modality", ("auto", "ct", "mri"))
+        if len(ct_window) != 2 or len(output_range) != 2:
+            raise ValueError(f"ct_window and output_range must be 2 values each, got {ct_window!r}, {output_range!r}.")
+        low, high = (float(v) for v in output_range)
+        self.transforms = {
+            "ct": CTWindow(a_min=float(ct_window[0]), a_max=float(ct_window[1]), b_min=low, b_max=high),
+            "mri": MRIPercentile(b_min=low, b_max=high),
+        }
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            modality = detect_modality(d[key]) if self.modality == "auto" else self.modality
+            d[key] = _apply_named(self.transforms[modality], d[key], key)
+        return d

@@ -54,5 +54,9 @@ class BundleRunner:
 
 
 def read_checkpoint(folder: Path) -> dict:
-    """The ``checkpoint.pt`` of a training folder."""
-    return torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+    """The ``checkpoint.pt`` of a training folder, or its newest ``checkpoint_epoch=N.pt`` (MONAI's
+    ``CheckpointSaver``)."""
+    from monai_unireg.engines.bundle import latest_checkpoint
+
+    path = folder / "checkpoint.pt" if (folder / "checkpoint.pt").exists() else latest_checkpoint(folder)
+    return torch.load(path, map_location="cpu", weights_only=True)

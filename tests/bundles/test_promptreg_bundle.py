@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import shutil
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from bundle_runner import BundleRunner, read_checkpoint
 
 from monai_unireg.data import load_learn2reg, pair_name
-from monai_unireg.engines import build_promptreg, evaluate_datasets, train_promptreg_workflow
+from monai_unireg.engines import evaluate_datasets, train_promptreg_workflow
 from monai_unireg.networks.nets import PromptReg, ResizedRegistration
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -102,11 +101,13 @@ def test_inference_with_weights_then_the_dice_table(data, trained, tmp_path):
     log = run_bundle(
         INFERENCE,
         dataset_json=prostate,
-        pairs="$monai_unireg.data.load_learn2reg(@dataset_json, @section)[:1]",
+        **{"dataset#data": "$monai_unireg.engines.bundle.pair_items(@dataset_json, @section)[:1]"},
         output_dir=tmp_path / "inference",
         weights=weights,
+        num_domains=2,
+        **SMALL_NETWORK,
     )
-    assert "loaded" in log and "working size 32x32x32, channels 4, 2 prompts" in log and "untrained" not in log
+    assert f"Restored all variables from {weights}" in log and "untrained" not in log
     field, fixed = nib.load(str(tmp_path / "inference" / pair_name(pair) / "ddf.nii.gz")), nib.load(pair["fixed_image"])
     assert field.shape == (*fixed.shape, 1, 3) and np.isfinite(field.get_fdata()).all()
     np.testing.assert_allclose(field.affine, fixed.affine, atol=1e-4)
@@ -115,7 +116,7 @@ def test_inference_with_weights_then_the_dice_table(data, trained, tmp_path):
     output_dir = tmp_path / "evaluation"
     datasets = [data["BrainSynth"], prostate]
     overrides = {"datasets": listed(*datasets), "max_pairs": 2, "table_row": "w/o ProstateMRUS"}
-    log = run_bundle(EVALUATE, output_dir=output_dir, weights=weights, **overrides)
+    log = run_bundle(EVALUATE, output_dir=output_dir, weights=weights, num_domains=2, **SMALL_NETWORK, **overrides)
     assert "Dice (%) per dataset, w/o ProstateMRUS: BrainSynth" in log
     for dataset in datasets:
         name = dataset.name.removesuffix("_dataset.json")
@@ -224,30 +225,8 @@ def test_bad_overrides_are_refused(data, tmp_path):
     assert "is the only dataset of datasets, which leaves no training dataset" in log
     overrides = {"dataset_json": brainsynth, "output_dir": tmp_path / "c", "input_size": "[30, 32, 32]"}
     log = run_bundle(INFERENCE, succeed=False, **overrides)
-    assert "each a multiple of 8" in log
+    assert "input_size must be 3 sizes divisible by 8" in log
     assert not any((tmp_path / name).exists() for name in "abc")
-
-
-def test_the_inference_network_with_and_without_weights(tmp_path, caplog):
-    small = {"input_size": 32, "channels": 2, "num_domains": 3}
-    with caplog.at_level(logging.WARNING, logger="promptreg"):
-        network = build_promptreg(None, **small)
-    assert any(r.levelno == logging.WARNING and "untrained" in r.message for r in caplog.records)
-    assert isinstance(network, ResizedRegistration) and network.size == (32, 32, 32)
-    again = build_promptreg(None, **small)  # the initial weights come from the seed
-    assert all(torch.equal(a, b) for a, b in zip(network.state_dict().values(), again.state_dict().values()))
-    moving, fixed = torch.rand(1, 1, 20, 24, 28), torch.rand(1, 1, 20, 24, 28)
-    with torch.no_grad():
-        assert network.eval()(moving, fixed).shape == (1, 3, 20, 24, 28)
-    assert build_promptreg(None, **small, use_prompt=False).network.use_prompt is False
-    trained = PromptReg((16, 24, 32), num_domains=2, channels=2, temperature=0.5)
-    torch.save({"config": trained.config, "model": trained.state_dict()}, tmp_path / "model.pt")
-    loaded = build_promptreg(tmp_path / "model.pt", **small)  # the file's configuration wins
-    assert loaded.size == (16, 24, 32) and loaded.network.config == trained.config
-    with pytest.raises(ValueError, match="does not exist"):
-        build_promptreg(tmp_path / "missing.pt")
-    with pytest.raises(ValueError, match="input_size must be one size or 3 sizes"):
-        build_promptreg(None, input_size=[32, 32])
 
 
 def test_training_set_up_is_checked(data, trained, tmp_path, monkeypatch):
@@ -277,7 +256,7 @@ def test_training_set_up_is_checked(data, trained, tmp_path, monkeypatch):
 
 
 def test_the_evaluation_is_checked(data, tmp_path):
-    network = build_promptreg(None, input_size=16, channels=2)
+    network = ResizedRegistration(PromptReg((16, 16, 16), channels=2), (16, 16, 16))
     with pytest.raises(ValueError, match="spread must be one of"):
         evaluate_datasets(network, [data["BrainSynth"]], tmp_path, spread="variance")
     with pytest.raises(ValueError, match="two datasets have the same name"):

@@ -1,16 +1,14 @@
 """The SACB-Net bundle beyond the conformance test, each config run as a user would, with
 ``python -m monai.bundle run`` (and ``torchrun`` for multi_gpu_train.yaml), on BrainSynth with a small network:
-training with a task file, validation and resumption, inference with the trained weights followed by
-evaluate.yaml's table, fine-tuning at another size on a paired dataset, two-process training, the task files'
-values, and refused overrides; plus the workflow functions in-process (the network of inference.yaml, the checks
-of the training set-up)."""
+training with a task file (validation, TensorBoard, checkpoints), bit-exact resumption after a kill, swapping the
+optimiser, a transform and a handler by overrides, inference with the trained weights followed by evaluate.yaml's
+table, fine-tuning at another size on a paired dataset, two-process training, the task files' values, and refused
+overrides."""
 
 from __future__ import annotations
 
 import csv
 import json
-import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,8 +19,8 @@ import torch
 from bundle_runner import BundleRunner, read_checkpoint
 
 from monai_unireg.data import load_learn2reg, pair_name
-from monai_unireg.engines import SACBNET_LAMBDAS, build_sacbnet, train_sacbnet_workflow
-from monai_unireg.networks.nets import ResizedRegistration, SACBNet
+from monai_unireg.engines import SACBNET_LAMBDAS
+from monai_unireg.networks.nets import SACBNet
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = PROJECT_ROOT / "bundles" / "sacbnet"
@@ -56,9 +54,14 @@ def train_overrides(dataset: Path, output_dir: Path, **overrides: object) -> dic
         "output_dir": output_dir,
         "pairs_per_dataset": 2,
         "max_iterations_per_epoch": 2,
+        "kmeans_iterations": 5,
         **SMALL_NETWORK,
         **overrides,
     }
+
+
+def final_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -69,36 +72,68 @@ def trained(brainsynth, tmp_path_factory) -> tuple[Path, str]:
     return output_dir, run_bundle(TRAIN_LPBA, **overrides)
 
 
-def test_training_with_a_task_file_validates_and_resumes(brainsynth, trained, tmp_path):
+def test_training_with_a_task_file_validates_logs_and_checkpoints(trained):
     output_dir, log = trained
-    assert (output_dir / "model.pt").is_file() and (output_dir / "checkpoint.pt").is_file()
+    assert (output_dir / "model.pt").is_file() and (output_dir / "checkpoint_epoch=2.pt").is_file()
+    assert list((output_dir / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard is on by default
+    assert "train_loss: " in log and "val_dice" in log and "Saved checkpoint at epoch: 2" in log
     state = read_checkpoint(output_dir)
-    assert state["config"]["input_size"] == [32, 32, 32] and state["config"]["channels"] == [4, 8, 8, 8, 8]
-    assert state["config"]["num_clusters"] == [7, 7, 7, 7]
-    assert [record["epoch"] for record in state["history"]] == [1, 2]
-    assert all(0 < record["validation_dice"] <= 1 for record in state["history"])
-    assert all(record["diffusion"] > 0 for record in state["history"])
-    assert state["history"][0]["learning_rate"] > state["history"][1]["learning_rate"] >= 0  # polynomial decay
-    assert "SACB-Net (lpba) at 32x32x32" in log and "lambda 1, Dice weight 0" in log
-    resumed = tmp_path / "lpba"
-    shutil.copytree(output_dir, resumed)
-    log = run_bundle(TRAIN_LPBA, **train_overrides(brainsynth, resumed, epochs=3))
-    assert f"resumed from {resumed / 'checkpoint.pt'} at epoch 2" in log
-    assert "epoch 3/3 iteration 2/2" in log and "epoch 1/3" not in log and "epoch 2/3" not in log
-    history = read_checkpoint(resumed)["history"]
-    assert [record["epoch"] for record in history] == [1, 2, 3] and history[:2] == state["history"]
+    assert state["trainer"]["iteration"] == 4 and state["pairs"]["epoch"] == 1
+    assert state["pairs"]["pairs_per_dataset"] == 2
+    assert state["lr_scheduler"]["last_epoch"] == 4  # PolynomialLR stepped every iteration
+    group = state["optimizer"]["param_groups"][0]  # Adam; decayed from 1e-4 to 0 over the run's iterations
+    assert group["initial_lr"] == 1e-4 and group["lr"] == 0.0 and "betas" in group
+    assert set(final_weights(output_dir)) == set(SACBNet((32, 32, 32), channels=[4, 8, 8, 8, 8]).state_dict())
+
+
+def test_resume_after_a_kill_is_bit_exact(brainsynth, trained, tmp_path):
+    """Killed right after the first epoch's checkpoint (os._exit, no clean-up), the same command again finishes
+    the run: the network equals the uninterrupted run's bit for bit."""
+    output_dir = tmp_path / "killed"
+    overrides = train_overrides(brainsynth, output_dir, epochs=2, validation_json=brainsynth, max_validation_pairs=1)
+    kill = (
+        "$(@train#trainer.add_event_handler(ignite.engine.Events.EPOCH_COMPLETED(once=1), lambda e: os._exit(3)),"
+        " @train#trainer.run())"
+    )
+    run_bundle(TRAIN_LPBA, succeed=False, **overrides, **{"run#1": kill})
+    assert sorted(path.name for path in output_dir.glob("*.pt")) == ["checkpoint_epoch=1.pt"]
+    log = run_bundle(TRAIN_LPBA, **overrides)
+    assert "Restored all variables from" in log and "Epoch[1] Complete" not in log.split("Restored")[1]
+    resumed, uninterrupted = final_weights(output_dir), final_weights(trained[0])
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
+
+
+def test_swapping_the_optimiser_a_transform_and_a_handler_by_overrides(brainsynth, tmp_path):
+    output_dir = tmp_path / "swapped"
+    overrides = train_overrides(brainsynth, output_dir, epochs=1, max_iterations_per_epoch=1)
+    overrides["optimizer#_target_"] = "torch.optim.SGD"  # the optimiser
+    overrides["train#preprocessing#transforms#2"] = (  # the intensity transform: MONAI's ScaleIntensityd
+        "{'_target_': 'ScaleIntensityd', 'keys': ['fixed_image', 'moving_image']}"
+    )
+    overrides["train#handlers#3#tag_name"] = "objective"  # a handler's setting
+    overrides["tensorboard"] = False  # a handler off
+    log = run_bundle(TRAIN, **overrides)
+    assert "objective: " in log and "train_loss" not in log
+    state = read_checkpoint(output_dir)
+    assert "momentum" in state["optimizer"]["param_groups"][0] and "betas" not in state["optimizer"]["param_groups"][0]
+    assert not (output_dir / "tensorboard").exists()
+    swapped = {"train#preprocessing#transforms#2": {"_target_": "ScaleIntensityd", "keys": ["fixed_image"]}}
+    transforms = parse(TRAIN, **swapped).get_parsed_content("train#preprocessing").transforms
+    assert type(transforms[2]).__name__ == "ScaleIntensityd"
 
 
 def test_inference_with_weights_then_evaluation(brainsynth, trained, tmp_path):
     output_dir = tmp_path / "evaluation"
     log = run_bundle(
         EVALUATE,
+        **{"dataset#data": "$monai_unireg.engines.bundle.pair_items(@dataset_json, @section)[:2]"},
         dataset_json=brainsynth,
-        pairs="$monai_unireg.data.load_learn2reg(@dataset_json, @section)[:2]",
         output_dir=output_dir,
         weights=trained[0] / "model.pt",
+        **SMALL_NETWORK,
     )
-    assert "loaded" in log and "working size 32x32x32" in log and "untrained" not in log
+    assert f"Restored all variables from {trained[0] / 'model.pt'}" in log and "untrained" not in log
     pairs = load_learn2reg(brainsynth, "registration_val")[:2]
     for pair in pairs:
         field, fixed = nib.load(str(output_dir / pair_name(pair) / "ddf.nii.gz")), nib.load(pair["fixed_image"])
@@ -115,7 +150,7 @@ def test_inference_with_weights_then_evaluation(brainsynth, trained, tmp_path):
 
 
 def test_fine_tuning_at_another_size_on_a_paired_dataset(shared_data, trained, tmp_path):
-    """init_weights keeps the file's architecture and trains at the task's size, here the atlas-style ixi.yaml
+    """init_weights (strict: same channels and clusters) trains at the task's size, here the atlas-style ixi.yaml
     (paired dataset: its training_paired_images) on ProstateMRUS, with the optional Dice term on its labels."""
     prostate = shared_data / "ProstateMRUS" / "ProstateMRUS_dataset.json"
     output_dir = tmp_path / "finetuned"
@@ -124,17 +159,15 @@ def test_fine_tuning_at_another_size_on_a_paired_dataset(shared_data, trained, t
         output_dir,
         epochs=1,
         input_size="[32, 48, 32]",
-        channels="[8, 16, 32, 64, 64]",  # ignored: the file's channels are kept
         init_weights=trained[0] / "model.pt",
         learning_rate=1e-3,
         dice_weight=1.0,
     )
     log = run_bundle(["configs/train.yaml", "configs/ixi.yaml"], **overrides)
-    assert "SACB-Net (ixi), fine-tuning" in log and "lambda 3" in log
-    tuned, start = read_checkpoint(output_dir), torch.load(trained[0] / "model.pt", weights_only=True)
-    assert tuned["config"] == {**start["config"], "input_size": [32, 48, 32]}
-    assert 0 <= tuned["history"][0]["dice"] <= 1
-    assert any(not torch.equal(value, tuned["model"][name]) for name, value in start["model"].items())
+    assert f"Restored all variables from {trained[0] / 'model.pt'}" in log
+    assert parse(["configs/train.yaml", "configs/ixi.yaml"], **overrides).get_parsed_content("lam") == 3.0
+    tuned, start = final_weights(output_dir), final_weights(trained[0])
+    assert any(not torch.equal(value, tuned[name]) for name, value in start.items())
 
 
 @pytest.mark.skipif(
@@ -144,14 +177,32 @@ def test_fine_tuning_at_another_size_on_a_paired_dataset(shared_data, trained, t
 def test_multi_gpu_train_on_two_cpu_processes(brainsynth, tmp_path):
     output_dir = tmp_path / "distributed"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    overrides = train_overrides(brainsynth, output_dir, epochs=1, pairs_per_dataset=4)
-    log = run_bundle(MULTI_GPU_TRAIN, launcher=torchrun, **overrides)
-    assert "process 0 of 2 (gloo) on cpu" in log and "process 1 of 2 (gloo) on cpu" in log
-    assert "batch 1 per process on 2 processes" in log
-    assert "epoch 1/1 iteration 2/2" in log  # a second synchronised step: every parameter got its gradient
-    assert log.count("epoch 1/1 done") == 1  # rank 0 alone logs and writes the checkpoint
-    assert sorted(path.name for path in output_dir.iterdir()) == ["checkpoint.pt", "model.pt"]
-    assert [record["epoch"] for record in read_checkpoint(output_dir)["history"]] == [1]
+    overrides = train_overrides(brainsynth, output_dir, epochs=1, pairs_per_dataset=4, max_iterations_per_epoch=None)
+    log = run_bundle(MULTI_GPU_TRAIN, launcher=torchrun, backend="gloo", **overrides)
+    # 4 pairs over 2 processes: 2 synchronised steps each; rank 0 alone logs the loss and writes the checkpoint
+    assert log.count("Iter: 2/2 -- train_loss") == 1 and log.count("Saved checkpoint at epoch: 1") == 1
+    assert sorted(path.name for path in output_dir.glob("*.pt")) == ["checkpoint_epoch=1.pt", "model.pt"]
+    assert read_checkpoint(output_dir)["trainer"]["iteration"] == 2
+
+
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torchrun needs torch.distributed with the Gloo backend for CPU processes",
+)
+def test_multi_gpu_evaluate_on_two_cpu_processes(brainsynth, trained, tmp_path):
+    """3 pairs over 2 processes (2 + 1): each writes its pairs' folders, rank 0 the one merged table."""
+    output_dir = tmp_path / "distributed_evaluation"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    configs = [*EVALUATE, "configs/multi_gpu_evaluate.yaml"]
+    subset = {"dataset#data": "$monai_unireg.engines.bundle.pair_items(@dataset_json, @section)[:3]"}
+    overrides = {"dataset_json": brainsynth, "output_dir": output_dir, "weights": trained[0] / "model.pt"}
+    run_bundle(configs, launcher=torchrun, backend="gloo", **subset, **overrides, **SMALL_NETWORK)
+    pairs = load_learn2reg(brainsynth, "registration_val")[:3]
+    assert all((output_dir / pair_name(pair) / "ddf.nii.gz").is_file() for pair in pairs)
+    with open(output_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["pair"] for row in rows] == [pair_name(pair) for pair in pairs]
+    assert json.loads((output_dir / "summary.json").read_text())["dice_mean"]["n"] == 3
 
 
 def test_paper_defaults_and_task_files():
@@ -168,12 +219,13 @@ def test_paper_defaults_and_task_files():
         "channels": [8, 16, 32, 64, 64],
         "input_size": [160, 192, 224],
         "ct_window": [-1000, 1000],
-        "distributed": None,
+        "tensorboard": True,
+        "mlflow": False,
     }
     assert {key: train.get_parsed_content(key) for key in expected} == expected
     assert train.get_parsed_content("output_dir") == f"{BUNDLE}/models/sacbnet"
-    assert train.get("training")["_target_"] == "monai_unireg.engines.sacbnet_workflows.train_workflow"
-    assert parse(MULTI_GPU_TRAIN).get_parsed_content("distributed") is True
+    assert train.get("train")["trainer"]["_target_"] == "SupervisedTrainer"
+    assert parse(MULTI_GPU_TRAIN).get("network")["_target_"] == "torch.nn.parallel.DistributedDataParallel"
     inference = parse(["configs/inference.yaml"])
     expected = {"weights": None, "ct_window": [-1000, 1000], "input_size": [160, 192, 224], "num_clusters": 7}
     assert {key: inference.get_parsed_content(key) for key in expected} == expected
@@ -194,46 +246,18 @@ def test_paper_defaults_and_task_files():
 def test_bad_overrides_are_refused(brainsynth, tmp_path):
     log = run_bundle(TRAIN, succeed=False, **train_overrides(brainsynth, tmp_path / "a", task="brain", epochs=1))
     assert "task must be one of ['ixi', 'lpba', 'abdomen_ct'], got 'brain'" in log
+    log = run_bundle(TRAIN, succeed=False, **train_overrides(brainsynth, tmp_path / "a", epochs="ten"))
+    assert "epochs must be a whole number >= 1, got 'ten'" in log
+    log = run_bundle(["configs/inference.yaml"], succeed=False, dataset_jsn=brainsynth, output_dir=tmp_path / "b")
+    assert "--dataset_jsn is not a key of the bundle's configs" in log and "did you mean 'dataset_json'" in log
     overrides = {"dataset_json": brainsynth, "output_dir": tmp_path / "b", "input_size": "[30, 32, 32]"}
     log = run_bundle(["configs/inference.yaml"], succeed=False, **overrides)
     assert "each a multiple of 16" in log
+    # weights of another network: CheckpointLoader (strict) names the keys that do not fit
+    other = tmp_path / "other.pt"
+    torch.save({"model": SACBNet((32, 32, 32), channels=[4, 8, 8, 8, 8]).state_dict()}, other)
+    overrides = {"dataset_json": brainsynth, "output_dir": tmp_path / "b", "weights": other, **SMALL_NETWORK}
+    overrides["channels"] = "[4, 8, 8, 8, 16]"
+    log = run_bundle(["configs/inference.yaml"], succeed=False, **overrides)
+    assert "size mismatch" in log
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-
-
-def test_the_inference_network_with_and_without_weights(tmp_path, caplog):
-    small = {"input_size": 32, "channels": [4, 8, 8, 8, 8]}
-    with caplog.at_level(logging.WARNING, logger="sacbnet"):
-        network = build_sacbnet(None, **small)
-    assert any(r.levelno == logging.WARNING and "untrained" in r.message for r in caplog.records)
-    assert isinstance(network, ResizedRegistration) and network.size == (32, 32, 32)
-    again = build_sacbnet(None, **small)  # the initial weights come from the seed
-    assert all(torch.equal(a, b) for a, b in zip(network.state_dict().values(), again.state_dict().values()))
-    moving, fixed = torch.rand(1, 1, 20, 24, 28), torch.rand(1, 1, 20, 24, 28)
-    with torch.no_grad():
-        assert network.eval()(moving, fixed).shape == (1, 3, 20, 24, 28)
-    trained = SACBNet((16, 32, 48), channels=[2, 4, 4, 4, 4], num_clusters=3)
-    torch.save({"config": trained.config, "model": trained.state_dict()}, tmp_path / "model.pt")
-    loaded = build_sacbnet(tmp_path / "model.pt", **small)  # the file's configuration wins
-    assert loaded.size == (16, 32, 48) and loaded.network.config == trained.config
-    with pytest.raises(ValueError, match="does not exist"):
-        build_sacbnet(tmp_path / "missing.pt")
-    with pytest.raises(ValueError, match="input_size must be one size or 3 sizes"):
-        build_sacbnet(None, input_size=[32, 32])
-
-
-def test_training_set_up_is_checked(brainsynth, trained, tmp_path, monkeypatch):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    common = {"datasets": [brainsynth], "output_dir": tmp_path / "out", "device": "cpu", "input_size": 32}
-    with pytest.raises(ValueError, match="lam is None and no task is given"):
-        train_sacbnet_workflow(**common)
-    with pytest.raises(ValueError, match="dice_weight"):
-        train_sacbnet_workflow(lam=1.0, dice_weight=-1.0, **common)
-    with pytest.raises(ValueError, match="datasets must be a non-empty list"):
-        train_sacbnet_workflow(**{**common, "datasets": str(brainsynth)}, task="lpba")
-    with pytest.raises(ValueError, match="not started by torchrun"):
-        train_sacbnet_workflow(task="lpba", distributed=True, **common)
-    assert not (tmp_path / "out").exists()
-    resumed = tmp_path / "resumed"
-    shutil.copytree(trained[0], resumed)
-    with pytest.raises(ValueError, match=r"written for a network with channels=\[4, 8, 8, 8, 8\].*--resume False"):
-        train_sacbnet_workflow(**{**common, "output_dir": resumed}, task="lpba", channels=[4, 8, 8, 8, 16])

@@ -98,12 +98,13 @@ def test_inference_with_weights_and_instance_optimisation_then_evaluation(brains
     log = run_bundle(
         EVALUATE,
         dataset_json=brainsynth,
-        pairs="$monai_unireg.data.load_learn2reg(@dataset_json, @section)[:2]",
+        **{"dataset#data": "$monai_unireg.engines.bundle.pair_items(@dataset_json, @section)[:2]"},
         output_dir=output_dir,
         weights=stage_two[0] / "model.pt",
         io_iterations=1,
+        **SMALL_NETWORK,
     )
-    assert "loaded" in log and "instance optimisation 1/1" in log and "untrained" not in log
+    assert "Restored all variables from" in log and "instance optimisation 1/1" in log and "untrained" not in log
     pairs = load_learn2reg(brainsynth, "registration_val")[:2]
     for pair in pairs:
         field, fixed = nib.load(str(output_dir / pair_name(pair) / "ddf.nii.gz")), nib.load(pair["fixed_image"])

@@ -113,14 +113,15 @@ def test_inference_on_an_unseen_task_with_instance_optimisation(data, trained, t
     log = run_bundle(
         INFERENCE,
         dataset_json=prostate,
-        pairs="$monai_unireg.data.load_learn2reg(@dataset_json, @section)[:1]",
+        **{"dataset#data": "$monai_unireg.engines.bundle.pair_items(@dataset_json, @section)[:1]"},
         output_dir=tmp_path,
         weights=trained[0] / "model.pt",
         task="lung",
         reg_type="intra",
         io_iterations=2,
+        **SMALL_NETWORK,
     )
-    assert "loaded" in log and "working size 16x16x16, channels [4, 8, 8, 8], dynamic head" in log
+    assert f"Restored all variables from {trained[0] / 'model.pt'}" in log
     assert "untrained" not in log
     assert "task lung (nearest region chest), intra-subject; instance optimisation: 2 steps of lncc + 1 x diff" in log
     assert "instance optimisation 2/2" in log
@@ -139,7 +140,12 @@ def test_evaluation_table_per_dataset(data, entries, trained, tiny_dataset, tmp_
     """evaluate.yaml on the conformance test's tiny dataset (as abdomen, inter) and ProstateMRUS (prostate, intra)."""
     datasets = [{"json": str(tiny_dataset), "task": "abdomen", "reg_type": "inter"}, entries[1]]
     log = run_bundle(
-        EVALUATE, datasets=str(datasets), max_pairs=1, output_dir=tmp_path, weights=trained[0] / "model.pt"
+        EVALUATE,
+        datasets=str(datasets),
+        max_pairs=1,
+        output_dir=tmp_path,
+        weights=trained[0] / "model.pt",
+        **SMALL_NETWORK,
     )
     assert "ProstateMRUS: 1 registration_val pairs, task prostate (nearest region pelvis), intra-subject" in log
     for name, dataset in (("Tiny", tiny_dataset), ("ProstateMRUS", data["ProstateMRUS"])):

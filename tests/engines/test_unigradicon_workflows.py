@@ -1,5 +1,6 @@
-"""The uniGradICON bundle's workflow functions in-process: the inference network with and without weights, the
-training set-up's refusals, and one distributed (Gloo, single-process) training step."""
+"""The uniGradICON bundle's training workflow in-process: the training set-up's refusals, and one distributed
+(Gloo, single-process) training step. (The inference network is built by inference.yaml from MONAI parts, see
+tests/bundles/test_monai_tools.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from monai_unireg.engines import InstanceOptimised, build_unigradicon, load_validation_pairs, train_workflow
+from monai_unireg.engines import load_validation_pairs, train_workflow
 from monai_unireg.networks.nets import UniGradICON
 
 SMALL = {"input_size": 32, "down_channels": [4, 8, 8], "up_channels": [4, 8, 8]}
@@ -20,31 +21,6 @@ SMALL = {"input_size": 32, "down_channels": [4, 8, 8], "up_channels": [4, 8, 8]}
 @pytest.fixture()
 def brainsynth(shared_data):
     return shared_data / "BrainSynth" / "BrainSynth_dataset.json"
-
-
-def test_without_weights_the_network_is_untrained_and_says_so(caplog):
-    with caplog.at_level(logging.WARNING, logger="unigradicon"):
-        network = build_unigradicon(None, include_step2=True, **SMALL)
-    assert isinstance(network, UniGradICON) and len(network.unets) == 4
-    assert any(r.levelno == logging.WARNING and "predicts the identity map" in r.message for r in caplog.records)
-    moving, fixed = torch.rand(1, 1, 20, 24, 28), torch.rand(1, 1, 20, 24, 28)
-    with torch.no_grad():
-        assert torch.equal(network.eval()(moving, fixed), torch.zeros(1, 3, 20, 24, 28))
-
-
-def test_weights_are_loaded_with_their_own_configuration_and_wrapped_for_instance_optimisation(tmp_path):
-    torch.manual_seed(0)
-    trained = UniGradICON(include_step2=False, **SMALL)
-    torch.save({"config": trained.config, "model": trained.state_dict()}, tmp_path / "model.pt")
-    network = build_unigradicon(tmp_path / "model.pt", io_iterations=2, io_learning_rate=1e-4)
-    assert isinstance(network, InstanceOptimised) and network.iterations == 2 and network.learning_rate == 1e-4
-    assert network.network.config == trained.config  # not the published 175^3 network of the defaults
-    plain = build_unigradicon(tmp_path / "model.pt")
-    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), trained.state_dict().values()))
-    with pytest.raises(ValueError, match="io_iterations"):
-        build_unigradicon(tmp_path / "model.pt", io_iterations=-1)
-    with pytest.raises(ValueError, match="does not exist"):
-        build_unigradicon(tmp_path / "missing.pt")
 
 
 def test_training_set_up_is_checked(brainsynth, tmp_path, monkeypatch):

@@ -121,7 +121,9 @@ def _lloyd(
         centroids = torch.where(active, updated, centroids)
         _assign(x, centroids, buffer, minimum, labels)
         active &= (move > tolerance).view(batch, 1, 1)
-        if not active.any():
+        # Traced (TorchScript export), every iteration runs: a stopped entry keeps its centroids, so the result is
+        # the same for any input, without a data-dependent branch baked into the trace.
+        if not torch.jit.is_tracing() and not active.any():
             break
     return centroids, labels
 
@@ -132,7 +134,7 @@ def _kmeans_plus_plus(x: torch.Tensor, num_clusters: int, generator: torch.Gener
     rows = torch.arange(batch, device=x.device)
     sample_dtype = torch.float32 if x.device.type == "mps" else torch.float64
     # The same K draws serve every batch entry, so an entry's seeding does not depend on the rest of the batch.
-    uniform = torch.rand(num_clusters, generator=generator, device=x.device, dtype=sample_dtype)
+    uniform = _untraced_rand(num_clusters, generator, x.device, sample_dtype)
     uniform_index = (uniform * num_points).long().clamp_(max=num_points - 1)  # [K]
     centroids = x.new_empty(batch, num_clusters, channels)
     centroids[:, 0] = x[:, uniform_index[0]]
@@ -151,6 +153,19 @@ def _kmeans_plus_plus(x: torch.Tensor, num_clusters: int, generator: torch.Gener
         sampled = torch.searchsorted(cdf, (1 - uniform[k]) * total).squeeze(1)
         centroids[:, k] = x[rows, torch.where(total.squeeze(1) > 0, sampled, uniform_index[k])]
     return centroids
+
+
+def _untraced_rand(count: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.rand`` from ``generator``; under tracing drawn outside the trace, so the exported network holds these
+    seeded draws as constants (a traced ``rand`` would draw new, unseeded values at every call)."""
+    state = torch._C._get_tracing_state()
+    if state is None:
+        return torch.rand(count, generator=generator, device=device, dtype=dtype)
+    torch._C._set_tracing_state(None)
+    try:
+        return torch.rand(count, generator=generator, device=device, dtype=dtype)
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 def _assign(

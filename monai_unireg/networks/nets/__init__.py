@@ -1,6 +1,7 @@
 """Networks: registration networks (``forward(moving, fixed, **conditions) -> ddf`` ``[B, 3, D, H, W]`` in
 voxels) and the feature extractors they can use (``forward(image) -> features`` ``[B, C, D, H, W]``)."""
 
+from monai_unireg.networks.nets.pair_input import PairInput
 from monai_unireg.networks.nets.promptreg import PromptReg, PromptRegOutput, RDPNet, load_promptreg
 from monai_unireg.networks.nets.resized import ResizedRegistration
 from monai_unireg.networks.nets.sacbnet import SACBNET_CHANNELS, SACBNet, load_sacbnet
@@ -36,6 +37,7 @@ __all__ = [
     "UniRegBackbone",
     "load_unireg",
     "GradICONUNet",
+    "PairInput",
     "PromptReg",
     "PromptRegOutput",
     "RDPNet",
