@@ -34,11 +34,11 @@ MULTI_GPU_TRAIN = ["configs/train.yaml", "configs/multi_gpu_train.yaml"]
 EVALUATE = ["configs/inference.yaml", "configs/evaluate.yaml"]
 #: A network small enough for a CPU test: 32^3 working size, encoder channels 4, 8, 8, 8, 8.
 SMALL_NETWORK = {"input_size": "[32, 32, 32]", "channels": "[4, 8, 8, 8, 8]"}
-#: The paper's tasks (paper Sec. 4): working size, lambda (METHODS.md), training pairs per epoch.
+#: The paper's tasks (paper Sec. 4): working size and lambda (METHODS.md); each trains on every pair once per epoch.
 TASKS = {
-    "ixi": ([160, 192, 224], 3.0, 403),
-    "lpba": ([160, 192, 160], 1.0, 600),
-    "abdomen_ct": ([192, 160, 224], 0.4, 342),
+    "ixi": ([160, 192, 224], 3.0),
+    "lpba": ([160, 192, 160], 1.0),
+    "abdomen_ct": ([192, 160, 224], 0.3),
 }
 
 
@@ -79,9 +79,9 @@ def test_training_with_a_task_file_validates_logs_and_checkpoints(trained):
     assert "train_loss: " in log and "val_dice" in log and "Saved checkpoint at epoch: 2" in log
     state = read_checkpoint(output_dir)
     assert state["trainer"]["iteration"] == 4 and state["pairs"]["epoch"] == 1
-    assert state["pairs"]["pairs_per_dataset"] == 2
-    assert state["lr_scheduler"]["last_epoch"] == 4  # PolynomialLR stepped every iteration
-    group = state["optimizer"]["param_groups"][0]  # Adam; decayed from 1e-4 to 0 over the run's iterations
+    assert state["pairs"]["one_pass"] is True  # lpba.yaml: every training pair once per epoch (capped here)
+    assert state["lr_scheduler"]["last_epoch"] == 2  # PolynomialLR stepped every epoch, as the reference code
+    group = state["optimizer"]["param_groups"][0]  # Adam; decayed from 1e-4 to 0 over the run's epochs
     assert group["initial_lr"] == 1e-4 and group["lr"] == 0.0 and "betas" in group
     assert set(final_weights(output_dir)) == set(SACBNet((32, 32, 32), channels=[4, 8, 8, 8, 8]).state_dict())
 
@@ -231,11 +231,11 @@ def test_paper_defaults_and_task_files():
     assert {key: inference.get_parsed_content(key) for key in expected} == expected
     cuda_when_available = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert inference.get_parsed_content("device") == train.get_parsed_content("device") == cuda_when_available
-    for task, (size, lam, pairs) in TASKS.items():
+    for task, (size, lam) in TASKS.items():
         parser = parse([*TRAIN, f"configs/{task}.yaml"])
         assert parser.get_parsed_content("task") == task and parser.get_parsed_content("input_size") == size
         assert parser.get_parsed_content("lam") == lam == SACBNET_LAMBDAS[task]
-        assert parser.get_parsed_content("pairs_per_dataset") == pairs
+        assert parser.get_parsed_content("one_pass") is True
         assert parser.get_parsed_content("output_dir") == f"{BUNDLE}/models/{task}"
         assert parser.get_parsed_content("ct_window") == [-1000, 1000]
         inference = parse(["configs/inference.yaml", f"configs/{task}.yaml"])

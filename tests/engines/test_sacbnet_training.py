@@ -141,7 +141,7 @@ def test_objective_uses_labels_only_when_present_and_weighted():
 
 
 def test_objective_arguments_are_checked():
-    assert SACBNET_LAMBDAS == {"ixi": 3.0, "lpba": 1.0, "abdomen_ct": 0.4}
+    assert SACBNET_LAMBDAS == {"ixi": 3.0, "lpba": 1.0, "abdomen_ct": 0.3}
     for arguments, name in (({"lam": -1.0}, "lam"), ({"dice_weight": -0.1}, "dice_weight"), ({"window": 8}, "window")):
         with pytest.raises(ValueError, match=name):
             SACBNetObjective(**arguments)
