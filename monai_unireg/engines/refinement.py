@@ -419,7 +419,7 @@ CLI_REFINEMENT: dict[str, object] = {
     "factors": (4, 2, 1),
     "iterations": (50, 50, 30),
     "learning_rate": 0.2,
-    "smoothness": 1.0,
+    "smoothness": 3.0,
     "gradient_sigma": 1.0,
     "max_voxels": 2_000_000,
 }
