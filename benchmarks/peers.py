@@ -133,9 +133,15 @@ Method settings:
   ``cli.CT_WINDOWS["voxelopt"]``, MRI by [min, 99th percentile], to ``cli.INTENSITY_RANGES["voxelopt"]``).
 - ``voxelopt-paper``: plain ``VoxelOpt()`` (the paper's defaults: 5 levels, MIND-SSC radius 2 / dilation 2) on the
   same normalised images; on a volume too small for 5 levels (CT, 30 slices) the deepest pyramid that fits.
+- ``voxelopt-refined``: "VoxelOpt + refinement" (ours, beyond the paper): ``engines.refinement.refined_voxelopt``,
+  i.e. the register VoxelOpt at full resolution (``finest_level=0``) followed by the continuous refinement
+  ``CLI_REFINEMENT`` (multi-resolution Adam on the field), same normalised inputs; the whole network call is timed.
+- ``voxelopt-half-refined``: the same with VoxelOpt's finest optimised level at half resolution (``finest_level=1``,
+  ``CLI_VOXELOPT``), the refinement recovering the full-resolution detail.
 - ``identity``: zero field (the affine starting point), for reference.
 
-Targets (PASS/FAIL lines and the summary at the end; N/A where a contender did not run): VoxelOpt never worse than
+Targets (PASS/FAIL lines and a summary at the end for each of ``CANDIDATES`` that ran, against the same peers; N/A
+where a contender did not run): VoxelOpt never worse than
 identity on any pair; on every known-field case EPE <= ANTs SyNOnly default and <= Greedy; on every labelled case
 (the BrainSynth mean and each known-field case) mean Dice >= the best of ANTs SyNOnly default, Greedy and FireANTs;
 with ``--process``, the whole ``monai-unireg register`` process <= 0.5x the ANTs SyNOnly process and <= the Greedy

@@ -107,8 +107,7 @@ def main() -> None:
             gpu = network.to(device)(moving.to(device), fixed.to(device)).cpu()
         difference = (gpu - cpu).abs()
         print(
-            f"{name:18s} CPU vs CUDA at {small}: max |diff| {difference.max():.4f}, "
-            f"mean {difference.mean():.5f} voxel"
+            f"{name:18s} CPU vs CUDA at {small}: max |diff| {difference.max():.4f}, mean {difference.mean():.5f} voxel"
         )
 
 

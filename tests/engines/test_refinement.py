@@ -18,7 +18,7 @@ from monai_unireg.engines.refinement import (
 from monai_unireg.networks.nets import VoxelOpt
 
 SIZE = 40
-FAST = {"factors": (2, 1), "iterations": (30, 15), "learning_rate": 0.2}
+FAST = {"factors": (2, 1), "iterations": (30, 15), "learning_rate": 0.2, "gradient_sigma": 1.0}
 
 
 def quantised_object(size: int = SIZE, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,17 +59,18 @@ def endpoint_error(ddf: torch.Tensor, true_field: torch.Tensor, mask: torch.Tens
     return float((ddf - true_field).norm(dim=1)[0][mask].mean())
 
 
-@pytest.mark.parametrize("similarity", ["mind", "lncc"])
-def test_identity_pair_stays_still(similarity):
+@pytest.mark.parametrize("similarity, limit", [("nsd", 0.6), ("mind", 0.2)])
+def test_identity_pair_stays_still(similarity, limit):
+    """An 8-bit object in a flat background against itself: the zero field stays (nearly) zero. (LNCC is left out
+    on purpose: its ``eps`` makes it non-stationary at ``warped = fixed``, see ``refine_field``.)"""
     image, _ = quantised_object()
     ddf = refine_field(image, image, torch.zeros(1, 3, *image.shape[2:]), similarity=similarity, **FAST)
     norm = ddf.norm(dim=1)
     assert ddf.shape == (1, 3, SIZE, SIZE, SIZE)
-    limit = 0.1 if similarity == "mind" else 0.5  # LNCC's eps leaves it a small pull at edges
-    assert float(norm.mean()) < 0.05 and float(norm.max()) < limit
+    assert float(norm.mean()) < 0.05 and float(norm.max()) < limit  # the largest moves sit at the object's edge
 
 
-@pytest.mark.parametrize("similarity", ["mind", "lncc"])
+@pytest.mark.parametrize("similarity", ["nsd", "mind"])
 def test_known_field_is_recovered_better_than_the_voxelopt_start(known, similarity):
     before = endpoint_error(known["start"], known["true"], known["inside"])
     ddf = refine_field(known["moving"], known["fixed"], known["start"], similarity=similarity, **FAST)
@@ -86,7 +87,7 @@ def test_flat_background_stays_still(known):
 
 
 def test_bit_identical_across_runs(known):
-    settings = {**FAST, "gradient_sigma": 1.0}
+    settings = FAST
     first = refine_field(known["moving"], known["fixed"], known["start"], **settings)
     second = refine_field(known["moving"], known["fixed"], known["start"], **settings)
     assert torch.equal(first, second) and not torch.equal(first, known["start"])
@@ -139,7 +140,7 @@ def test_adam_on_field_minimises_a_quadratic():
         ({"factors": (1, 2)}, "factors"),
         ({"factors": ()}, "factors"),
         ({"factors": (2, 0)}, "factors"),
-        ({"iterations": (10, 10, 10)}, "iterations"),
+        ({"iterations": (10, 10, 10, 10)}, "iterations"),
         ({"iterations": -1}, "iterations"),
         ({"learning_rate": 0.0}, "learning_rate"),
         ({"smoothness": -1.0}, "smoothness"),
