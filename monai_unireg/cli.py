@@ -70,18 +70,28 @@ class UsageError(Exception):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _voxelopt(shape: tuple[int, ...], weights: Path | None = None, io_iterations: int = 0) -> nn.Module:
-    """VoxelOpt for any scan: the paper's settings with 5 levels (fewer for small volumes, see
-    :meth:`VoxelOpt.levels_for`) and a finer MIND-SSC than the authors' code (radius 1, dilation 1 instead of
-    2, 2; their abdomen CT setting computes MIND on the 2 mm grid and optimises from 4 mm down). Measured on
-    native-resolution scans (``benchmarks/peers.py`` pairs; the same VoxelOpt with MIND 2/2 in brackets):
-    BrainSynth 2 mm, 10 pairs, Dice 0.678 (0.660); BrainVXM2mm known field, endpoint error 0.83 mm (1.09 mm);
-    ProstateMRUS (US-MR), 5 pairs, prostate Dice 0.657 (0.598).
+def _voxelopt(
+    shape: tuple[int, ...], weights: Path | None = None, io_iterations: int = 0, refinement: bool = True
+) -> nn.Module:
+    """The training-free default. With ``refinement`` (the default; **ours, beyond the VoxelOpt paper**): VoxelOpt on
+    MIND-SSC from half resolution followed by a continuous multi-resolution Adam refinement of its field
+    (:func:`~monai_unireg.engines.refinement.refined_voxelopt`, settings ``CLI_VOXELOPT`` / ``CLI_REFINEMENT`` with
+    their measurements). ``benchmarks/peers.py`` (2 threads, same run as ANTs SyNOnly and Greedy; issue 13's note):
+    8-bit BrainVXM2mm known field Dice 0.919 / endpoint error 0.76 mm against VoxelOpt alone 0.887 / 0.83 mm; held-out
+    CT 0.903 / 1.72 mm against 0.876 / 1.66 mm; BrainSynth (4 pairs) 0.782 against 0.683.
+
+    Without (``--no-refinement``): VoxelOpt alone, the paper's settings with 5 levels (fewer for small volumes, see
+    :meth:`VoxelOpt.levels_for`) and a finer MIND-SSC than the authors' code (radius 1, dilation 1 instead of 2, 2;
+    their abdomen CT setting computes MIND on the 2 mm grid and optimises from 4 mm down).
     """
     from monai_unireg.networks.nets import VoxelOpt
 
     if weights is not None or io_iterations:
         raise ValueError("--weights and --io-iterations apply to learned methods; voxelopt needs no training.")
+    if refinement:
+        from monai_unireg.engines.refinement import refined_voxelopt
+
+        return refined_voxelopt(shape)
     return VoxelOpt(num_levels=VoxelOpt.levels_for(shape), mind_radius=1, mind_dilation=1)
 
 
@@ -153,7 +163,7 @@ METHODS: dict[str, Callable[..., nn.Module]] = {
 #: The method-specific options each method takes (by their ``argparse`` destination), and which of them it needs.
 #: Any other method-specific option given with it is refused before anything is read.
 METHOD_OPTIONS: dict[str, dict[str, frozenset[str]]] = {
-    "voxelopt": {"accepts": frozenset(), "needs": frozenset()},
+    "voxelopt": {"accepts": frozenset({"no_refinement"}), "needs": frozenset()},
     "unigradicon": {"accepts": frozenset({"weights", "io_iterations"}), "needs": frozenset({"weights"})},
     "sacbnet": {"accepts": frozenset({"weights"}), "needs": frozenset({"weights"})},
     "promptreg": {"accepts": frozenset({"weights"}), "needs": frozenset({"weights"})},
@@ -175,35 +185,16 @@ _METHOD_SPECIFIC = {
     "io_iterations": ("--io-iterations", lambda a: a.io_iterations != 0),
     "task": ("--task", lambda a: a.task is not None),
     "reg_type": ("--reg-type", lambda a: a.reg_type is not None),
+    "no_refinement": ("--no-refinement", lambda a: a.no_refinement),
 }
 
 
-def _method_windows() -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]]:
-    from monai_unireg.engines import UNIREG_CT_WINDOW, UNIREG_INTENSITY_RANGE
-    from monai_unireg.engines.unigradicon import UNIGRADICON_CT_WINDOW
+def _method_defaults(method: str) -> Any:
+    """The method's :class:`~monai_unireg.engines.defaults.MethodDefaults` (CT window, intensity range, ...): its one
+    home, shared with the bundles and the trainers."""
+    from monai_unireg.engines import METHOD_DEFAULTS
 
-    #: HU window each method's CT preprocessing uses (VoxelOpt Sec. 3.1; uniGradICON Sec. 2.1; SACB-Net Sec. 4;
-    #: PromptReg Sec. 3.1; UniReg Sec. 4.3).
-    ct_windows = {
-        "voxelopt": (-800.0, 500.0),
-        "unigradicon": UNIGRADICON_CT_WINDOW,
-        "sacbnet": (-1000.0, 1000.0),
-        "promptreg": (-1000.0, 1000.0),
-        "unireg": UNIREG_CT_WINDOW,
-    }
-    #: Range each method's images are normalised to (UniReg Sec. 4.3: [-1, 1]; the others [0, 1]).
-    ranges = {name: (0.0, 1.0) for name in METHODS}
-    ranges["unireg"] = UNIREG_INTENSITY_RANGE
-    return ct_windows, ranges
-
-
-def __getattr__(name: str) -> Any:
-    """``CT_WINDOWS`` and ``INTENSITY_RANGES`` (per method), built on first use: they come from the method modules."""
-    if name in ("CT_WINDOWS", "INTENSITY_RANGES"):
-        ct_windows, ranges = _method_windows()
-        globals().update(CT_WINDOWS=ct_windows, INTENSITY_RANGES=ranges)
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return METHOD_DEFAULTS[method]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=REGISTRATION_TYPES,
         help=f"unireg: inter (two subjects) or intra (one subject) registration (default: {DEFAULT_REG_TYPE})",
     )
+    register.add_argument(
+        "--no-refinement",
+        action="store_true",
+        help="voxelopt: the paper's VoxelOpt alone, without our continuous refinement of its field (default: refined)",
+    )
     register.add_argument("--modality", choices=MODALITIES, default="auto", help="intensity normalisation")
     _common(register)
     register.add_argument(
@@ -493,7 +489,7 @@ class _LevelProgress:
             self.stream.write(f"\r      [{bar}] level {done}/{total}, {elapsed:.1f} s{end}")
             self.stream.flush()
         else:
-            _log(f"      pyramid level {done}/{total} done ({elapsed:.1f} s)")
+            _log(f"      level {done}/{total} done ({elapsed:.1f} s)")
 
 
 def _attach_progress(network: nn.Module) -> None:
@@ -546,6 +542,8 @@ def _register(arguments: argparse.Namespace) -> dict:
     conditions = {
         name: value for name, value in (("task", arguments.task), ("reg_type", arguments.reg_type)) if value is not None
     }
+    if arguments.no_refinement:
+        conditions["refinement"] = False
     with _RemoveIfEmpty(arguments.out, _prepare_out(arguments.out)):
         return _register_into(arguments, conditions)
 
@@ -553,7 +551,7 @@ def _register(arguments: argparse.Namespace) -> dict:
 def _register_into(arguments: argparse.Namespace, conditions: dict[str, str]) -> dict:
     from monai_unireg.engines.pair_registration import register_files, volume_shape
 
-    ct_windows, ranges = _method_windows()
+    defaults = _method_defaults(arguments.method)
     start = time.perf_counter()
     network = METHODS[arguments.method](
         volume_shape(arguments.fixed, "--fixed"), arguments.weights, arguments.io_iterations, **conditions
@@ -570,9 +568,9 @@ def _register_into(arguments: argparse.Namespace, conditions: dict[str, str]) ->
         modality=arguments.modality,
         device=arguments.device,
         labels=arguments.labels,
-        ct_window=ct_windows[arguments.method],
+        ct_window=defaults.ct_window,
         log=_log,
-        intensity_range=ranges[arguments.method],
+        intensity_range=defaults.intensity_range,
         metrics=not arguments.no_metrics,
         overview=not arguments.no_overview,
     )
