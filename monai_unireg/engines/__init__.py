@@ -2,6 +2,9 @@
 shared by the learned methods, their objectives, fine-tuning and instance optimisation; the workflows of the
 uniGradICON, SACB-Net, PromptReg and UniReg bundles and the pieces they share (``workflows``)."""
 
+# submodules the bundle configs name as attributes ($monai_unireg.engines.bundle.X)
+from monai_unireg.engines import bundle as bundle
+from monai_unireg.engines import refinement as refinement
 from monai_unireg.engines.defaults import VOXELOPT_DEFAULTS, MethodDefaults
 from monai_unireg.engines.instance_optimisation import FieldOptimised, optimise_field
 from monai_unireg.engines.pair_registration import (
