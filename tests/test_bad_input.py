@@ -80,3 +80,25 @@ def test_command_refuses_a_constant_image_before_registering(tmp_path, capsys, s
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{side} image" in err[0] and f"{side}.nii.gz" in err[0] and "constant" in err[0]
     assert not any(out.glob("*.nii.gz"))
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (["--dataset_jsn", "x.json"], "--dataset_jsn is not a key of the bundle's configs"),
+        (["--num_levels", "five"], "num_levels must be a whole number >= 1, got 'five'"),
+    ],
+    ids=["misspelt-key", "word-for-a-number"],
+)
+def test_bundle_names_the_config_key_of_a_bad_override(override, expected):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "voxelopt"
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
+        "--meta_file", "configs/metadata.json", *override,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=bundle)
+    assert result.returncode != 0 and f"ValueError: {expected}" in result.stderr

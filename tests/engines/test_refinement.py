@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import phantoms
 import pytest
 import torch
 
@@ -22,15 +23,7 @@ FAST = {"factors": (2, 1), "iterations": (30, 15), "learning_rate": 0.2, "gradie
 
 
 def quantised_object(size: int = SIZE, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """An 8-bit textured ball ``[1, 1, size^3]`` in an exactly flat (zero) background, and its mask ``[size^3]``."""
-    generator = torch.Generator().manual_seed(seed)
-    axis = torch.linspace(-1, 1, size)
-    radius = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).norm(dim=0)
-    inside = radius < 0.6
-    coarse = torch.rand(1, 1, 10, 10, 10, generator=generator)
-    texture = torch.nn.functional.interpolate(coarse, size=(size,) * 3, mode="trilinear", align_corners=True)
-    image = torch.where(inside, 0.2 + 0.8 * texture, torch.zeros(()))
-    return torch.round(image * 255) / 255, inside
+    return phantoms.quantised_object(size, seed, texture_cells=10)
 
 
 def known_pair(size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

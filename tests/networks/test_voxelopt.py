@@ -9,6 +9,7 @@ import sys
 import nibabel as nib
 import pytest
 import torch
+from phantoms import quantised_object
 
 from monai_unireg import spatial
 from monai_unireg.metrics import LabelDiceMetric
@@ -242,18 +243,6 @@ def test_tied_offsets_are_averaged():
     expected = torch.tensor([[0, 0, 0], [0, 0, 0], [-1, 0, 1], [0.5, -0.5, 1], [0, 0, 0.5]])
     torch.testing.assert_close(field, expected, atol=0, rtol=0)
     assert torch.equal(tied_argmin_field(cost[2:3], 0.0, offsets), offsets[5:6])
-
-
-def quantised_object(size: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """An 8-bit-quantised textured ball ``[1, 1, size^3]`` in an exactly flat (zero) background, and its mask."""
-    generator = torch.Generator().manual_seed(seed)
-    axis = torch.linspace(-1, 1, size)
-    radius = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).norm(dim=0)
-    inside = radius < 0.6
-    coarse = torch.rand(1, 1, 12, 12, 12, generator=generator)
-    texture = torch.nn.functional.interpolate(coarse, size=(size,) * 3, mode="trilinear", align_corners=True)
-    image = torch.where(inside, 0.2 + 0.8 * texture, torch.zeros(()))
-    return torch.round(image * 255) / 255, inside
 
 
 def test_identity_pair_with_flat_background_and_8_bit_intensities_stays_still():
