@@ -375,7 +375,8 @@ def train_workflow(
     task_aliases: Mapping[str, str] | None = None,
     channels: Sequence[int] = UNIREG_CHANNELS,
     dynamic_head: bool = True,
-    feature_extractor: str | None = None,
+    feature_extractor: str | nn.Module | None = None,
+    extractor_channels: int | None = None,
     ct_window: Sequence[float] = UNIREG_CT_WINDOW,
     init_weights: str | os.PathLike | None = None,
     validation_section: str = "registration_val",
@@ -433,7 +434,10 @@ def train_workflow(
         task_aliases: unseen anatomy -> region of a new network (``None``: the defaults).
         channels: encoder channels of a new network.
         dynamic_head: ``False``: a new network with one static head (the paper's Table 6 ablation).
-        feature_extractor: ``None`` (images only) or ``"mind"`` for a new network.
+        feature_extractor: ``None`` (images only), ``"mind"``, or an ``nn.Module`` ``[B, 1, *S] -> [B, C_f, *S']``
+            (e.g. a user's pretrained encoder standing in for the paper's SAM; kept frozen): for a new network, and
+            a module again when fine-tuning a network trained with one.
+        extractor_channels: ``C_f`` of a module ``feature_extractor``.
         ct_window: HU window of CT images (paper: [-800, 400]).
         init_weights: a ``model.pt`` to fine-tune.
         validation_section: the section of each json validated after every epoch.
@@ -464,9 +468,11 @@ def train_workflow(
     check_option(optimizer, "optimizer", UNIREG_OPTIMIZERS)
     check_positive(dice_weight, "dice_weight", allow_zero=True)
     if init_weights is None:
-        network = _new_network(input_size, tasks, task_aliases, channels, dynamic_head, feature_extractor, None, seed)
+        network = _new_network(
+            input_size, tasks, task_aliases, channels, dynamic_head, feature_extractor, extractor_channels, seed
+        )
     else:
-        network = load_unireg(init_weights)
+        network = load_unireg(init_weights, feature_extractor if isinstance(feature_extractor, nn.Module) else None)
     entries = dataset_entries(datasets, network)
     priors = {entry.region: _task_lambda(entry.region, lambdas) for entry in entries}
     supervised = _supervised_regions(network, supervised_tasks, entries)

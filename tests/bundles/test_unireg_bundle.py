@@ -354,3 +354,26 @@ def test_the_evaluation_is_checked(data, tmp_path):
     with pytest.raises(ValueError, match="io_iterations"):
         evaluate_unireg(network, [brain], tmp_path, io_iterations=-1)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_feature_module_of_the_users_is_chosen_in_the_yaml(data, entries, tmp_path):
+    """--feature_extractor names any module (here MIND-SSC built by a config expression, standing in for the paper's
+    SAM); the trained model.pt records it and inference with the same module loads every key."""
+    module = {"feature_extractor": "$monai_unireg.losses.MINDSSC(radius=1, dilation=1)", "extractor_channels": 12}
+    output_dir = tmp_path / "train"
+    run_bundle(TRAIN, **train_overrides(entries, output_dir, max_validation_pairs=0), **module)
+    config = read_checkpoint(output_dir)["config"]
+    assert config["feature_extractor"] == "module" and config["extractor_channels"] == 12 and config["correlation"]
+    prostate = data["ProstateMRUS"]
+    log = run_bundle(
+        INFERENCE,
+        dataset_json=prostate,
+        **{"dataset#data": "$monai_unireg.engines.bundle.pair_items(@dataset_json, @section)[:1]"},
+        output_dir=tmp_path / "inference",
+        weights=output_dir / "model.pt",
+        task="pelvis",
+        reg_type="intra",
+        **SMALL_NETWORK,
+        **module,
+    )
+    assert f"Restored all variables from {output_dir / 'model.pt'}" in log
