@@ -126,11 +126,11 @@ Method settings:
   ITK's global thread pool instead.
 - ``convexadam``: ``convex_adam_pt`` with the package's MIND defaults (MIND r1 d2, grid 6, search 4, lambda 1.25,
   80 Adam iterations at grid 2, inverse consistency), float32 on the CPU.
-- ``voxelopt``: VoxelOpt exactly as ``monai-unireg register`` builds and feeds it: the network from
-  ``monai_unireg.cli.METHODS["voxelopt"]`` for the fixed grid's shape (whatever that currently is: today the
-  paper's defaults with Eq. 6's sigma mapping, pyramid depth from ``VoxelOpt.levels_for``, MIND radius 1 /
-  dilation 1), on images normalised as ``register`` does (``detect_modality``: CT by the HU window
-  ``cli.CT_WINDOWS["voxelopt"]``, MRI by [min, 99th percentile], to ``cli.INTENSITY_RANGES["voxelopt"]``).
+- ``voxelopt``: the network exactly as ``monai-unireg register`` builds and feeds it: the network from
+  ``monai_unireg.cli.METHODS["voxelopt"]`` for the fixed grid's shape (whatever that currently is: today VoxelOpt
+  from half resolution + refinement, the ``voxelopt-half-refined`` network), on images normalised as ``register``
+  does (``detect_modality``: CT by ``METHOD_DEFAULTS["voxelopt"].ct_window``, MRI by [min, 99th percentile], to its
+  ``intensity_range``).
 - ``voxelopt-paper``: plain ``VoxelOpt()`` (the paper's defaults: 5 levels, MIND-SSC radius 2 / dilation 2) on the
   same normalised images; on a volume too small for 5 levels (CT, 30 slices) the deepest pyramid that fits.
 - ``voxelopt-refined``: "VoxelOpt + refinement" (ours, beyond the paper): ``engines.refinement.refined_voxelopt``,
@@ -338,15 +338,15 @@ def run_identity(fixed_path: Path, moving_path: Path, workdir: Path, meter: Mete
 
 def _normalised_pair(fixed_path: Path, moving_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The pair normalised as ``monai-unireg register`` normalises it for VoxelOpt (modality detected per image)."""
-    from monai_unireg.cli import CT_WINDOWS, INTENSITY_RANGES
+    from monai_unireg.engines import METHOD_DEFAULTS
     from monai_unireg.engines.pair_registration import detect_modality, normalise_intensity
+
+    defaults = METHOD_DEFAULTS["voxelopt"]
 
     images = []
     for path in (fixed_path, moving_path):
         image = _image_tensor(path)
-        images.append(
-            normalise_intensity(image, detect_modality(image), CT_WINDOWS["voxelopt"], INTENSITY_RANGES["voxelopt"])
-        )
+        images.append(normalise_intensity(image, detect_modality(image), defaults.ct_window, defaults.intensity_range))
     return images[0], images[1]
 
 
@@ -955,17 +955,19 @@ registration.save_moved_images(registration.evaluate(f, m), out + "/warped.nii.g
 REFINED_PROCESS = """
 import sys
 from pathlib import Path
-from monai_unireg.cli import CT_WINDOWS, INTENSITY_RANGES, _log
-from monai_unireg.engines import register_files
+from monai_unireg.cli import _log
+from monai_unireg.engines import METHOD_DEFAULTS, register_files
 from monai_unireg.engines.refinement import CLI_VOXELOPT, refined_voxelopt
 fixed, moving, out, finest = sys.argv[1:5]
 voxelopt = {**CLI_VOXELOPT, "finest_level": int(finest)}
 register_files(lambda shape: refined_voxelopt(shape, voxelopt=voxelopt), Path(fixed), Path(moving), Path(out),
-               device="cpu", ct_window=CT_WINDOWS["voxelopt"], intensity_range=INTENSITY_RANGES["voxelopt"], log=_log)
+               device="cpu", ct_window=METHOD_DEFAULTS["voxelopt"].ct_window,
+               intensity_range=METHOD_DEFAULTS["voxelopt"].intensity_range, log=_log)
 """
-#: Tools ``--process`` can time (those of them in ``--methods`` are timed). "VoxelOpt + refinement" is not (yet) a
-#: ``register`` option: its process is ``REFINED_PROCESS``, a ``python -c`` doing what ``monai-unireg register``
-#: does (``cli._register``: ``register_files`` with VoxelOpt's CT window and intensity range) with the refined network.
+#: Tools ``--process`` can time (those of them in ``--methods`` are timed). ``voxelopt`` is ``monai-unireg register``
+#: itself (today VoxelOpt from half resolution + refinement, the same network as ``voxelopt-half-refined``); the
+#: refined variants' process is ``REFINED_PROCESS``, a ``python -c`` doing what ``register`` does (``register_files``
+#: with VoxelOpt's CT window and intensity range) with the chosen start.
 PROCESS_TOOLS = ("voxelopt", "voxelopt-refined", "voxelopt-half-refined", BASELINE, GREEDY, FIREANTS)
 
 
