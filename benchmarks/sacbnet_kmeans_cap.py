@@ -24,23 +24,26 @@ import torch
 
 from monai_unireg.data import load_learn2reg
 from monai_unireg.engines import read_pair
-from monai_unireg.networks.blocks import kmeans
 from monai_unireg.networks.nets import SACBNet, load_sacbnet
 from monai_unireg.transforms import MRIPercentile
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
-def _iterations_to_converge(points: torch.Tensor, block, cap: int) -> int:
-    """Smallest iteration cap (doubling search up to ``cap``) at which K-Means returns its converged labels."""
-    reference, _ = kmeans(points, block.num_clusters, cap, block.kmeans_tolerance, block.seed)
+def _cluster(block, projected: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The block's own clustering (:meth:`SpatialAwareConvBlock.cluster`) with another iteration cap."""
+    capped = copy.copy(block)
+    capped.kmeans_iterations = iterations
+    return capped.cluster(projected)[0]
+
+
+def _iterations_to_converge(block, projected: torch.Tensor, cap: int) -> int:
+    """Smallest power-of-two iteration cap (up to ``cap``) at which K-Means returns its labels at ``cap``."""
+    reference = _cluster(block, projected, cap)
     iterations = 1
-    while iterations < cap:
-        labels, _ = kmeans(points, block.num_clusters, iterations, block.kmeans_tolerance, block.seed)
-        if torch.equal(labels, reference):
-            return iterations
+    while iterations < cap and not torch.equal(_cluster(block, projected, iterations), reference):
         iterations *= 2
-    return cap
+    return min(iterations, cap)
 
 
 def main() -> None:
@@ -80,13 +83,12 @@ def main() -> None:
         for level, inputs in captured.items():
             block = network.sacbs[level]
             for features in inputs:
-                projected = block.project(features)
-                patch = torch.nn.functional.avg_pool3d(torch.nn.functional.pad(projected, (1,) * 6), 3, stride=1)
-                points = patch.flatten(2).transpose(1, 2)
-                capped, _ = kmeans(points, block.num_clusters, block.kmeans_iterations, block.kmeans_tolerance, 0)
-                full, _ = kmeans(points, block.num_clusters, args.converged, block.kmeans_tolerance, 0)
+                with torch.no_grad():
+                    projected = block.project(features)
+                capped = _cluster(block, projected, block.kmeans_iterations)
+                full = _cluster(block, projected, args.converged)
                 changed[level].append(float((capped != full).float().mean()))
-                needed[level] = max(needed[level], _iterations_to_converge(points, block, args.converged))
+                needed[level] = max(needed[level], _iterations_to_converge(block, projected, args.converged))
     kind = f"trained ({args.weights})" if args.weights else "UNTRAINED (random projections)"
     print(f"SACB-Net K-Means cap {network.sacbs[1].kmeans_iterations} vs {args.converged}, {kind} network,")
     print(f"{len(pairs)} BrainSynth pairs, {time.perf_counter() - start:.0f} s, load {os.getloadavg()[0]:.1f}")

@@ -135,11 +135,7 @@ def _resolve(json_path: Path, relative: Any, where: str) -> str:
     """Absolute path of a JSON path given relative to the dataset folder; it must be a readable image file."""
     if not isinstance(relative, str):
         raise ValueError(f"{where} of {json_path} must be a path string, got {relative!r}.")
-    path = (json_path.parent / relative).resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"{where} of {json_path} names {relative!r}, but {path} does not exist.")
-    check_image_file(path, f"{where} of {json_path}")
-    return str(path)
+    return str(check_image_file((json_path.parent / relative).resolve(), f"{where} of {json_path}"))
 
 
 def _require(mapping: dict[str, Any], key: str, json_path: Path, where: str = "the top level") -> Any:

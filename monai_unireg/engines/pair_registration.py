@@ -31,7 +31,7 @@ from monai_unireg import io, spatial
 from monai_unireg.data import pair_name
 from monai_unireg.metrics import HD95Metric, JacobianMetric, LabelDiceMetric
 from monai_unireg.spatial import spacing_from_affine
-from monai_unireg.transforms import CTWindow, MRIPercentile, detect_modality
+from monai_unireg.transforms import detect_modality, modality_normaliser
 from monai_unireg.validation import check_informative_image, check_labels, check_option
 
 __all__ = [
@@ -277,13 +277,7 @@ def normalise_intensity(
         ct_window: ``(a_min, a_max)`` HU window (VoxelOpt: [-800, 500]).
         output_range: ``(b_min, b_max)`` the window or percentile range is mapped to ([0, 1]; UniReg [-1, 1]).
     """
-    check_option(modality, "modality", ("ct", "mri"))
-    low, high = output_range
-    if modality == "ct":
-        transform = CTWindow(a_min=ct_window[0], a_max=ct_window[1], b_min=low, b_max=high)
-    else:
-        transform = MRIPercentile(b_min=low, b_max=high)
-    return torch.as_tensor(transform(image[0]))[None]
+    return torch.as_tensor(modality_normaliser(modality, ct_window, output_range)(image[0]))[None]
 
 
 def register_pair(

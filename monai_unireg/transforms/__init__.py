@@ -9,6 +9,7 @@ from monai_unireg.transforms.intensity import (
     MRIPercentiled,
     RegistrationIntensityd,
     detect_modality,
+    modality_normaliser,
 )
 from monai_unireg.transforms.pair import (
     DDF,
@@ -32,6 +33,7 @@ __all__ = [
     "AUTO_CT_THRESHOLD_HU",
     "RegistrationIntensityd",
     "detect_modality",
+    "modality_normaliser",
     "CT_WINDOW_PRESETS",
     "CTWindow",
     "CTWindowd",

@@ -7,7 +7,7 @@ the result is a tensor (a ``MetaTensor`` when metadata tracking is on), ``float3
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ __all__ = [
     "MRIPercentiled",
     "AUTO_CT_THRESHOLD_HU",
     "detect_modality",
+    "modality_normaliser",
     "RegistrationIntensityd",
 ]
 
@@ -252,6 +253,18 @@ def detect_modality(image: torch.Tensor) -> str:
     return "ct" if float(torch.quantile(sample, 0.01)) < AUTO_CT_THRESHOLD_HU else "mri"
 
 
+def modality_normaliser(
+    modality: str, ct_window: Sequence[float] = (-800.0, 500.0), output_range: Sequence[float] = (0.0, 1.0)
+) -> Transform:
+    """The normalisation of one modality to ``output_range``: CT by the HU window ``ct_window`` (:class:`CTWindow`),
+    MRI by [min, 99th percentile] (:class:`MRIPercentile`); shared by the command line and the bundles."""
+    check_option(modality, "modality", ("ct", "mri"))
+    low, high = (float(v) for v in output_range)
+    if modality == "ct":
+        return CTWindow(a_min=float(ct_window[0]), a_max=float(ct_window[1]), b_min=low, b_max=high)
+    return MRIPercentile(b_min=low, b_max=high)
+
+
 class RegistrationIntensityd(MapTransform):
     """The intensity normalisation of the registration bundles: each image under ``keys`` to ``output_range``, CT
     by the HU window ``ct_window`` (:class:`CTWindow`), MRI by [min, 99th percentile] (:class:`MRIPercentile`).
@@ -280,11 +293,7 @@ class RegistrationIntensityd(MapTransform):
         self.modality = check_option(modality, "modality", ("auto", "ct", "mri"))
         if len(ct_window) != 2 or len(output_range) != 2:
             raise ValueError(f"ct_window and output_range must be 2 values each, got {ct_window!r}, {output_range!r}.")
-        low, high = (float(v) for v in output_range)
-        self.transforms = {
-            "ct": CTWindow(a_min=float(ct_window[0]), a_max=float(ct_window[1]), b_min=low, b_max=high),
-            "mri": MRIPercentile(b_min=low, b_max=high),
-        }
+        self.transforms = {name: modality_normaliser(name, ct_window, output_range) for name in ("ct", "mri")}
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
