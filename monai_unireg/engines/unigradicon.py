@@ -300,8 +300,9 @@ def _load(network: UniGradICON, path: str | os.PathLike, key: str) -> None:
         load_unigradicon_weights(network, path)
     except ValueError as error:
         config = {name: network.config[name] for name in ("down_channels", "up_channels")}
+        text = " ".join(line.strip() for line in str(error).splitlines()).rstrip(". ")
         raise ValueError(
-            f"{key}: {error}. The network has {len(network.unets)} UNets and {config}; a 4-UNet file (e.g. the "
+            f"{key}: {text}; the network has {len(network.unets)} UNets and {config}: a 4-UNet file (e.g. the "
             "released Step_2_final.trch) needs --stage 2, and --down_channels / --up_channels must be the file's."
         ) from None
 
