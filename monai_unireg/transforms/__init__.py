@@ -25,6 +25,7 @@ from monai_unireg.transforms.pair import (
     ResizeDDF,
     ResizePaird,
     RestoreDDFd,
+    DDFToGridd,
     WarpImaged,
     WarpLabeld,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "ResizeDDF",
     "ResizePaird",
     "RestoreDDFd",
+    "DDFToGridd",
     "WarpImaged",
     "WarpLabeld",
 ]
