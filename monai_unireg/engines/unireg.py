@@ -794,7 +794,9 @@ class UniRegTable:
         for entry in self.entries:
             prefix = f"{entry.name}/"
             mine = [{**row, "pair": row["pair"][len(prefix) :]} for row in rows if row["pair"].startswith(prefix)]
-            write_table(mine, self.output_dir / entry.name / "metrics.csv", self.output_dir / entry.name / "summary.json")
+            write_table(
+                mine, self.output_dir / entry.name / "metrics.csv", self.output_dir / entry.name / "summary.json"
+            )
             result = {
                 "task": entry.task,
                 "region": entry.region,

@@ -22,10 +22,10 @@ from monai_unireg.transforms.pair import (
     WARPED_IMAGE,
     WARPED_LABEL,
     CheckPaird,
+    DDFToGridd,
     ResizeDDF,
     ResizePaird,
     RestoreDDFd,
-    DDFToGridd,
     WarpImaged,
     WarpLabeld,
 )

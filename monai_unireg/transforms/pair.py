@@ -403,7 +403,9 @@ class DDFToGridd(MapTransform):
         grid, reference = d.get(self.grid_key), d.get(self.ref_key)
         for key, value in ((self.grid_key, grid), (self.ref_key, reference)):
             if not isinstance(value, MetaTensor):
-                raise ValueError(f"DDFToGridd needs data[{key!r}] as a MetaTensor (its affine), got {type(value).__name__}.")
+                raise ValueError(
+                    f"DDFToGridd needs data[{key!r}] as a MetaTensor (its affine), got {type(value).__name__}."
+                )
         for key in self.key_iterator(d):
             ddf = _check_ddf(d[key], key)
             out = ddf_to_grid(
