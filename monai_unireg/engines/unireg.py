@@ -7,6 +7,12 @@ anatomical knowledge"); NCC similarity and diffusion regulariser (the losses the
 tasks sampled uniformly (one dataset per task, the same number of pairs from each per epoch); SGD with momentum
 0.99 at a learning rate of 5e-5 (Adam as an option); batch 1; CT clipped to HU [-800, 400] and mapped to [-1, 1].
 The loop is :func:`~monai_unireg.engines.train_registration`.
+
+The pieces of the bundle's MONAI configs (``bundles/unireg``) are here too: each pair's condition
+(:class:`UniRegConditiond`, :func:`prepare_unireg_batch`, :func:`prepare_conditioned_batch`), the objective of the
+datasets (:func:`unireg_objective`), their validation and evaluation pairs (:func:`unireg_pairs`,
+:class:`EvaluationLabelsd`), the network with one condition (:func:`unireg_registration`, for ``inference.yaml`` and
+``monai-unireg register``) or each pair's (:class:`UniRegRegistration`), and the paper's Table 2 (:class:`UniRegTable`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch.nn as nn
 from monai.transforms import Transform
 
 from monai_unireg import io, spatial
-from monai_unireg.data import PairSampler, load_learn2reg, read_learn2reg
+from monai_unireg.data import PairSampler, load_learn2reg, pair_name, read_learn2reg
 from monai_unireg.engines.bundle import gather_rows, prepare_pair_batch
 from monai_unireg.engines.defaults import MethodDefaults
 from monai_unireg.engines.instance_optimisation import FieldOptimised
@@ -43,7 +49,7 @@ from monai_unireg.engines.workflows import write_result_table
 from monai_unireg.losses import LNCCLoss, MINDSSCLoss, diffusion_regularisation, soft_dice_loss
 from monai_unireg.networks.nets import ResizedRegistration
 from monai_unireg.networks.nets.unireg import REGISTRATION_TYPES, UniReg, load_unireg
-from monai_unireg.validation import check_integer, check_option, check_positive
+from monai_unireg.validation import check_integer, check_option, check_positive, plain_tensor
 
 __all__ = [
     "DEFAULT_LAMBDAS",
@@ -626,8 +632,6 @@ def unireg_pairs(
     Raises:
         ValueError: a bad dataset entry, a bad ``max_pairs``, or (evaluation) a dataset without pairs.
     """
-    from monai_unireg.data import pair_name
-
     if max_pairs is not None:
         check_integer(max_pairs, "max_validation_pairs" if labelled else "max_pairs", 0 if labelled else 1)
     items: list[dict[str, Any]] = []
@@ -657,8 +661,6 @@ def validation_label_values(pairs: Sequence[Mapping[str, Any]]) -> list[int] | N
 
 
 def _to(value: Any, device: torch.device | str | None, non_blocking: bool) -> torch.Tensor:
-    from monai_unireg.validation import plain_tensor
-
     return plain_tensor(torch.as_tensor(value)).to(device=device, non_blocking=non_blocking)
 
 

@@ -25,6 +25,7 @@ from bundle_runner import BundleRunner, read_checkpoint
 from monai_unireg import io
 from monai_unireg.data import load_learn2reg, pair_name
 from monai_unireg.engines import unireg_objective, unireg_registration
+from monai_unireg.engines.bundle import NetworkConfig
 from monai_unireg.engines.instance_optimisation import FieldOptimised
 from monai_unireg.engines.unireg import dataset_entries
 from monai_unireg.networks.nets import PromptReg, ResizedRegistration, UniReg, load_unireg
@@ -131,9 +132,10 @@ def test_resume_after_a_kill_is_bit_exact(entries, trained, tmp_path):
     resumed, uninterrupted = final_weights(output_dir), final_weights(trained[0])
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
-    # resuming with other network settings is refused, naming them
-    log = run_bundle(TRAIN, succeed=False, **{**overrides, "epochs": 3, "dynamic_head": False})
-    assert "written for a network with dynamic_head=True (now False)" in log and "--resume False" in log
+    # resuming with other network settings is refused, naming them (the checkpoint's first entry, NetworkConfig)
+    static = NetworkConfig(UniReg((16, 16, 16), channels=(4, 8, 8, 8), dynamic_head=False))
+    with pytest.raises(ValueError, match=r"written for a network with dynamic_head=True \(now False\).*--resume False"):
+        static.load_state_dict(read_checkpoint(output_dir)["config"])
 
 
 def test_swapping_the_optimiser_a_transform_and_a_handler_with_a_static_head_and_a_feature_module(data, tmp_path):
