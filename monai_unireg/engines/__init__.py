@@ -1,6 +1,7 @@
 """Engines: end-to-end registration of image files (used by the command line and the bundles); the training loop
-shared by the learned methods, their objectives, fine-tuning and instance optimisation; the workflows of the
-uniGradICON, SACB-Net, PromptReg and UniReg bundles and the pieces they share (``workflows``)."""
+shared by the learned methods, their objectives, fine-tuning and instance optimisation; the pieces the bundles'
+configs wire into MONAI's engines (``bundle``), and the workflows of the PromptReg and UniReg bundles and the pieces
+they share (``workflows``)."""
 
 # submodules the bundle configs name as attributes ($monai_unireg.engines.bundle.X)
 from monai_unireg.engines import bundle as bundle
@@ -46,11 +47,13 @@ from monai_unireg.engines.unigradicon import (
     GradICONObjective,
     InstanceOptimised,
     RandomPairAugmentation,
+    RandomPairAugmentationd,
+    StartingWeights,
+    check_starting_weights,
     instance_optimise,
     stage_two_from_stage_one,
     train_unigradicon,
 )
-from monai_unireg.engines.unigradicon_workflows import train_workflow
 from monai_unireg.engines.unireg import (
     UNIREG_CT_WINDOW,
     UNIREG_DEFAULTS,
@@ -133,10 +136,12 @@ __all__ = [
     "GradICONObjective",
     "InstanceOptimised",
     "RandomPairAugmentation",
+    "RandomPairAugmentationd",
+    "StartingWeights",
+    "check_starting_weights",
     "instance_optimise",
     "stage_two_from_stage_one",
     "train_unigradicon",
-    "train_workflow",
     "DistributedRun",
     "check_datasets",
     "check_resumable",

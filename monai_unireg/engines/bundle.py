@@ -18,6 +18,7 @@ and for training with ``SupervisedTrainer``:
 - :class:`EpochPairs`: sets the epoch of an :class:`~monai_unireg.data.EpochPairDataset` as each epoch starts, and
   saves/restores the sampler (a ``CheckpointSaver`` / ``CheckpointLoader`` ``save_dict`` entry);
 - :class:`RandomState`: the Python, NumPy and torch random states as a ``save_dict`` entry (bit-exact resume);
+- :class:`TransformRandomState`: the random states of a ``Compose``'s random transforms, likewise;
 - :class:`NetworkConfig`: a network's ``config`` as a ``save_dict`` entry (a ``model.pt`` that rebuilds its network);
 - :func:`latest_checkpoint`: the newest ``checkpoint_epoch=N.pt`` of a training folder, for resuming;
 
@@ -65,6 +66,7 @@ __all__ = [
     "RegistrationStep",
     "EpochPairs",
     "RandomState",
+    "TransformRandomState",
     "NetworkConfig",
     "gather_rows",
     "latest_checkpoint",
@@ -328,10 +330,7 @@ class RegistrationStep:
         image, pair = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
         engine.state.output = {"image": image}
         network = engine.network
-
-        def registration(moving: torch.Tensor, fixed: torch.Tensor, **conditions: Any) -> torch.Tensor:
-            return network(torch.cat([moving, fixed], dim=1), **conditions)
-
+        registration = _PairCall(network)
         network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with torch.autocast("cuda", enabled=bool(engine.amp and engine.scaler is not None)):
@@ -350,6 +349,20 @@ class RegistrationStep:
         engine.state.output.update(loss=terms.total.detach(), **{k: v.detach() for k, v in terms.parts.items()})
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI's trainer may decollate the output here
         return engine.state.output
+
+
+class _PairCall:
+    """``call(moving, fixed, **conditions) -> ddf``: the trainer's ``network`` (a
+    :class:`~monai_unireg.networks.nets.PairInput`, possibly in ``DistributedDataParallel``) fed the stacked pair and
+    any keyword conditions (e.g. UniReg's per-pair ``task`` and ``reg_type``); ``module`` is that network, for
+    objectives that read more of it than its field (uniGradICON's step fields), as a ``DistributedDataParallel``'s
+    ``module``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, moving: torch.Tensor, fixed: torch.Tensor, **conditions: Any) -> torch.Tensor:
+        return self.module(torch.cat([moving, fixed], dim=1), **conditions)
 
 
 class EpochPairs:
@@ -437,6 +450,47 @@ class RandomState:
         torch.set_rng_state(torch.as_tensor(state["torch"]).cpu())
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _randomizables(transform: Any) -> list:
+    """Every ``Randomizable`` in ``transform``, depth first through ``Compose`` (itself included)."""
+    from monai.transforms import Compose, Randomizable
+
+    found = [transform] if isinstance(transform, Randomizable) else []
+    for child in transform.transforms if isinstance(transform, Compose) else ():
+        found += _randomizables(child)
+    return found
+
+
+class TransformRandomState:
+    """The random states (``R``) of the random transforms of a ``Compose`` (e.g. ``train#preprocessing``) as one
+    ``save_dict`` entry: saved with the checkpoint and restored on resume, a random augmentation continues as in an
+    uninterrupted run (a MONAI ``DataLoader`` with ``num_workers=0`` runs the transforms in the main process; with
+    workers their seeds come from torch's generator, which :class:`RandomState` restores).
+
+    Args:
+        transform: the ``Compose`` (or one transform) whose ``Randomizable`` members are saved.
+    """
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def state_dict(self) -> dict[str, Any]:
+        states = []
+        for member in _randomizables(self.transform):
+            _, keys, position, has_gauss, cached = member.R.get_state()
+            states.append([torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)])
+        return {"states": states}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        members = _randomizables(self.transform)
+        if len(state["states"]) != len(members):
+            raise ValueError(
+                f"the checkpoint holds the random states of {len(state['states'])} random transforms, but the "
+                f"preprocessing has {len(members)}; resume with the same transforms, or --resume False."
+            )
+        for member, (keys, position, has_gauss, cached) in zip(members, state["states"]):
+            member.R.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
 
 
 _CHECKPOINT = re.compile(r"checkpoint_epoch=(\d+)\.pt$")

@@ -61,7 +61,7 @@ def test_inference_workflow_properties(method, tiny_dataset):
 
 
 #: Bundles whose train.yaml is made of MONAI parts (SupervisedTrainer & co.); the others still call a workflow.
-MONAI_TRAINING = ("sacbnet", "unireg")
+MONAI_TRAINING = ("sacbnet", "unigradicon", "unireg")
 
 
 def _training_data(method: str, dataset: Path) -> dict:

@@ -117,3 +117,23 @@ def test_registration_intensity_and_the_method_defaults():
     assert (
         METHOD_DEFAULTS["sacbnet"].working_size == (160, 192, 224) and METHOD_DEFAULTS["voxelopt"].load_weights is None
     )
+
+
+def test_validation_pairs_must_have_labels(shared_data, tmp_path):
+    import shutil
+
+    from monai_unireg.engines import load_validation_pairs
+
+    brainsynth = shared_data / "BrainSynth" / "BrainSynth_dataset.json"
+    assert len(load_validation_pairs(brainsynth, max_pairs=2)) == 2 and load_validation_pairs(None) == []
+    unlabelled = tmp_path / "imagesTr"
+    unlabelled.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(brainsynth.parent / "imagesTr" / "BrainSynth_0001_0000.nii.gz", unlabelled / f"{name}.nii.gz")
+    json_path = tmp_path / "Unlabelled_dataset.json"
+    json_path.write_text(
+        '{"name": "Unlabelled", "training": [], "numRegistration_val": 1, '
+        '"registration_val": [{"fixed": "./imagesTr/a.nii.gz", "moving": "./imagesTr/b.nii.gz"}]}'
+    )
+    with pytest.raises(ValueError, match="validation_json .* lacks a label map"):
+        load_validation_pairs(json_path)
