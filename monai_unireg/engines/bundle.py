@@ -19,6 +19,7 @@ and for training with ``SupervisedTrainer``:
   saves/restores the sampler (a ``CheckpointSaver`` / ``CheckpointLoader`` ``save_dict`` entry);
 - :class:`RandomState`: the Python, NumPy and torch random states as a ``save_dict`` entry (bit-exact resume);
 - :class:`TransformRandomState`: the random states of a ``Compose``'s random transforms, likewise;
+- :class:`NetworkConfig`: a network's ``config`` as a ``save_dict`` entry (a ``model.pt`` that rebuilds its network);
 - :func:`latest_checkpoint`: the newest ``checkpoint_epoch=N.pt`` of a training folder, for resuming;
 
 and :func:`check_overrides` / :func:`check_settings`, the configs' ``initialize`` checks: a misspelt command-line
@@ -66,6 +67,8 @@ __all__ = [
     "EpochPairs",
     "RandomState",
     "TransformRandomState",
+    "NetworkConfig",
+    "gather_rows",
     "latest_checkpoint",
     "check_overrides",
     "check_settings",
@@ -252,18 +255,32 @@ class RegistrationTable:
 
     def __call__(self, engine: Any) -> None:
         rows = getattr(engine.state, "registration_rows", None)
-        if rows is None:
-            raise ValueError("RegistrationTable needs a RegistrationWriter among the evaluator's handlers, before it.")
-        import torch.distributed as dist
+        rows = gather_rows(rows)
+        if rows is not None:
+            engine.state.registration_summary = write_table(rows, self.csv_path, self.summary_path)
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, list(rows))
-            # rank r registered the pairs r, r + world_size, ...: interleave them back into the pairs' order
-            rows = [part[k] for k in range(max(map(len, gathered))) for part in gathered if k < len(part)]
-            if dist.get_rank() != 0:
-                return
-        engine.state.registration_summary = write_table(rows, self.csv_path, self.summary_path)
+
+def gather_rows(rows: Sequence[dict] | None) -> list[dict] | None:
+    """The per-pair rows of :class:`RegistrationWriter` of every rank, in the pairs' order, on rank 0 (``None`` on
+    the other ranks); ``rows`` itself outside a ``torch.distributed`` run of several processes. In
+    ``multi_gpu_evaluate.yaml`` rank ``r`` registers the pairs ``r, r + world_size, ...`` (a ``DistributedSampler``
+    without shuffling).
+
+    Raises:
+        ValueError: ``rows`` is ``None`` (no ``RegistrationWriter`` before the table handler).
+    """
+    if rows is None:
+        raise ValueError("a table handler needs a RegistrationWriter among the evaluator's handlers, before it.")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, list(rows))
+        # rank r registered the pairs r, r + world_size, ...: interleave them back into the pairs' order
+        rows = [part[k] for k in range(max(map(len, gathered))) for part in gathered if k < len(part)]
+        if dist.get_rank() != 0:
+            return None
+    return list(rows)
 
 
 def prepare_pair_batch(
@@ -292,7 +309,8 @@ class RegistrationStep:
     ``objective(network, pair) -> LossTerms`` is the method's objective (e.g.
     :class:`~monai_unireg.engines.SACBNetObjective`), called with ``network(moving, fixed) -> ddf`` (the trainer's
     network, a :class:`~monai_unireg.networks.nets.PairInput` possibly inside ``DistributedDataParallel``, fed the
-    stacked pair) and the pair of :func:`prepare_pair_batch`. As MONAI's own iteration: the network in train mode,
+    stacked pair; keyword conditions, e.g. UniReg's ``task`` and ``reg_type``, are passed on to the network) and
+    the pair of :func:`prepare_pair_batch`. As MONAI's own iteration: the network in train mode,
     ``zero_grad``, the objective under ``torch.autocast`` with the trainer's ``amp`` (CUDA) and its grad scaler,
     backward, ``optimizer.step``, and the ``IterationEvents`` fired in order. The output is ``{"loss": total, **parts}``
     (detached scalars), what ``StatsHandler`` / ``TensorBoardStatsHandler`` log with
@@ -334,15 +352,17 @@ class RegistrationStep:
 
 
 class _PairCall:
-    """``call(moving, fixed) -> ddf``: the trainer's ``network`` (a :class:`~monai_unireg.networks.nets.PairInput`,
-    possibly in ``DistributedDataParallel``) fed the stacked pair; ``module`` is that network, for objectives that
-    read more of it than its field (uniGradICON's step fields), as a ``DistributedDataParallel``'s ``module``."""
+    """``call(moving, fixed, **conditions) -> ddf``: the trainer's ``network`` (a
+    :class:`~monai_unireg.networks.nets.PairInput`, possibly in ``DistributedDataParallel``) fed the stacked pair and
+    any keyword conditions (e.g. UniReg's per-pair ``task`` and ``reg_type``); ``module`` is that network, for
+    objectives that read more of it than its field (uniGradICON's step fields), as a ``DistributedDataParallel``'s
+    ``module``."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
-    def __call__(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        return self.module(torch.cat([moving, fixed], dim=1))
+    def __call__(self, moving: torch.Tensor, fixed: torch.Tensor, **conditions: Any) -> torch.Tensor:
+        return self.module(torch.cat([moving, fixed], dim=1), **conditions)
 
 
 class EpochPairs:
@@ -373,6 +393,36 @@ class EpochPairs:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.dataset.sampler.load_state_dict(dict(state))
+
+
+class NetworkConfig:
+    """A network's ``config`` (the settings it is built from, e.g. :class:`~monai_unireg.networks.nets.UniReg`'s) as
+    a ``save_dict`` entry: saved beside the weights, so a ``model.pt`` rebuilds its network (the method's weights
+    loader, e.g. ``monai-unireg register --weights``); loading a checkpoint of another configuration is refused.
+
+    Args:
+        network: the network (or a wrapper: ``PairInput``, ``DistributedDataParallel``) with a ``config`` dict.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        inner: Any = network
+        while inner is not None and not isinstance(getattr(inner, "config", None), dict):
+            inner = getattr(inner, "module", None) or getattr(inner, "network", None)  # DDP, PairInput
+        if inner is None:
+            raise ValueError(f"network must have a config dict (or wrap one that has), got {type(network).__name__}.")
+        self.config = inner.config
+
+    def state_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.config)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        differ = sorted(key for key in set(state) | set(self.config) if state.get(key) != self.config.get(key))
+        if differ:
+            settings = ", ".join(f"{key}={state.get(key)!r} (now {self.config.get(key)!r})" for key in differ)
+            raise ValueError(
+                f"the checkpoint was written for a network with {settings}; use the same settings, or start a new run "
+                "(--resume False, or another output_dir)."
+            )
 
 
 class RandomState:

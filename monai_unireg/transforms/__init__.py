@@ -22,6 +22,7 @@ from monai_unireg.transforms.pair import (
     WARPED_IMAGE,
     WARPED_LABEL,
     CheckPaird,
+    DDFToGridd,
     ResizeDDF,
     ResizePaird,
     RestoreDDFd,
@@ -52,6 +53,7 @@ __all__ = [
     "ResizeDDF",
     "ResizePaird",
     "RestoreDDFd",
+    "DDFToGridd",
     "WarpImaged",
     "WarpLabeld",
 ]
