@@ -61,7 +61,7 @@ def test_inference_workflow_properties(method, tiny_dataset):
 
 
 #: Bundles whose train.yaml is made of MONAI parts (SupervisedTrainer & co.); the others still call a workflow.
-MONAI_TRAINING = ("sacbnet",)
+MONAI_TRAINING = ("promptreg", "sacbnet")
 
 
 @pytest.mark.parametrize("method", MONAI_TRAINING)
