@@ -19,6 +19,8 @@ and for training with ``SupervisedTrainer``:
 - :class:`EpochPairs`: sets the epoch of an :class:`~monai_unireg.data.EpochPairDataset` as each epoch starts, and
   saves/restores the sampler (a ``CheckpointSaver`` / ``CheckpointLoader`` ``save_dict`` entry);
 - :class:`RandomState`: the Python, NumPy and torch random states as a ``save_dict`` entry (bit-exact resume);
+- :class:`NetworkConfig`: a network's constructor arguments as a ``save_dict`` entry (``model.pt`` as the weights
+  loaders read it; resuming with other settings refused);
 - :func:`latest_checkpoint`: the newest ``checkpoint_epoch=N.pt`` of a training folder, for resuming;
 
 and :func:`check_overrides` / :func:`check_settings`, the configs' ``initialize`` checks: a misspelt command-line
@@ -66,6 +68,7 @@ __all__ = [
     "RegistrationStep",
     "EpochPairs",
     "RandomState",
+    "NetworkConfig",
     "latest_checkpoint",
     "check_overrides",
     "check_settings",
@@ -411,6 +414,37 @@ class RandomState:
         torch.set_rng_state(torch.as_tensor(state["torch"]).cpu())
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class NetworkConfig:
+    """A network's ``config`` (its constructor arguments: plain numbers, strings, bools and lists) as one
+    ``CheckpointSaver`` / ``CheckpointLoader`` ``save_dict`` entry: saved next to ``model``, the file is
+    ``{"model", "config"}``, what the methods' weights loaders (e.g.
+    :func:`~monai_unireg.networks.nets.promptreg.load_promptreg`, the command line's ``--weights``) build the network
+    from; restored on resume, a checkpoint of other settings is refused, even one whose tensors fit.
+
+    Args:
+        config: the network's ``config`` (e.g. ``$@network_def.network.config``).
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        if not isinstance(config, Mapping):
+            raise ValueError(f"config must be a mapping of a network's constructor arguments, got {config!r}.")
+        self.config = copy.deepcopy(dict(config))
+
+    def state_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.config)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = dict(state)
+        if saved != self.config:
+            changed = sorted(key for key in {*saved, *self.config} if saved.get(key) != self.config.get(key))
+            written = ", ".join(f"{key}={saved.get(key)!r}" for key in changed)
+            built = ", ".join(f"{key}={self.config.get(key)!r}" for key in changed)
+            raise ValueError(
+                f"the checkpoint was written for a network with {written}, but this run builds one with {built}; "
+                "resume with the same settings, or pass --resume False (which starts over) or another output_dir."
+            )
 
 
 _CHECKPOINT = re.compile(r"checkpoint_epoch=(\d+)\.pt$")

@@ -19,7 +19,7 @@ import torch
 from bundle_runner import BundleRunner, read_checkpoint
 
 from monai_unireg.data import load_learn2reg, pair_name
-from monai_unireg.networks.nets import PromptReg
+from monai_unireg.networks.nets import PromptReg, load_promptreg
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = PROJECT_ROOT / "bundles" / "promptreg"
@@ -63,7 +63,7 @@ def train_overrides(datasets: list[Path], output_dir: Path, **overrides: object)
 
 
 def final_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    return torch.load(folder / "model.pt", map_location="cpu", weights_only=True)["model"]
 
 
 def leave_one_out(data: dict[str, Path], output_dir: Path) -> dict:
@@ -85,7 +85,7 @@ def test_leave_one_out_training_validates_zero_shot_logs_and_checkpoints(trained
     assert list((output_dir / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard is on by default
     assert "PromptReg on 2 domain(s) ['BrainSynth', 'CTTotalSeg'], one prompt each" in log
     assert "held out of training: ProstateMRUS (zero-shot); validation on 1 registration_val pairs" in log
-    assert "train_loss: " in log and log.count("Metrics -- val_dice: ") == 2  # zero-shot Dice on ProstateMRUS every epoch
+    assert "train_loss: " in log and log.count("Metrics -- val_dice: ") == 2  # zero-shot, on ProstateMRUS
     state = read_checkpoint(output_dir)
     assert state["pairs"]["datasets"] == ["BrainSynth", "CTTotalSeg"]  # the held-out dataset is not trained on
     assert state["trainer"]["iteration"] == 4
@@ -96,6 +96,9 @@ def test_leave_one_out_training_validates_zero_shot_logs_and_checkpoints(trained
     weights = final_weights(output_dir)
     assert set(weights) == set(PromptReg((32, 32, 32), num_domains=2, channels=4).state_dict())
     assert weights["prompt_generator.knowledge_base"].shape[0] == 2  # one prompt per training dataset
+    network = load_promptreg(output_dir / "model.pt")  # the command line's --weights: the network and its settings
+    assert network.config["num_domains"] == 2 and network.config["channels"] == 4 and network.use_prompt
+    assert state["config"] == network.config
 
 
 def test_resume_after_a_kill_is_bit_exact(data, trained, tmp_path):
@@ -115,6 +118,9 @@ def test_resume_after_a_kill_is_bit_exact(data, trained, tmp_path):
     resumed, uninterrupted = final_weights(output_dir), final_weights(trained[0])
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
+    other = {**overrides, "temperature": 0.5}  # a network whose tensors fit, with another setting
+    log = run_bundle(TRAIN, succeed=False, **other)
+    assert "the checkpoint was written for a network with temperature=0.1, but this run builds one with" in log
 
 
 def test_the_ablation_with_the_optimiser_a_transform_and_a_handler_swapped(data, tmp_path):
@@ -134,8 +140,8 @@ def test_the_ablation_with_the_optimiser_a_transform_and_a_handler_swapped(data,
     state = read_checkpoint(output_dir)
     assert "momentum" in state["optimizer"]["param_groups"][0] and "betas" not in state["optimizer"]["param_groups"][0]
     assert not any("prompt" in name for name in state["model"]) and not (output_dir / "tensorboard").exists()
-    assert parse(TRAIN, **overrides).get_parsed_content("output_dir") == str(output_dir)
-    transforms = parse(TRAIN, **overrides).get_parsed_content("train#preprocessing").transforms
+    swapped = {"train#preprocessing#transforms#2": {"_target_": "ScaleIntensityd", "keys": ["fixed_image"]}}
+    transforms = parse(TRAIN, **swapped).get_parsed_content("train#preprocessing").transforms
     assert type(transforms[2]).__name__ == "ScaleIntensityd"
 
 
