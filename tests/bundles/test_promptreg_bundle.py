@@ -118,9 +118,6 @@ def test_resume_after_a_kill_is_bit_exact(data, trained, tmp_path):
     resumed, uninterrupted = final_weights(output_dir), final_weights(trained[0])
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
-    other = {**overrides, "temperature": 0.5}  # a network whose tensors fit, with another setting
-    log = run_bundle(TRAIN, succeed=False, **other)
-    assert "the checkpoint was written for a network with temperature=0.1, but this run builds one with" in log
 
 
 def test_the_ablation_with_the_optimiser_a_transform_and_a_handler_swapped(data, tmp_path):

@@ -117,3 +117,19 @@ def test_registration_intensity_and_the_method_defaults():
     assert (
         METHOD_DEFAULTS["sacbnet"].working_size == (160, 192, 224) and METHOD_DEFAULTS["voxelopt"].load_weights is None
     )
+
+
+def test_network_config_entry_and_gathered_rows():
+    from monai_unireg.engines.bundle import NetworkConfig, gather_rows
+
+    config = {"input_size": [32, 32, 32], "channels": 4, "temperature": 0.1}
+    entry = NetworkConfig(config)
+    config["channels"] = 8  # a copy: later changes of the network's dict do not leak into checkpoints
+    assert entry.state_dict() == {"input_size": [32, 32, 32], "channels": 4, "temperature": 0.1}
+    entry.load_state_dict(entry.state_dict())
+    with pytest.raises(ValueError, match=r"written for a network with temperature=0.5, .* with temperature=0.1"):
+        entry.load_state_dict({**entry.state_dict(), "temperature": 0.5})
+    with pytest.raises(ValueError, match="config must be a mapping"):
+        NetworkConfig([4])
+    rows = [{"pair": "a"}, {"pair": "b"}]
+    assert gather_rows(rows) == rows  # no process group: the rows themselves
