@@ -1,10 +1,10 @@
 """Engines: end-to-end registration of image files (used by the command line and the bundles); the training loop
 shared by the learned methods, their objectives, fine-tuning and instance optimisation; the pieces the bundles'
-configs wire into MONAI's engines (``bundle``), and the workflows of the PromptReg and UniReg bundles and the pieces
-they share (``workflows``)."""
+configs wire into MONAI's engines (``bundle``) and the helpers they share (``workflows``)."""
 
 # submodules the bundle configs name as attributes ($monai_unireg.engines.bundle.X)
 from monai_unireg.engines import bundle as bundle
+from monai_unireg.engines import promptreg as promptreg
 from monai_unireg.engines import refinement as refinement
 from monai_unireg.engines.defaults import VOXELOPT_DEFAULTS, MethodDefaults
 from monai_unireg.engines.instance_optimisation import FieldOptimised, optimise_field
@@ -24,9 +24,13 @@ from monai_unireg.engines.pair_registration import (
     write_results,
     write_table,
 )
-from monai_unireg.engines.promptreg import PROMPTREG_DEFAULTS, DomainPairLoader, PromptRegObjective, train_promptreg
-from monai_unireg.engines.promptreg_workflows import evaluate_datasets
-from monai_unireg.engines.promptreg_workflows import train_workflow as train_promptreg_workflow
+from monai_unireg.engines.promptreg import (
+    PROMPTREG_DEFAULTS,
+    DatasetDiceTable,
+    DomainPairLoader,
+    PromptRegObjective,
+    train_promptreg,
+)
 from monai_unireg.engines.sacbnet import (
     SACBNET_CT_WINDOW,
     SACBNET_DEFAULTS,
@@ -121,8 +125,7 @@ __all__ = [
     "DomainPairLoader",
     "PromptRegObjective",
     "train_promptreg",
-    "evaluate_datasets",
-    "train_promptreg_workflow",
+    "DatasetDiceTable",
     "CT_WINDOW",
     "LossTerms",
     "PairLoader",

@@ -8,6 +8,7 @@ A bundle config wires MONAI parts (``LoadImaged``, ``EnsureChannelFirstd``, ``Da
 - :class:`RegistrationWriter`: an evaluator handler writing, per pair, the ITK displacement field, the warped image
   and label, ``metrics.json`` (Dice, HD95, SDlogJ, folding, runtime) and ``overview.png``;
 - :class:`RegistrationTable`: an evaluator handler writing the per-pair table and its summary after the run;
+- :func:`gather_rows`: those rows of every ``torch.distributed`` rank, in the pairs' order, on rank 0;
 - :func:`pair_items`: the data list of a Learn2Reg section or folder of pairs, each item named;
 
 and for training with ``SupervisedTrainer``:
@@ -61,6 +62,7 @@ __all__ = [
     "PyramidDepthInferer",
     "RegistrationWriter",
     "RegistrationTable",
+    "gather_rows",
     "pair_items",
     "prepare_pair_batch",
     "RegistrationStep",
@@ -159,7 +161,8 @@ class RegistrationWriter:
     displacement field, LPS mm, on the fixed image's grid and affine), ``warped.nii.gz`` (the moving image in its
     original intensities, warped), ``warped_label.nii.gz`` (with a moving label), ``metrics.json`` (SDlogJ, %
     folding, runtime and, with both labels, Dice and HD95 in mm per label) and ``overview.png``. The rows (pair
-    name + metrics) are kept in ``engine.state.registration_rows`` for :class:`RegistrationTable`.
+    name + metrics, and the item's ``"dataset"`` when it has one) are kept in ``engine.state.registration_rows`` for
+    :class:`RegistrationTable`.
 
     The pair item holds the fixed image, the moving image on the fixed grid in original intensities under
     ``original_key``, the optional labels, and its name under ``"pair"``; the network's field is the output
@@ -168,6 +171,8 @@ class RegistrationWriter:
     Args:
         output_dir: the results' folder.
         labels: label values averaged by Dice / HD95; ``None``: the non-zero values of each fixed label map.
+        dataset_labels: per dataset name (an item's ``"dataset"``), the label values of its pairs (``None``: the
+            non-zero fixed labels), used instead of ``labels`` for the items of those datasets.
         original_key: key of the moving image in original intensities (the network sees the normalised one).
         fixed_key: key of the fixed image (its affine places the field).
         log: progress output (one line per pair), e.g. ``logger.info``; ``None``: quiet.
@@ -180,9 +185,14 @@ class RegistrationWriter:
         original_key: str = "moving_original",
         fixed_key: str = "fixed_original",
         log: Any = None,
+        dataset_labels: Mapping[str, Sequence[int] | None] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.labels = None if labels is None else [check_integer(v, "labels") for v in labels]
+        self.dataset_labels = {
+            str(name): None if values is None else [check_integer(v, "dataset_labels") for v in values]
+            for name, values in (dataset_labels or {}).items()
+        }
         self.original_key, self.fixed_key = original_key, fixed_key
         self.log = log
         self._start = 0.0
@@ -231,9 +241,11 @@ class RegistrationWriter:
             None if pair.moving_label is None else spatial.warp_labels(pair.moving_label, field, padding_mode="zeros")
         )
         result = RegistrationResult(field, warped, warped_label, runtime, item.get("modality", "auto"))
-        metrics = evaluate_result(pair, result, self.labels)
+        dataset = item.get("dataset")
+        labels = self.dataset_labels[dataset] if dataset in self.dataset_labels else self.labels
+        metrics = evaluate_result(pair, result, labels)
         write_results(self.output_dir / item["pair"], pair, result, metrics)
-        return {"pair": item["pair"], **metrics}
+        return {"pair": item["pair"], **metrics, **({} if dataset is None else {"dataset": dataset})}
 
 
 class RegistrationTable:

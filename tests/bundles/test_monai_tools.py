@@ -60,8 +60,8 @@ def test_inference_workflow_properties(method, tiny_dataset):
         assert getattr(workflow, name) is not None, name
 
 
-#: Bundles whose train.yaml is made of MONAI parts (SupervisedTrainer & co.); the others still call a workflow.
-MONAI_TRAINING = ("sacbnet", "unigradicon", "unireg")
+#: Bundles that train: every train.yaml is made of MONAI parts (SupervisedTrainer & co.).
+MONAI_TRAINING = ("promptreg", "sacbnet", "unigradicon", "unireg")
 
 
 def _training_data(method: str, dataset: Path) -> dict:

@@ -137,3 +137,21 @@ def test_validation_pairs_must_have_labels(shared_data, tmp_path):
     )
     with pytest.raises(ValueError, match="validation_json .* lacks a label map"):
         load_validation_pairs(json_path)
+
+
+def test_network_config_entry_and_gathered_rows():
+    from monai_unireg.engines.bundle import NetworkConfig, gather_rows
+    from monai_unireg.networks.nets import PairInput
+
+    class Configured(torch.nn.Module):
+        config = {"input_size": [32, 32, 32], "channels": 4, "temperature": 0.1}
+
+    entry = NetworkConfig(PairInput(Configured()))  # found through the wrapper
+    assert entry.state_dict() == {"input_size": [32, 32, 32], "channels": 4, "temperature": 0.1}
+    entry.load_state_dict(entry.state_dict())
+    with pytest.raises(ValueError, match=r"written for a network with temperature=0.5 \(now 0.1\)"):
+        entry.load_state_dict({**entry.state_dict(), "temperature": 0.5})
+    with pytest.raises(ValueError, match="network must have a config dict"):
+        NetworkConfig(torch.nn.Linear(2, 2))
+    rows = [{"pair": "a"}, {"pair": "b"}]
+    assert gather_rows(rows) == rows  # no process group: the rows themselves
