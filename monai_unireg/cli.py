@@ -77,8 +77,8 @@ def _voxelopt(
     MIND-SSC from half resolution followed by a continuous multi-resolution Adam refinement of its field
     (:func:`~monai_unireg.engines.refinement.refined_voxelopt`, settings ``CLI_VOXELOPT`` / ``CLI_REFINEMENT`` with
     their measurements). ``benchmarks/peers.py`` (2 threads, same run as ANTs SyNOnly and Greedy; issue 13's note):
-    8-bit BrainVXM2mm known field Dice 0.919 / endpoint error 0.76 mm against VoxelOpt alone 0.887 / 0.83 mm; held-out
-    CT 0.903 / 1.72 mm against 0.876 / 1.66 mm; BrainSynth (4 pairs) 0.782 against 0.683.
+    8-bit BrainVXM2mm known field Dice 0.934 / endpoint error 0.47 mm against VoxelOpt alone 0.887 / 0.83 mm; CT
+    0.908 / 1.15 mm against 0.876 / 1.66 mm; BrainSynth (4 pairs) 0.761 against 0.683.
 
     Without (``--no-refinement``): VoxelOpt alone, the paper's settings with 5 levels (fewer for small volumes, see
     :meth:`VoxelOpt.levels_for`) and a finer MIND-SSC than the authors' code (radius 1, dilation 1 instead of 2, 2;

@@ -93,6 +93,7 @@ def adam_on_field(
     on_step: StepCallback | None = None,
     eps: float = 1e-8,
     schedule: Callable[[int], float] | None = None,
+    after_step: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Adam on a field: the loop shared by :func:`optimise_field` and the refinement stage
     (:func:`~monai_unireg.engines.refinement.refine_field`).
@@ -115,6 +116,8 @@ def adam_on_field(
             factor``; ``None``: constant. Adam with a constant rate does not settle: near the optimum it keeps
             stepping by about the learning rate (its steps are normalised), so a rate decayed to 0 is what lets
             the field come to rest.
+        after_step: ``after_step(field)`` after every Adam step, without gradients, free to change the field in
+            place (e.g. smooth it); ``None``: nothing.
 
     Returns:
         the optimised ``[B, n, *S]`` field (no gradient) and the loss before each step and after the last
@@ -139,6 +142,9 @@ def adam_on_field(
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate * float(schedule(step))
             optimizer.step()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step(field)
     return field.detach(), losses
 
 
