@@ -84,7 +84,7 @@ def _voxelopt(
     :meth:`VoxelOpt.levels_for`) and a finer MIND-SSC than the authors' code (radius 1, dilation 1 instead of 2, 2;
     their abdomen CT setting computes MIND on the 2 mm grid and optimises from 4 mm down).
     """
-    from monai_unireg.networks.nets import VoxelOpt
+    from monai_unireg.networks.nets.voxelopt import VoxelOpt
 
     if weights is not None or io_iterations:
         raise ValueError("--weights and --io-iterations apply to learned methods; voxelopt needs no training.")
@@ -192,9 +192,9 @@ _METHOD_SPECIFIC = {
 def _method_defaults(method: str) -> Any:
     """The method's :class:`~monai_unireg.engines.defaults.MethodDefaults` (CT window, intensity range, ...): its one
     home, shared with the bundles and the trainers."""
-    from monai_unireg.engines import METHOD_DEFAULTS
+    from monai_unireg.engines import method_defaults
 
-    return METHOD_DEFAULTS[method]
+    return method_defaults(method)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ import torch
 import torch.nn as nn
 
 from monai_unireg import spatial
-from monai_unireg.engines.training import Log
 from monai_unireg.losses import diffusion_regularisation
 from monai_unireg.validation import check_ddf, check_image_pair, check_integer, check_positive, check_same_spatial_shape
+
+#: A progress printer (``print`` or the command line's log); a type only, so the trainers need not be imported.
+Log = Callable[[str], None]
 
 __all__ = ["FieldOptimised", "adam_on_field", "optimise_field"]
 

@@ -29,10 +29,10 @@ import torch.nn as nn
 
 from monai_unireg import io, spatial
 from monai_unireg.data import pair_name
-from monai_unireg.metrics import HD95Metric, JacobianMetric, LabelDiceMetric
+from monai_unireg.metrics.field import jacobian_statistics
 from monai_unireg.spatial import spacing_from_affine
-from monai_unireg.transforms import detect_modality, modality_normaliser
-from monai_unireg.validation import check_informative_image, check_labels, check_option
+from monai_unireg.transforms.functional import detect_modality, normalise_modality
+from monai_unireg.validation import check_informative_image, check_labels, check_option, check_tensor
 
 __all__ = [
     "MODALITIES",
@@ -277,7 +277,9 @@ def normalise_intensity(
         ct_window: ``(a_min, a_max)`` HU window (VoxelOpt: [-800, 500]).
         output_range: ``(b_min, b_max)`` the window or percentile range is mapped to ([0, 1]; UniReg [-1, 1]).
     """
-    return torch.as_tensor(modality_normaliser(modality, ct_window, output_range)(image[0]))[None]
+    check_tensor(image, "image")
+    x = image if image.is_floating_point() else image.to(torch.float32)
+    return normalise_modality(x, modality, ct_window, output_range)
 
 
 def register_pair(
@@ -387,9 +389,9 @@ def evaluate_result(
             :func:`evaluation_labels`; ``metrics["dice_labels"]`` says which were used).
         surface: also compute HD95 (the slowest metric).
     """
-    # this pair's values (the call), not aggregate(): that gathers across torch.distributed ranks, which register
-    # other pairs (multi_gpu_evaluate.yaml)
-    sdlogj, folding = JacobianMetric()(result.ddf)[0].tolist()
+    # this pair's values (JacobianMetric's for one call, without importing MONAI when there are no labels), not an
+    # aggregate(): that gathers across torch.distributed ranks, which register other pairs (multi_gpu_evaluate.yaml)
+    sdlogj, folding = jacobian_statistics(result.ddf)[0].tolist()
     metrics: dict = {
         "sdlogj": sdlogj,
         "folding_percent": folding,
@@ -399,6 +401,8 @@ def evaluate_result(
     }
     if pair.fixed_label is None or result.warped_label is None:
         return metrics
+    from monai_unireg.metrics import HD95Metric, LabelDiceMetric  # MONAI metrics: imported only for labels
+
     label_values, chosen = evaluation_labels(pair, labels)
     dice = LabelDiceMetric(labels=label_values)(result.warped_label, pair.fixed_label)[0]
     before = LabelDiceMetric(labels=label_values)(pair.moving_label, pair.fixed_label)[0]
