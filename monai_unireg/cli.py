@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import gc
 import os
 import re
 import sys
@@ -557,6 +558,7 @@ def _register_into(arguments: argparse.Namespace, conditions: dict[str, str]) ->
         volume_shape(arguments.fixed, "--fixed"), arguments.weights, arguments.io_iterations, **conditions
     )
     _attach_progress(network)
+    _freeze_heap()
     setup = time.perf_counter() - start
     metrics = register_files(
         network,
@@ -597,6 +599,7 @@ def _demo(arguments: argparse.Namespace) -> dict:
     generating = time.perf_counter() - start
     network = METHODS["voxelopt"](tuple(pair.fixed.shape[2:]))
     _attach_progress(network)
+    _freeze_heap()
     metrics = register_files(
         network,
         inputs["fixed"],
@@ -617,6 +620,18 @@ def _demo(arguments: argparse.Namespace) -> dict:
     )
     metrics["timing_s"] = {"generating": round(generating, 3), **metrics["timing_s"]}
     return metrics
+
+
+def _freeze_heap() -> None:
+    """Keep the garbage collector off every object alive now (torch, numpy, nibabel and our modules, the network),
+    and let it run again (:func:`main` stops it while the modules import: their objects live to the end).
+
+    Python's cyclic collector otherwise walks these ~300 000 long-lived objects at every full collection (five
+    during the imports, about 1 s) and once more at exit (about 2 s on the 8-bit BrainVXM2mm pair, loaded machine;
+    ``benchmarks/register_stages.py``). :func:`main` undoes it for in-process callers.
+    """
+    gc.freeze()
+    gc.enable()
 
 
 def _log(message: str) -> None:
@@ -655,6 +670,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # other users) spinning threads made VoxelOpt 2-4x slower on a 2 mm brain and 20-40x slower at 32^3 (README); a
     # user's own setting (e.g. ACTIVE on dedicated cores) is kept. Only effective before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    collecting = gc.isenabled()
+    gc.disable()  # until _freeze_heap, after the imports and the network's construction
     try:
         arguments = build_parser().parse_args(arguments_list)
         if arguments.command is None:
@@ -686,6 +703,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         kind = type(error).__name__
         print(f"monai-unireg: internal error: {kind}: {_one_line(error)[:500]} (rerun with --debug)", file=sys.stderr)
         return 1
+    finally:
+        if argv is not None:  # called in-process (tests, scripts): the collector sees the caller's objects again
+            gc.unfreeze()
+        if collecting:
+            gc.enable()
     return 0
 
 
