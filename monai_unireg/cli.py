@@ -50,7 +50,7 @@ _START = time.perf_counter()
 #: Intensity normalisations (``monai_unireg.engines.MODALITIES``; the tests check they agree).
 MODALITIES = ("auto", "ct", "mri")
 #: UniReg's registration types and default condition (``monai_unireg.networks.nets.REGISTRATION_TYPES``,
-#: ``monai_unireg.engines.unireg_workflows.DEFAULT_TASK`` / ``DEFAULT_REG_TYPE``; the tests check they agree).
+#: ``monai_unireg.engines.unireg.DEFAULT_TASK`` / ``DEFAULT_REG_TYPE``; the tests check they agree).
 REGISTRATION_TYPES = ("inter", "intra")
 DEFAULT_TASK = "brain"
 DEFAULT_REG_TYPE = "inter"
@@ -146,11 +146,12 @@ def _unireg(
     body region it was trained with, or an unseen anatomy's alias: its nearest region) and ``reg_type``, run at the
     size it was trained at (paper: 192x192x160); with ``io_iterations``, field instance optimisation (NCC + the
     task's regularisation prior x diffusion, paper Table 3 "UniReg + IO")."""
-    from monai_unireg.engines import build_unireg, unireg_registration
+    from monai_unireg.engines import unireg_registration
+    from monai_unireg.networks.nets import load_unireg
 
     if weights is None:
         raise ValueError("--method unireg needs --weights PATH (a model.pt written by UniReg training).")
-    return unireg_registration(build_unireg(weights), task, reg_type, io_iterations, log=_log)
+    return unireg_registration(load_unireg(weights), task, reg_type, io_iterations, log=_log)
 
 
 #: Registration methods by name: a function of the fixed grid's spatial shape (and the user's weights and

@@ -45,6 +45,7 @@ __all__ = [
     "sample_labels",
     "grid_coordinates",
     "resample_to_grid",
+    "ddf_to_grid",
     "compose",
     "cascade_displacement",
     "integrate_velocity",
@@ -516,6 +517,38 @@ def resample_to_grid(
     return _sample(floating, coords.to(torch.promote_types(floating.dtype, torch.float32)), "bilinear", "zeros").to(
         floating.dtype
     )
+
+
+def ddf_to_grid(
+    ddf: torch.Tensor, source_affine: torch.Tensor, target_affine: torch.Tensor, target_shape: Sequence[int]
+) -> torch.Tensor:
+    """A displacement field on one grid as the same mapping on another grid, through physical space.
+
+    For a field ``u`` ``[1, n, *S_source]`` in voxels of the source grid (e.g. the network's grid after reorienting,
+    resampling and padding or cropping), the target voxel ``p`` at world point ``A_t p = A_s q`` moves to
+    ``A_s (q + u(q))``, i.e. by ``L u(q)`` target voxels with ``L`` the linear part of ``A_t^-1 A_s``; ``u(q)`` is
+    interpolated (trilinear), and a target voxel outside the source grid does not move.
+
+    Args:
+        ddf: ``[1, n, *S_source]`` displacement in source voxels.
+        source_affine: ``[n+1, n+1]`` voxel-to-world affine of the field's grid.
+        target_affine: ``[n+1, n+1]`` voxel-to-world affine of the output grid.
+        target_shape: output spatial shape.
+
+    Returns:
+        ``[1, n, *target_shape]`` displacement in target voxels, in the dtype of ``ddf``.
+    """
+    spatial_dims = len(target_shape)
+    check_image(ddf, "ddf", spatial_dims)
+    if ddf.shape[0] != 1 or ddf.shape[1] != spatial_dims:
+        raise ValueError(f"ddf must be one field [1, {spatial_dims}, ...], got shape {tuple(ddf.shape)}.")
+    coords = grid_coordinates(source_affine, target_affine, target_shape).to(ddf.device)
+    floating = ddf.to(torch.promote_types(ddf.dtype, torch.float32))
+    moved = _sample(floating, coords.to(floating.dtype), "bilinear", "zeros")
+    source = check_affine(source_affine, "source_affine", spatial_dims).to(torch.float64)
+    target = check_affine(target_affine, "target_affine", spatial_dims).to(torch.float64)
+    linear = (torch.linalg.inv(target) @ source)[:spatial_dims, :spatial_dims].to(moved)
+    return torch.einsum("ij,bj...->bi...", linear, moved).to(ddf.dtype)
 
 
 def _resize_scale(old: Sequence[int], new: Sequence[int], align_corners: bool) -> list[float]:

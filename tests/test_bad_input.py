@@ -5,6 +5,7 @@ names the argument, key or file and says what was expected (the command line's o
 from __future__ import annotations
 
 import gzip
+import re
 
 import nibabel as nib
 import numpy as np
@@ -102,3 +103,35 @@ def test_bundle_names_the_config_key_of_a_bad_override(override, expected):
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=bundle)
     assert result.returncode != 0 and f"ValueError: {expected}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "method, key, value, expected",
+    [
+        ("sacbnet", "num_clusters", "seven", "num_clusters must be a whole number >= 1, got 'seven'"),
+        ("sacbnet", "kmeans_tolerance", "tiny", "kmeans_tolerance must be a number, got 'tiny'"),
+        ("unigradicon", "io_iterations", 2.5, "io_iterations must be a whole number >= 0, got 2.5"),
+        ("unigradicon", "include_step2", "yes", "include_step2 must be True or False, got 'yes'"),
+        ("promptreg", "input_size", [160, 0, 160], "input_size must be one size or a list of sizes"),
+        ("promptreg", "num_domains", 0, "num_domains must be a whole number >= 1, got 0"),
+    ],
+)
+def test_inference_config_names_the_key_of_a_value_of_the_wrong_kind(method, key, value, expected):
+    from pathlib import Path
+
+    from monai.bundle import create_workflow
+
+    configs = Path(__file__).resolve().parents[1] / "bundles" / method / "configs"
+    with pytest.raises(RuntimeError) as raised:  # MONAI wraps what an expression raises, "from" it
+        create_workflow(  # which initialises the workflow
+            config_file=str(configs / "inference.yaml"),
+            meta_file=str(configs / "metadata.json"),
+            workflow_type="inference",
+            **{key: value},
+        )
+    causes = []
+    error: BaseException | None = raised.value
+    while error is not None:
+        causes.append(error)
+        error = error.__cause__
+    assert any(isinstance(e, ValueError) and re.search(re.escape(expected), str(e)) for e in causes), causes

@@ -290,7 +290,7 @@ def test_light_constants_agree_with_the_method_modules():
     """The command line keeps copies of a few names so that --help needs no torch; they must agree."""
     from monai_unireg import cli
     from monai_unireg.engines import MODALITIES
-    from monai_unireg.engines.unireg_workflows import DEFAULT_REG_TYPE, DEFAULT_TASK
+    from monai_unireg.engines.unireg import DEFAULT_REG_TYPE, DEFAULT_TASK
     from monai_unireg.networks.nets import REGISTRATION_TYPES
 
     assert cli.MODALITIES == MODALITIES and cli.REGISTRATION_TYPES == REGISTRATION_TYPES

@@ -54,3 +54,26 @@ def test_method_defaults_are_the_packages_table() -> None:
     assert all(method_defaults(name) is defaults for name, defaults in METHOD_DEFAULTS.items())
     with pytest.raises(ValueError, match="method must be one of"):
         method_defaults("ants")
+
+
+@pytest.mark.parametrize(
+    "package",
+    [
+        "monai_unireg.engines",
+        "monai_unireg.losses",
+        "monai_unireg.metrics",
+        "monai_unireg.transforms",
+        "monai_unireg.data",
+        "monai_unireg.networks.nets",
+        "monai_unireg.networks.blocks",
+    ],
+)
+def test_every_submodule_is_an_attribute(package: str) -> None:
+    # a module file added to a package must be listed in its _SUBMODULES (configs name package.module.X)
+    import importlib
+    import pkgutil
+
+    module = importlib.import_module(package)
+    for info in pkgutil.iter_modules(module.__path__):
+        assert info.name in module._SUBMODULES, f"{package}.{info.name} missing from _SUBMODULES"
+        assert getattr(module, info.name).__name__ == f"{package}.{info.name}"

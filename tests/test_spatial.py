@@ -321,6 +321,32 @@ def test_resample_to_grid_on_another_voxel_size_is_exact_for_linear_images():
     assert outside[0, 0, -1, -1, -1] == 0  # beyond the source field of view: zero
 
 
+def test_ddf_to_grid_maps_every_point_where_the_field_on_the_other_grid_maps_it(generator):
+    """A field on a reoriented 2 mm grid (UniReg's paper geometry) brought onto a 1 mm grid moves each world point of
+    the 1 mm grid to the same world point as the original field (affine fields: trilinear is exact); outside the
+    2 mm grid nothing moves."""
+    source_affine = torch.diag(torch.tensor([-2.0, -2.0, 2.0, 1.0], dtype=torch.float64))
+    source_affine[:3, 3] = torch.tensor([30.0, 26.0, -4.0], dtype=torch.float64)
+    target_affine = torch.eye(4, dtype=torch.float64)
+    source_shape, target_shape = (16, 14, 12), (40, 34, 26)
+    matrix = 0.05 * torch.randn(3, 3, generator=generator, dtype=torch.float64)
+    grid = spatial.identity_grid(source_shape, dtype=torch.float64)
+    ddf = (torch.einsum("ij,j...->i...", matrix, grid) + 0.5)[None]
+    moved = spatial.ddf_to_grid(ddf, source_affine, target_affine, target_shape)
+    q = spatial.grid_coordinates(source_affine, target_affine, target_shape)[0]
+    inside = ((q >= 0) & (q <= torch.tensor(source_shape, dtype=torch.float64).view(3, 1, 1, 1) - 1)).all(dim=0)
+    assert inside.sum() > 100 and (~inside).sum() > 100
+    p = spatial.identity_grid(target_shape, dtype=torch.float64)
+    u_q = torch.einsum("ij,j...->i...", matrix, q) + 0.5
+    expected_world = torch.einsum("ij,j...->i...", source_affine[:3, :3], q + u_q) + source_affine[:3, 3].view(
+        3, 1, 1, 1
+    )
+    world = torch.einsum("ij,j...->i...", target_affine[:3, :3], p + moved[0]) + target_affine[:3, 3].view(3, 1, 1, 1)
+    torch.testing.assert_close(world[:, inside], expected_world[:, inside])
+    far = (q < -1).any(dim=0) | (q > torch.tensor(source_shape, dtype=torch.float64).view(3, 1, 1, 1)).any(dim=0)
+    assert far.any() and moved[0][:, far].abs().max() == 0
+
+
 def test_compose_with_an_outer_field_on_a_coarser_grid_is_exact_for_affine_fields(generator):
     """An affine field is reproduced exactly by trilinear interpolation, so composing it from a coarse grid at the
     fine grid's points must give the analytic composition ``A_outer (x + u_inner(x)) + b`` in fine voxels."""

@@ -1,6 +1,6 @@
 """Engines: end-to-end registration of image files (used by the command line and the bundles); the training loop
-shared by the learned methods, their objectives, fine-tuning and instance optimisation; the workflows of the
-uniGradICON, SACB-Net, PromptReg and UniReg bundles and the pieces they share (``workflows``)."""
+shared by the learned methods, their objectives, fine-tuning and instance optimisation; the pieces the bundles'
+configs wire into MONAI's engines (``bundle``) and the helpers they share (``workflows``)."""
 
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ _EXPORTS = {
     "write_results": ".pair_registration",
     "write_table": ".pair_registration",
     "PROMPTREG_DEFAULTS": ".promptreg",
+    "DatasetDiceTable": ".promptreg",
     "DomainPairLoader": ".promptreg",
     "PromptRegObjective": ".promptreg",
     "train_promptreg": ".promptreg",
-    "evaluate_datasets": ".promptreg_workflows",
     "SACBNET_CT_WINDOW": ".sacbnet",
     "SACBNET_DEFAULTS": ".sacbnet",
     "SACBNET_LAMBDAS": ".sacbnet",
@@ -53,20 +53,29 @@ _EXPORTS = {
     "GradICONObjective": ".unigradicon",
     "InstanceOptimised": ".unigradicon",
     "RandomPairAugmentation": ".unigradicon",
+    "RandomPairAugmentationd": ".unigradicon",
+    "StartingWeights": ".unigradicon",
+    "check_starting_weights": ".unigradicon",
     "instance_optimise": ".unigradicon",
     "stage_two_from_stage_one": ".unigradicon",
     "train_unigradicon": ".unigradicon",
-    "train_workflow": ".unigradicon_workflows",
     "UNIREG_CT_WINDOW": ".unireg",
     "UNIREG_DEFAULTS": ".unireg",
     "UNIREG_INTENSITY_RANGE": ".unireg",
     "UNIREG_LAMBDAS": ".unireg",
+    "EvaluationLabelsd": ".unireg",
+    "UniRegConditiond": ".unireg",
     "UniRegObjective": ".unireg",
     "UniRegPairLoader": ".unireg",
+    "UniRegRegistration": ".unireg",
+    "UniRegTable": ".unireg",
+    "prepare_conditioned_batch": ".unireg",
+    "prepare_unireg_batch": ".unireg",
     "train_unireg": ".unireg",
-    "build_unireg": ".unireg_workflows",
-    "evaluate_unireg": ".unireg_workflows",
-    "unireg_registration": ".unireg_workflows",
+    "unireg_objective": ".unireg",
+    "unireg_pairs": ".unireg",
+    "unireg_registration": ".unireg",
+    "validation_label_values": ".unireg",
     "DistributedRun": ".workflows",
     "check_datasets": ".workflows",
     "check_resumable": ".workflows",
@@ -78,11 +87,6 @@ _EXPORTS = {
     "wrap_distributed": ".workflows",
     "write_result_table": ".workflows",
 }
-#: Exported under another name than in its module: name -> (module, name there).
-_RENAMED = {
-    "train_promptreg_workflow": (".promptreg_workflows", "train_workflow"),
-    "train_unireg_workflow": (".unireg_workflows", "train_workflow"),
-}
 #: Submodules reachable as attributes (bundle configs name ``$monai_unireg.engines.bundle.X``).
 _SUBMODULES = (
     "bundle",
@@ -90,14 +94,11 @@ _SUBMODULES = (
     "instance_optimisation",
     "pair_registration",
     "promptreg",
-    "promptreg_workflows",
     "refinement",
     "sacbnet",
     "training",
     "unigradicon",
-    "unigradicon_workflows",
     "unireg",
-    "unireg_workflows",
     "workflows",
 )
 #: Method name -> (module, attribute) of its :class:`MethodDefaults`: one method's defaults without the others'.
@@ -125,9 +126,6 @@ _lazy_getattr, __dir__ = lazy_attributes(globals(), _EXPORTS, _SUBMODULES)
 def __getattr__(name: str) -> Any:
     if name == "METHOD_DEFAULTS":  # method name -> its defaults (working size, CT window, weights loader, ...)
         value: Any = {method: method_defaults(method) for method in _DEFAULTS_HOMES}
-    elif name in _RENAMED:
-        module, original = _RENAMED[name]
-        value = getattr(importlib.import_module(module, __name__), original)
     else:
         return _lazy_getattr(name)
     globals()[name] = value
@@ -151,15 +149,20 @@ __all__ = [
     "UniRegObjective",
     "UniRegPairLoader",
     "train_unireg",
-    "build_unireg",
-    "evaluate_unireg",
-    "train_unireg_workflow",
+    "EvaluationLabelsd",
+    "UniRegConditiond",
+    "UniRegRegistration",
+    "UniRegTable",
+    "prepare_conditioned_batch",
+    "prepare_unireg_batch",
+    "unireg_objective",
+    "unireg_pairs",
     "unireg_registration",
+    "validation_label_values",
     "DomainPairLoader",
     "PromptRegObjective",
     "train_promptreg",
-    "evaluate_datasets",
-    "train_promptreg_workflow",
+    "DatasetDiceTable",
     "CT_WINDOW",
     "LossTerms",
     "PairLoader",
@@ -173,10 +176,12 @@ __all__ = [
     "GradICONObjective",
     "InstanceOptimised",
     "RandomPairAugmentation",
+    "RandomPairAugmentationd",
+    "StartingWeights",
+    "check_starting_weights",
     "instance_optimise",
     "stage_two_from_stage_one",
     "train_unigradicon",
-    "train_workflow",
     "DistributedRun",
     "check_datasets",
     "check_resumable",

@@ -8,6 +8,7 @@ A bundle config wires MONAI parts (``LoadImaged``, ``EnsureChannelFirstd``, ``Da
 - :class:`RegistrationWriter`: an evaluator handler writing, per pair, the ITK displacement field, the warped image
   and label, ``metrics.json`` (Dice, HD95, SDlogJ, folding, runtime) and ``overview.png``;
 - :class:`RegistrationTable`: an evaluator handler writing the per-pair table and its summary after the run;
+- :func:`gather_rows`: those rows of every ``torch.distributed`` rank, in the pairs' order, on rank 0;
 - :func:`pair_items`: the data list of a Learn2Reg section or folder of pairs, each item named;
 
 and for training with ``SupervisedTrainer``:
@@ -18,6 +19,8 @@ and for training with ``SupervisedTrainer``:
 - :class:`EpochPairs`: sets the epoch of an :class:`~monai_unireg.data.EpochPairDataset` as each epoch starts, and
   saves/restores the sampler (a ``CheckpointSaver`` / ``CheckpointLoader`` ``save_dict`` entry);
 - :class:`RandomState`: the Python, NumPy and torch random states as a ``save_dict`` entry (bit-exact resume);
+- :class:`TransformRandomState`: the random states of a ``Compose``'s random transforms, likewise;
+- :class:`NetworkConfig`: a network's ``config`` as a ``save_dict`` entry (a ``model.pt`` that rebuilds its network);
 - :func:`latest_checkpoint`: the newest ``checkpoint_epoch=N.pt`` of a training folder, for resuming;
 
 and :func:`check_overrides` / :func:`check_settings`, the configs' ``initialize`` checks: a misspelt command-line
@@ -59,11 +62,15 @@ __all__ = [
     "PyramidDepthInferer",
     "RegistrationWriter",
     "RegistrationTable",
+    "gather_rows",
     "pair_items",
     "prepare_pair_batch",
     "RegistrationStep",
     "EpochPairs",
     "RandomState",
+    "TransformRandomState",
+    "NetworkConfig",
+    "gather_rows",
     "latest_checkpoint",
     "check_overrides",
     "check_settings",
@@ -154,7 +161,8 @@ class RegistrationWriter:
     displacement field, LPS mm, on the fixed image's grid and affine), ``warped.nii.gz`` (the moving image in its
     original intensities, warped), ``warped_label.nii.gz`` (with a moving label), ``metrics.json`` (SDlogJ, %
     folding, runtime and, with both labels, Dice and HD95 in mm per label) and ``overview.png``. The rows (pair
-    name + metrics) are kept in ``engine.state.registration_rows`` for :class:`RegistrationTable`.
+    name + metrics, and the item's ``"dataset"`` when it has one) are kept in ``engine.state.registration_rows`` for
+    :class:`RegistrationTable`.
 
     The pair item holds the fixed image, the moving image on the fixed grid in original intensities under
     ``original_key``, the optional labels, and its name under ``"pair"``; the network's field is the output
@@ -163,6 +171,8 @@ class RegistrationWriter:
     Args:
         output_dir: the results' folder.
         labels: label values averaged by Dice / HD95; ``None``: the non-zero values of each fixed label map.
+        dataset_labels: per dataset name (an item's ``"dataset"``), the label values of its pairs (``None``: the
+            non-zero fixed labels), used instead of ``labels`` for the items of those datasets.
         original_key: key of the moving image in original intensities (the network sees the normalised one).
         fixed_key: key of the fixed image (its affine places the field).
         log: progress output (one line per pair), e.g. ``logger.info``; ``None``: quiet.
@@ -175,9 +185,14 @@ class RegistrationWriter:
         original_key: str = "moving_original",
         fixed_key: str = "fixed_original",
         log: Any = None,
+        dataset_labels: Mapping[str, Sequence[int] | None] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.labels = None if labels is None else [check_integer(v, "labels") for v in labels]
+        self.dataset_labels = {
+            str(name): None if values is None else [check_integer(v, "dataset_labels") for v in values]
+            for name, values in (dataset_labels or {}).items()
+        }
         self.original_key, self.fixed_key = original_key, fixed_key
         self.log = log
         self._start = 0.0
@@ -226,9 +241,11 @@ class RegistrationWriter:
             None if pair.moving_label is None else spatial.warp_labels(pair.moving_label, field, padding_mode="zeros")
         )
         result = RegistrationResult(field, warped, warped_label, runtime, item.get("modality", "auto"))
-        metrics = evaluate_result(pair, result, self.labels)
+        dataset = item.get("dataset")
+        labels = self.dataset_labels[dataset] if dataset in self.dataset_labels else self.labels
+        metrics = evaluate_result(pair, result, labels)
         write_results(self.output_dir / item["pair"], pair, result, metrics)
-        return {"pair": item["pair"], **metrics}
+        return {"pair": item["pair"], **metrics, **({} if dataset is None else {"dataset": dataset})}
 
 
 class RegistrationTable:
@@ -250,18 +267,32 @@ class RegistrationTable:
 
     def __call__(self, engine: Any) -> None:
         rows = getattr(engine.state, "registration_rows", None)
-        if rows is None:
-            raise ValueError("RegistrationTable needs a RegistrationWriter among the evaluator's handlers, before it.")
-        import torch.distributed as dist
+        rows = gather_rows(rows)
+        if rows is not None:
+            engine.state.registration_summary = write_table(rows, self.csv_path, self.summary_path)
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, list(rows))
-            # rank r registered the pairs r, r + world_size, ...: interleave them back into the pairs' order
-            rows = [part[k] for k in range(max(map(len, gathered))) for part in gathered if k < len(part)]
-            if dist.get_rank() != 0:
-                return
-        engine.state.registration_summary = write_table(rows, self.csv_path, self.summary_path)
+
+def gather_rows(rows: Sequence[dict] | None) -> list[dict] | None:
+    """The per-pair rows of :class:`RegistrationWriter` of every rank, in the pairs' order, on rank 0 (``None`` on
+    the other ranks); ``rows`` itself outside a ``torch.distributed`` run of several processes. In
+    ``multi_gpu_evaluate.yaml`` rank ``r`` registers the pairs ``r, r + world_size, ...`` (a ``DistributedSampler``
+    without shuffling).
+
+    Raises:
+        ValueError: ``rows`` is ``None`` (no ``RegistrationWriter`` before the table handler).
+    """
+    if rows is None:
+        raise ValueError("a table handler needs a RegistrationWriter among the evaluator's handlers, before it.")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, list(rows))
+        # rank r registered the pairs r, r + world_size, ...: interleave them back into the pairs' order
+        rows = [part[k] for k in range(max(map(len, gathered))) for part in gathered if k < len(part)]
+        if dist.get_rank() != 0:
+            return None
+    return list(rows)
 
 
 def prepare_pair_batch(
@@ -290,7 +321,8 @@ class RegistrationStep:
     ``objective(network, pair) -> LossTerms`` is the method's objective (e.g.
     :class:`~monai_unireg.engines.SACBNetObjective`), called with ``network(moving, fixed) -> ddf`` (the trainer's
     network, a :class:`~monai_unireg.networks.nets.PairInput` possibly inside ``DistributedDataParallel``, fed the
-    stacked pair) and the pair of :func:`prepare_pair_batch`. As MONAI's own iteration: the network in train mode,
+    stacked pair; keyword conditions, e.g. UniReg's ``task`` and ``reg_type``, are passed on to the network) and
+    the pair of :func:`prepare_pair_batch`. As MONAI's own iteration: the network in train mode,
     ``zero_grad``, the objective under ``torch.autocast`` with the trainer's ``amp`` (CUDA) and its grad scaler,
     backward, ``optimizer.step``, and the ``IterationEvents`` fired in order. The output is ``{"loss": total, **parts}``
     (detached scalars), what ``StatsHandler`` / ``TensorBoardStatsHandler`` log with
@@ -310,10 +342,7 @@ class RegistrationStep:
         image, pair = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
         engine.state.output = {"image": image}
         network = engine.network
-
-        def registration(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-            return network(torch.cat([moving, fixed], dim=1))
-
+        registration = _PairCall(network)
         network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with torch.autocast("cuda", enabled=bool(engine.amp and engine.scaler is not None)):
@@ -332,6 +361,20 @@ class RegistrationStep:
         engine.state.output.update(loss=terms.total.detach(), **{k: v.detach() for k, v in terms.parts.items()})
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI's trainer may decollate the output here
         return engine.state.output
+
+
+class _PairCall:
+    """``call(moving, fixed, **conditions) -> ddf``: the trainer's ``network`` (a
+    :class:`~monai_unireg.networks.nets.PairInput`, possibly in ``DistributedDataParallel``) fed the stacked pair and
+    any keyword conditions (e.g. UniReg's per-pair ``task`` and ``reg_type``); ``module`` is that network, for
+    objectives that read more of it than its field (uniGradICON's step fields), as a ``DistributedDataParallel``'s
+    ``module``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, moving: torch.Tensor, fixed: torch.Tensor, **conditions: Any) -> torch.Tensor:
+        return self.module(torch.cat([moving, fixed], dim=1), **conditions)
 
 
 class EpochPairs:
@@ -364,6 +407,36 @@ class EpochPairs:
         self.dataset.sampler.load_state_dict(dict(state))
 
 
+class NetworkConfig:
+    """A network's ``config`` (the settings it is built from, e.g. :class:`~monai_unireg.networks.nets.UniReg`'s) as
+    a ``save_dict`` entry: saved beside the weights, so a ``model.pt`` rebuilds its network (the method's weights
+    loader, e.g. ``monai-unireg register --weights``); loading a checkpoint of another configuration is refused.
+
+    Args:
+        network: the network (or a wrapper: ``PairInput``, ``DistributedDataParallel``) with a ``config`` dict.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        inner: Any = network
+        while inner is not None and not isinstance(getattr(inner, "config", None), dict):
+            inner = getattr(inner, "module", None) or getattr(inner, "network", None)  # DDP, PairInput
+        if inner is None:
+            raise ValueError(f"network must have a config dict (or wrap one that has), got {type(network).__name__}.")
+        self.config = inner.config
+
+    def state_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.config)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        differ = sorted(key for key in set(state) | set(self.config) if state.get(key) != self.config.get(key))
+        if differ:
+            settings = ", ".join(f"{key}={state.get(key)!r} (now {self.config.get(key)!r})" for key in differ)
+            raise ValueError(
+                f"the checkpoint was written for a network with {settings}; use the same settings, or start a new run "
+                "(--resume False, or another output_dir)."
+            )
+
+
 class RandomState:
     """The Python, NumPy and torch (CPU and CUDA) random states as one ``save_dict`` entry: saved with the
     checkpoint and restored on resume, random transforms and dropout continue as in an uninterrupted run."""
@@ -389,6 +462,47 @@ class RandomState:
         torch.set_rng_state(torch.as_tensor(state["torch"]).cpu())
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _randomizables(transform: Any) -> list:
+    """Every ``Randomizable`` in ``transform``, depth first through ``Compose`` (itself included)."""
+    from monai.transforms import Compose, Randomizable
+
+    found = [transform] if isinstance(transform, Randomizable) else []
+    for child in transform.transforms if isinstance(transform, Compose) else ():
+        found += _randomizables(child)
+    return found
+
+
+class TransformRandomState:
+    """The random states (``R``) of the random transforms of a ``Compose`` (e.g. ``train#preprocessing``) as one
+    ``save_dict`` entry: saved with the checkpoint and restored on resume, a random augmentation continues as in an
+    uninterrupted run (a MONAI ``DataLoader`` with ``num_workers=0`` runs the transforms in the main process; with
+    workers their seeds come from torch's generator, which :class:`RandomState` restores).
+
+    Args:
+        transform: the ``Compose`` (or one transform) whose ``Randomizable`` members are saved.
+    """
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def state_dict(self) -> dict[str, Any]:
+        states = []
+        for member in _randomizables(self.transform):
+            _, keys, position, has_gauss, cached = member.R.get_state()
+            states.append([torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)])
+        return {"states": states}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        members = _randomizables(self.transform)
+        if len(state["states"]) != len(members):
+            raise ValueError(
+                f"the checkpoint holds the random states of {len(state['states'])} random transforms, but the "
+                f"preprocessing has {len(members)}; resume with the same transforms, or --resume False."
+            )
+        for member, (keys, position, has_gauss, cached) in zip(members, state["states"]):
+            member.R.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
 
 
 _CHECKPOINT = re.compile(r"checkpoint_epoch=(\d+)\.pt$")

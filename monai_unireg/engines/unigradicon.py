@@ -6,11 +6,14 @@ LNCC on a Gaussian window of sigma 5 voxels (the images warped with zero padding
 ``icon_registration``; :meth:`~monai_unireg.networks.nets.UniGradICON.pop_steps`); Adam with learning rate 5e-5;
 every epoch draws the same number of random pairs from each dataset (:class:`~monai_unireg.data.PairSampler`); images
 are brought to [0, 1] (CT: HU window [-1000, 1000]; MRI: [min, 99th percentile]) and resized to the network's
-working size, then augmented (:class:`RandomPairAugmentation`).
+working size, then augmented (:class:`RandomPairAugmentationd`, the MONAI dictionary transform of
+:class:`RandomPairAugmentation`).
 
-The loop, its checkpoints (written atomically after every epoch, resumed exactly: the pairs, augmentations and
-GradICON jitter of an epoch depend only on the seed and the epoch number) and the pair reader are the shared ones
-of :mod:`monai_unireg.engines.training`; this module adds the objective, the augmentation, stage 2 and IO.
+``bundles/unigradicon/configs/train.yaml`` wires these into MONAI's ``SupervisedTrainer``: the objective
+(:class:`GradICONObjective`), the augmentation (:class:`RandomPairAugmentationd`), the weights training starts from
+(:func:`check_starting_weights`, :class:`StartingWeights`: stage 2 from a stage-1 network, or fine-tuning). The
+Python loop :func:`train_unigradicon` (the shared one of :mod:`monai_unireg.engines.training`) trains the same
+objective without a config.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Randomizable
 
 from monai_unireg import spatial
 from monai_unireg.data import PairSampler
@@ -38,8 +44,8 @@ from monai_unireg.engines.training import (
     validation_dice,
 )
 from monai_unireg.losses import GradICONLoss, LNCCLoss
-from monai_unireg.networks.nets.unigradicon import UniGradICON, load_unigradicon
-from monai_unireg.validation import check_bool, check_integer, check_positive
+from monai_unireg.networks.nets.unigradicon import UniGradICON, load_unigradicon, load_unigradicon_weights
+from monai_unireg.validation import check_bool, check_integer, check_option, check_positive, plain_tensor
 
 __all__ = [
     "UNIGRADICON_DEFAULTS",
@@ -47,6 +53,9 @@ __all__ = [
     "InstanceOptimised",
     "LossTerms",
     "RandomPairAugmentation",
+    "RandomPairAugmentationd",
+    "StartingWeights",
+    "check_starting_weights",
     "PairLoader",
     "stage_two_from_stage_one",
     "train_unigradicon",
@@ -89,18 +98,20 @@ class GradICONObjective(nn.Module):
         lam: GradICON weight (paper: 1.5).
         sigma: LNCC Gaussian window in voxels (paper: 5).
         squared: ``1 - mean(LNCC^2)``, offered for multimodal pairs (METHODS.md).
-        seed: seed of the GradICON jitter's generator (reseeded every epoch by the training loop).
+        seed: seed of the GradICON jitter's private generator (reseeded every epoch by
+            :func:`~monai_unireg.engines.train_registration`); ``None``: PyTorch's global generator on the fields'
+            device (the bundle's: seeded by ``set_determinism`` and saved with its checkpoints).
     """
 
-    def __init__(self, lam: float = 1.5, sigma: float = 5.0, squared: bool = False, seed: int = 0) -> None:
+    def __init__(self, lam: float = 1.5, sigma: float = 5.0, squared: bool = False, seed: int | None = 0) -> None:
         super().__init__()
         self.lam = float(check_positive(lam, "lam", allow_zero=True))
         self.similarity = LNCCLoss(spatial_dims=3, kernel_type="gaussian", sigma=sigma, squared=squared)
         self.regulariser = GradICONLoss(seed=seed)
 
     def reseed(self, seed: int) -> None:
-        """Restart the GradICON jitter's random sequence from ``seed``."""
-        self.regulariser.generator.manual_seed(seed)
+        """Restart the GradICON jitter's random sequence from ``seed`` (in a private generator)."""
+        self.regulariser.generator = torch.Generator().manual_seed(check_integer(seed, "seed"))
 
     def forward(
         self, network: nn.Module, batch: Mapping[str, torch.Tensor] | torch.Tensor, image_b: torch.Tensor | None = None
@@ -129,11 +140,18 @@ class GradICONObjective(nn.Module):
         return LossTerms(similarity + self.lam * gradicon, similarity=similarity, gradicon=gradicon)
 
 
-def _steps_of_last_call(network: nn.Module, ddf: torch.Tensor) -> list[torch.Tensor]:
-    """The step fields of a cascade's last call (:meth:`UniGradICON.pop_steps`, through a DDP wrapper too), or
-    ``[ddf]`` for a network that is one step (or not a :class:`UniGradICON`). Steps at another size than ``ddf``
-    (the network resized its input) are used as they are: GradICON is measured in normalised units."""
-    module = getattr(network, "module", network)
+def _steps_of_last_call(network: Any, ddf: torch.Tensor) -> list[torch.Tensor]:
+    """The step fields of a cascade's last call (:meth:`UniGradICON.pop_steps`), or ``[ddf]`` for a network that
+    is one step (or holds no :class:`UniGradICON`). The cascade is found through the wrappers' ``module`` (a
+    ``DistributedDataParallel``, the trainer's network that :class:`~monai_unireg.engines.bundle.RegistrationStep`
+    calls) and ``network`` (:class:`~monai_unireg.networks.nets.PairInput`) attributes. Steps at another size than
+    ``ddf`` (the network resized its input) are used as they are: GradICON is measured in normalised units."""
+    module = network
+    for _ in range(4):  # RegistrationStep's call -> DistributedDataParallel -> PairInput -> UniGradICON
+        if isinstance(module, UniGradICON):
+            break
+        inner = getattr(module, "module", None)
+        module = inner if inner is not None else getattr(module, "network", None)
     return module.pop_steps() if isinstance(module, UniGradICON) else [ddf]
 
 
@@ -190,6 +208,150 @@ def stage_two_from_stage_one(stage_one: UniGradICON) -> UniGradICON:
     for source, target in zip(stage_one.unets, stage_two.unets):
         target.load_state_dict(source.state_dict())
     return stage_two
+
+
+class RandomPairAugmentationd(Randomizable, MapTransform):
+    """:class:`RandomPairAugmentation` as a MONAI random dictionary transform of one pair (no batch axis).
+
+    ``keys`` are image A and image B, ``[C, *S]`` each on one grid (the pair at the network's working size): both
+    get one random axis permutation with flips, then each its own small random affine (entries + N(0,
+    ``noise_std``^2)), trilinear with border padding. The draws come from the transform's ``R``
+    (``set_random_state``; a MONAI ``DataLoader`` seeds it, and
+    :class:`~monai_unireg.engines.bundle.TransformRandomState` saves and restores it with a checkpoint).
+
+    Args:
+        keys: the two image keys, e.g. ``("moving_image", "fixed_image")``.
+        noise_std: standard deviation of the affine perturbation (reference: 0.05).
+        permute_flip: draw the axis permutation and flips (reference: on).
+        prob: probability of augmenting a pair (reference: always, 1).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("moving_image", "fixed_image"),
+        noise_std: float = 0.05,
+        permute_flip: bool = True,
+        prob: float = 1.0,
+    ) -> None:
+        super().__init__(keys)
+        if len(self.keys) != 2:
+            raise ValueError(f"keys must name the pair's two images (A, B), got {self.keys!r}.")
+        self.augmentation = RandomPairAugmentation(noise_std, permute_flip)
+        self.prob = float(check_positive(prob, "prob", allow_zero=True))
+        if self.prob > 1:
+            raise ValueError(f"prob must be in [0, 1], got {prob!r}.")
+        self._seed: int | None = None
+
+    def randomize(self, data: Any = None) -> None:
+        """Draw whether to augment and the seed of this pair's permutation, flips and affine noise."""
+        augment = self.R.rand() < self.prob
+        self._seed = int(self.R.randint(np.iinfo(np.int32).max)) if augment else None
+
+    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
+        d = dict(data)
+        self.randomize()
+        if self._seed is None:
+            return d
+        key_a, key_b = self.keys
+        images = [plain_tensor(torch.as_tensor(d[key])).float()[None] for key in (key_a, key_b)]
+        if images[0].shape != images[1].shape or images[0].ndim != 5:
+            raise ValueError(
+                f"{key_a} and {key_b} must be [C, D, H, W] images of one shape, got {tuple(images[0].shape[1:])} "
+                f"and {tuple(images[1].shape[1:])}."
+            )
+        out_a, out_b = self.augmentation(*images, torch.Generator().manual_seed(self._seed))
+        d[key_a], d[key_b] = out_a[0], out_b[0]
+        return d
+
+
+def check_starting_weights(
+    stage: int,
+    stage1_weights: str | os.PathLike | None = None,
+    init_weights: str | os.PathLike | None = None,
+) -> None:
+    """Check the settings of the weights training starts from (train.yaml's ``stage``, ``stage1_weights``,
+    ``init_weights``; see :class:`StartingWeights`), before anything is built or written.
+
+    Raises:
+        ValueError: a stage other than 1 or 2, both files given, ``stage1_weights`` with stage 1, or stage 2
+            without ``stage1_weights`` or ``init_weights``.
+        FileNotFoundError: a given file that does not exist, naming its key.
+    """
+    check_option(stage, "stage", (1, 2))
+    if stage1_weights is not None and init_weights is not None:
+        raise ValueError(
+            "give stage1_weights (stage 2 from a stage-1 network) or init_weights (fine-tuning), not both."
+        )
+    if stage == 1 and stage1_weights is not None:
+        raise ValueError("stage1_weights initialises stage 2; with stage 1 leave it null (or use init_weights).")
+    if stage == 2 and stage1_weights is None and init_weights is None:
+        raise ValueError(
+            "stage 2 needs stage1_weights: the model.pt written by stage 1 (e.g. --stage1_weights "
+            "models/stage1/model.pt); to fine-tune a 4-UNet network instead, give init_weights."
+        )
+    for key, path in (("stage1_weights", stage1_weights), ("init_weights", init_weights)):
+        if path is not None and not os.path.isfile(os.fspath(path)):
+            raise FileNotFoundError(f"{key} names {os.fspath(path)!r}, which does not exist or is not a file.")
+
+
+def _load(network: UniGradICON, path: str | os.PathLike, key: str) -> None:
+    """:func:`~monai_unireg.networks.nets.load_unigradicon_weights` with the train.yaml settings to change."""
+    try:
+        load_unigradicon_weights(network, path)
+    except ValueError as error:
+        config = {name: network.config[name] for name in ("down_channels", "up_channels")}
+        text = " ".join(line.strip() for line in str(error).splitlines()).rstrip(". ")
+        raise ValueError(
+            f"{key}: {text}; the network has {len(network.unets)} UNets and {config}: a 4-UNet file (e.g. the "
+            "released Step_2_final.trch) needs --stage 2, and --down_channels / --up_channels must be the file's."
+        ) from None
+
+
+class StartingWeights:
+    """Trainer handler: when training starts, fill the network with the weights it starts from.
+
+    - stage 2 (a 4-UNet network) with ``stage1_weights``: its first three UNets from that stage-1 file, the fourth
+      as built (identity), as the reference's stage 2 (:func:`stage_two_from_stage_one`);
+    - ``init_weights`` (fine-tuning, either stage, paper Sec. 3.3): every weight from that file (a ``model.pt`` of
+      train.yaml, a checkpoint of ours or the released ``Step_2_final.trch``, read by
+      :func:`~monai_unireg.networks.nets.load_unigradicon_weights`, strictly). The weights do not depend on the
+      working size, so a network is fine-tuned at any ``input_size``.
+
+    Every process of a distributed run loads them (the ``DistributedDataParallel`` copy shares the parameters);
+    when resuming, the checkpoint's network is used instead (disable this handler).
+
+    Args:
+        network: the :class:`UniGradICON` (or a :class:`~monai_unireg.networks.nets.PairInput` of one).
+        stage1_weights: the stage-1 ``model.pt`` (stage 2).
+        init_weights: any uniGradICON weights file (fine-tuning).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        stage1_weights: str | os.PathLike | None = None,
+        init_weights: str | os.PathLike | None = None,
+    ) -> None:
+        network = getattr(network, "network", network)
+        if not isinstance(network, UniGradICON):
+            raise ValueError(f"network must be a UniGradICON (or a PairInput of one), got {type(network).__name__}.")
+        check_starting_weights(2 if network.include_step2 else 1, stage1_weights, init_weights)
+        self.network, self.stage1_weights, self.init_weights = network, stage1_weights, init_weights
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Any = None) -> None:
+        if self.init_weights is not None:
+            _load(self.network, self.init_weights, "init_weights")
+        elif self.stage1_weights is not None:
+            stage_one = UniGradICON(**{**self.network.config, "include_step2": False})
+            _load(stage_one, self.stage1_weights, "stage1_weights")
+            with torch.no_grad():
+                for source, target in zip(stage_one.unets, self.network.unets):
+                    target.load_state_dict(source.state_dict())
 
 
 def train_unigradicon(

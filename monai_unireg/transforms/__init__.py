@@ -23,6 +23,7 @@ _EXPORTS = {
     "WARPED_IMAGE": ".pair",
     "WARPED_LABEL": ".pair",
     "CheckPaird": ".pair",
+    "DDFToGridd": ".pair",
     "ResizeDDF": ".pair",
     "ResizePaird": ".pair",
     "RestoreDDFd": ".pair",
@@ -30,7 +31,7 @@ _EXPORTS = {
     "WarpLabeld": ".pair",
 }
 #: Submodules reachable as attributes (``package.module``), as when the package imported them all.
-_SUBMODULES = ("intensity", "pair")
+_SUBMODULES = ("functional", "intensity", "pair")
 
 __all__ = [
     "AUTO_CT_THRESHOLD_HU",
@@ -55,6 +56,7 @@ __all__ = [
     "ResizeDDF",
     "ResizePaird",
     "RestoreDDFd",
+    "DDFToGridd",
     "WarpImaged",
     "WarpLabeld",
 ]

@@ -38,7 +38,15 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor, ensure_tuple
 
-from monai_unireg.spatial import INTERPOLATION_MODES, PADDING_MODES, resize_ddf, resize_image, warp, warp_labels
+from monai_unireg.spatial import (
+    INTERPOLATION_MODES,
+    PADDING_MODES,
+    ddf_to_grid,
+    resize_ddf,
+    resize_image,
+    warp,
+    warp_labels,
+)
 from monai_unireg.validation import check_informative_image, check_labels, check_option, check_tensor, plain_tensor
 
 __all__ = [
@@ -55,6 +63,7 @@ __all__ = [
     "ResizePaird",
     "ResizeDDF",
     "RestoreDDFd",
+    "DDFToGridd",
     "WarpImaged",
     "WarpLabeld",
 ]
@@ -360,6 +369,50 @@ class RestoreDDFd(MapTransform):
             ddf = _check_ddf(d[key], key)
             out = resize_ddf(plain_tensor(ddf)[None], shape, align_corners=True)[0]
             d[key] = _with_meta(out, d.get(self.ref_key), affine)
+        return d
+
+
+class DDFToGridd(MapTransform):
+    """Bring fields predicted on a resampled grid back to the original fixed grid, through physical space.
+
+    After spatial transforms that change the grid in physical space (MONAI ``Orientationd``, ``Spacingd``,
+    ``ResizeWithPadOrCropd``: UniReg's paper geometry), a field on the network's grid (``data[grid_key].affine``)
+    becomes the same mapping in voxels of ``data[ref_key]``'s grid (its affine and spatial shape), with
+    :func:`monai_unireg.spatial.ddf_to_grid`; voxels outside the network's grid do not move. The result carries
+    ``data[ref_key]``'s metadata.
+
+    Args:
+        keys: field keys, ``[3, *S]`` each (e.g. an evaluator's ``pred``).
+        grid_key: key of an image on the field's grid (a ``MetaTensor``: its affine).
+        ref_key: key of an image on the target grid (a ``MetaTensor``: its affine and shape).
+        allow_missing_keys: skip absent field keys instead of raising ``KeyError``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = DDF,
+        grid_key: str = FIXED_IMAGE,
+        ref_key: str = "fixed_original",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.grid_key, self.ref_key = grid_key, ref_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        grid, reference = d.get(self.grid_key), d.get(self.ref_key)
+        for key, value in ((self.grid_key, grid), (self.ref_key, reference)):
+            if not isinstance(value, MetaTensor):
+                raise ValueError(
+                    f"DDFToGridd needs data[{key!r}] as a MetaTensor (its affine), got {type(value).__name__}."
+                )
+        for key in self.key_iterator(d):
+            ddf = _check_ddf(d[key], key)
+            out = ddf_to_grid(
+                plain_tensor(ddf)[None], torch.as_tensor(grid.affine), torch.as_tensor(reference.affine),
+                reference.shape[1:],
+            )[0]  # fmt: skip
+            d[key] = _with_meta(out, reference, torch.as_tensor(reference.affine))
         return d
 
 

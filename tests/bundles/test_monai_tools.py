@@ -60,8 +60,15 @@ def test_inference_workflow_properties(method, tiny_dataset):
         assert getattr(workflow, name) is not None, name
 
 
-#: Bundles whose train.yaml is made of MONAI parts (SupervisedTrainer & co.); the others still call a workflow.
-MONAI_TRAINING = ("sacbnet",)
+#: Bundles that train: every train.yaml is made of MONAI parts (SupervisedTrainer & co.).
+MONAI_TRAINING = ("promptreg", "sacbnet", "unigradicon", "unireg")
+
+
+def _training_data(method: str, dataset: Path) -> dict:
+    """The train.yaml settings naming ``dataset`` as the training and validation data."""
+    if method == "unireg":  # datasets with their conditions; every dataset validated
+        return {"datasets": [{"json": str(dataset), "task": "abdomen", "reg_type": "inter"}]}
+    return {"datasets": [str(dataset)], "validation_json": str(dataset)}
 
 
 @pytest.mark.parametrize("method", MONAI_TRAINING)
@@ -69,9 +76,8 @@ def test_train_workflow_properties(method, tiny_dataset, tmp_path):
     workflow = ConfigWorkflow(
         workflow_type="train",
         bundle_root=str(BUNDLES / method),
-        datasets=[str(tiny_dataset)],
-        validation_json=str(tiny_dataset),
         output_dir=str(tmp_path),
+        **_training_data(method, tiny_dataset),
         **configs(method, "train.yaml"),
         **SMALL[method],
     )

@@ -1,15 +1,14 @@
 """The PromptReg bundle beyond the conformance test, each config run as a user would, with
-``python -m monai.bundle run`` (and ``torchrun`` for multi_gpu_train.yaml), on the shared datasets with a small
+``python -m monai.bundle run`` (and ``torchrun`` for the multi_gpu configs), on the shared datasets with a small
 network: leave-one-dataset-out training (BrainSynth and CTTotalSeg as the domains, ProstateMRUS held out and
-validated zero-shot) and its resumption, inference with the trained weights, evaluate.yaml's per-dataset Dice table,
-the "w/o RPG" ablation, two-process training, the paper's defaults, and refused overrides; plus the workflow
-functions in-process (the network of inference.yaml, the checks of the training set-up and of the evaluation)."""
+validated zero-shot, TensorBoard, checkpoints), bit-exact resumption after a kill, the "w/o RPG" ablation with the
+optimiser, a transform and a handler swapped by overrides, inference with the trained weights, evaluate.yaml's
+per-dataset Dice table, two-process training and evaluation, the paper's defaults, and refused overrides."""
 
 from __future__ import annotations
 
 import csv
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -20,21 +19,25 @@ import torch
 from bundle_runner import BundleRunner, read_checkpoint
 
 from monai_unireg.data import load_learn2reg, pair_name
-from monai_unireg.engines import evaluate_datasets, train_promptreg_workflow
-from monai_unireg.networks.nets import PromptReg, ResizedRegistration
+from monai_unireg.networks.nets import PromptReg, load_promptreg
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = PROJECT_ROOT / "bundles" / "promptreg"
 _RUNNER = BundleRunner(BUNDLE)
-bundle_command = _RUNNER.command
 run_bundle = _RUNNER.run
 parse = _RUNNER.parse
 TRAIN = ["configs/train.yaml"]
 MULTI_GPU_TRAIN = ["configs/train.yaml", "configs/multi_gpu_train.yaml"]
 INFERENCE = ["configs/inference.yaml"]
 EVALUATE = ["configs/inference.yaml", "configs/evaluate.yaml"]
+MULTI_GPU_EVALUATE = [*EVALUATE, "configs/multi_gpu_evaluate.yaml"]
 #: A network small enough for a CPU test: 32^3 working size, base channels 4 (bottleneck 32 channels at 4^3).
 SMALL_NETWORK = {"input_size": "[32, 32, 32]", "channels": 4}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+needs_gloo = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torchrun needs torch.distributed with the Gloo backend for CPU processes",
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def listed(*paths: Path) -> str:
 
 
 def train_overrides(datasets: list[Path], output_dir: Path, **overrides: object) -> dict:
-    """Small, quick training (2 random pairs per dataset and epoch, one iteration per pair, the small network)."""
+    """Small, quick training (2 random pairs per dataset and epoch, 2 iterations, the small network)."""
     return {
         "datasets": listed(*datasets),
         "output_dir": output_dir,
@@ -59,113 +62,151 @@ def train_overrides(datasets: list[Path], output_dir: Path, **overrides: object)
     }
 
 
+def final_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "model.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def leave_one_out(data: dict[str, Path], output_dir: Path) -> dict:
+    """2 epochs on BrainSynth and CTTotalSeg, ProstateMRUS held out (by name), validated on its first pair."""
+    overrides = train_overrides(list(data.values()), output_dir, epochs=2, held_out="ProstateMRUS")
+    return {**overrides, "max_validation_pairs": 1}
+
+
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory) -> tuple[Path, str]:
-    """train.yaml for 2 epochs on BrainSynth and CTTotalSeg, ProstateMRUS held out (by name) and validated on its
-    first 2 registration_val pairs; the run's folder and log."""
+    """The leave-one-out training run: its folder and log."""
     output_dir = tmp_path_factory.mktemp("without_prostate")
-    overrides = train_overrides(list(data.values()), output_dir, epochs=2, held_out="ProstateMRUS")
-    return output_dir, run_bundle(TRAIN, **overrides, max_validation_pairs=2)
+    return output_dir, run_bundle(TRAIN, **leave_one_out(data, output_dir))
 
 
-def test_leave_one_out_training_validates_zero_shot_and_resumes(data, trained, tmp_path):
+def test_leave_one_out_training_validates_zero_shot_logs_and_checkpoints(trained):
     output_dir, log = trained
-    assert (output_dir / "model.pt").is_file() and (output_dir / "checkpoint.pt").is_file()
+    assert (output_dir / "model.pt").is_file() and (output_dir / "checkpoint_epoch=2.pt").is_file()
+    assert list((output_dir / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard is on by default
+    assert "PromptReg on 2 domain(s) ['BrainSynth', 'CTTotalSeg'], one prompt each" in log
+    assert "held out of training: ProstateMRUS (zero-shot); validation on 1 registration_val pairs" in log
+    assert "train_loss: " in log and log.count("Metrics -- val_dice: ") == 2  # zero-shot, on ProstateMRUS
     state = read_checkpoint(output_dir)
-    config = state["config"]
-    assert config["input_size"] == [32, 32, 32] and config["channels"] == 4 and config["num_domains"] == 2
-    assert config["use_prompt"] is True and config["temperature"] == 0.1
-    assert state["sampler"]["datasets"] == ["BrainSynth", "CTTotalSeg"]  # the held-out dataset is not trained on
-    assert [record["epoch"] for record in state["history"]] == [1, 2]
-    assert all(0 < record["validation_dice"] <= 1 for record in state["history"])  # zero-shot on ProstateMRUS
-    assert all(record["orthogonality"] > 0 and record["task_similarity"] >= 0 for record in state["history"])
-    assert state["history"][0]["learning_rate"] > state["history"][1]["learning_rate"] >= 0  # polynomial decay
-    assert "held out of training: ProstateMRUS (zero-shot); validation on 2 registration_val pairs" in log
-    assert "from ['BrainSynth', 'CTTotalSeg']" in log and "2 prompts, tau 0.1" in log
-    assert "lambdas 0.1 / 0.001 / 0.001" in log
-    resumed = tmp_path / "resumed"
-    shutil.copytree(output_dir, resumed)
-    overrides = train_overrides(list(data.values()), resumed, epochs=3, held_out=data["ProstateMRUS"])
-    log = run_bundle(TRAIN, **overrides, max_validation_pairs=2)  # held out by path this time: the same run
-    assert f"resumed from {resumed / 'checkpoint.pt'} at epoch 2" in log
-    assert "epoch 3/3 iteration 2/2" in log and "epoch 1/3" not in log and "epoch 2/3" not in log
-    history = read_checkpoint(resumed)["history"]
-    assert [record["epoch"] for record in history] == [1, 2, 3] and history[:2] == state["history"]
-    assert 0 < history[2]["validation_dice"] <= 1
+    assert state["pairs"]["datasets"] == ["BrainSynth", "CTTotalSeg"]  # the held-out dataset is not trained on
+    assert state["trainer"]["iteration"] == 4
+    # the polynomial decay steps every iteration (total_iters = epochs x iterations per epoch), to 0 at the end
+    assert state["lr_scheduler"]["total_iters"] == 4 and state["lr_scheduler"]["last_epoch"] == 4
+    group = state["optimizer"]["param_groups"][0]
+    assert group["initial_lr"] == 1e-4 and group["lr"] == 0.0 and group["amsgrad"] is True  # the authors' Adam
+    weights = final_weights(output_dir)
+    assert set(weights) == set(PromptReg((32, 32, 32), num_domains=2, channels=4).state_dict())
+    assert weights["prompt_generator.knowledge_base"].shape[0] == 2  # one prompt per training dataset
+    network = load_promptreg(output_dir / "model.pt")  # the command line's --weights: the network and its settings
+    assert network.config["num_domains"] == 2 and network.config["channels"] == 4 and network.use_prompt
+    assert state["config"] == network.config
+
+
+def test_resume_after_a_kill_is_bit_exact(data, trained, tmp_path):
+    """Killed right after the first epoch's checkpoint (os._exit, no clean-up), the same command again finishes
+    the run: the network equals the uninterrupted run's bit for bit."""
+    output_dir = tmp_path / "killed"
+    overrides = leave_one_out(data, output_dir)
+    kill = (
+        "$(@train#trainer.add_event_handler(ignite.engine.Events.EPOCH_COMPLETED(once=1), lambda e: os._exit(3)),"
+        " @train#trainer.run())"
+    )
+    run_bundle(TRAIN, succeed=False, **overrides, **{"run#1": kill})
+    assert sorted(path.name for path in output_dir.glob("*.pt")) == ["checkpoint_epoch=1.pt"]
+    overrides["held_out"] = data["ProstateMRUS"]  # held out by path this time: the same run
+    log = run_bundle(TRAIN, **overrides)
+    assert "Restored all variables from" in log and "Epoch[1] Complete" not in log.split("Restored")[1]
+    resumed, uninterrupted = final_weights(output_dir), final_weights(trained[0])
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
+
+
+def test_the_ablation_with_the_optimiser_a_transform_and_a_handler_swapped(data, tmp_path):
+    """use_prompt False (paper Table 2, "w/o RPG"): the backbone alone, MIND + diffusion only; and the yaml swaps."""
+    output_dir = tmp_path / "no_rpg"
+    overrides = train_overrides([data["BrainSynth"], data["ProstateMRUS"]], output_dir, epochs=1, use_prompt=False)
+    overrides["max_iterations_per_epoch"] = 1
+    # the optimiser, a whole block: SGD takes no amsgrad
+    overrides["optimizer"] = "{'_target_': 'torch.optim.SGD', 'params': '$@network.parameters()', 'lr': 0.01}"
+    overrides["train#preprocessing#transforms#2"] = (  # the intensity transform: MONAI's ScaleIntensityd
+        "{'_target_': 'ScaleIntensityd', 'keys': ['fixed_image', 'moving_image']}"
+    )
+    overrides["train#handlers#3#tag_name"] = "objective"  # a handler's setting
+    overrides["tensorboard"] = False  # a handler off
+    log = run_bundle(TRAIN, **overrides)
+    assert "objective: " in log and "train_loss" not in log and "val_dice" not in log  # nothing held out
+    state = read_checkpoint(output_dir)
+    assert "momentum" in state["optimizer"]["param_groups"][0] and "betas" not in state["optimizer"]["param_groups"][0]
+    assert not any("prompt" in name for name in state["model"]) and not (output_dir / "tensorboard").exists()
+    swapped = {"train#preprocessing#transforms#2": {"_target_": "ScaleIntensityd", "keys": ["fixed_image"]}}
+    transforms = parse(TRAIN, **swapped).get_parsed_content("train#preprocessing").transforms
+    assert type(transforms[2]).__name__ == "ScaleIntensityd"
 
 
 def test_inference_with_weights_then_the_dice_table(data, trained, tmp_path):
     weights = trained[0] / "model.pt"
-    prostate = data["ProstateMRUS"]
-    pair = load_learn2reg(prostate, "registration_val")[0]
-    log = run_bundle(
-        INFERENCE,
-        dataset_json=prostate,
-        **{"dataset#data": "$monai_unireg.engines.bundle.pair_items(@dataset_json, @section)[:1]"},
-        output_dir=tmp_path / "inference",
-        weights=weights,
-        num_domains=2,
-        **SMALL_NETWORK,
-    )
-    assert f"Restored all variables from {weights}" in log and "untrained" not in log
-    field, fixed = nib.load(str(tmp_path / "inference" / pair_name(pair) / "ddf.nii.gz")), nib.load(pair["fixed_image"])
-    assert field.shape == (*fixed.shape, 1, 3) and np.isfinite(field.get_fdata()).all()
-    np.testing.assert_allclose(field.affine, fixed.affine, atol=1e-4)
-    assert np.abs(field.get_fdata()).max() > 0
-
     output_dir = tmp_path / "evaluation"
-    datasets = [data["BrainSynth"], prostate]
-    overrides = {"datasets": listed(*datasets), "max_pairs": 2, "table_row": "w/o ProstateMRUS"}
+    datasets = [data["BrainSynth"], data["ProstateMRUS"]]
+    overrides = {"datasets": listed(*datasets), "max_pairs": 1, "table_row": "w/o ProstateMRUS"}
     log = run_bundle(EVALUATE, output_dir=output_dir, weights=weights, num_domains=2, **SMALL_NETWORK, **overrides)
+    assert f"Restored all variables from {weights}" in log and "untrained" not in log
     assert "Dice (%) per dataset, w/o ProstateMRUS: BrainSynth" in log
     for dataset in datasets:
         name = dataset.name.removesuffix("_dataset.json")
-        pairs = load_learn2reg(dataset, "registration_val")[:2]
-        for pair in pairs:
-            field = nib.load(str(output_dir / name / pair_name(pair) / "ddf.nii.gz"))
-            assert field.shape == (*nib.load(pair["fixed_image"]).shape, 1, 3)
+        pair = load_learn2reg(dataset, "registration_val")[0]
+        field, fixed = nib.load(str(output_dir / name / pair_name(pair) / "ddf.nii.gz")), nib.load(pair["fixed_image"])
+        assert field.shape == (*fixed.shape, 1, 3) and np.isfinite(field.get_fdata()).all()
+        np.testing.assert_allclose(field.affine, fixed.affine, atol=1e-4)
+        assert np.abs(field.get_fdata()).max() > 0
         with open(output_dir / name / "metrics.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
-        assert [row["pair"] for row in rows] == [pair_name(pair) for pair in pairs]
-        assert all(0 < float(row["dice_mean"]) <= 1 for row in rows)
-        assert json.loads((output_dir / name / "summary.json").read_text())["dice_mean"]["n"] == 2
+        assert [row["pair"] for row in rows] == [f"{name}/{pair_name(pair)}"] and 0 < float(rows[0]["dice_mean"]) <= 1
+        assert json.loads((output_dir / name / "summary.json").read_text())["dice_mean"]["n"] == 1
+        # each dataset's Dice averages its json's evaluation_labels
+        metrics = json.loads((output_dir / name / pair_name(pair) / "metrics.json").read_text())
+        assert metrics["dice_labels"] == json.loads(dataset.read_text())["evaluation_labels"]
+    assert json.loads((output_dir / "summary.json").read_text())["dice_mean"]["n"] == 2  # every pair of the run
     with open(output_dir / "dice_table.csv", newline="", encoding="utf-8") as handle:
         header, row = list(csv.reader(handle))
     assert header == ["training set", "BrainSynth", "ProstateMRUS"] and row[0] == "w/o ProstateMRUS"
     for cell in row[1:]:
         mean, spread = (float(value) for value in cell.split(" ± "))
-        assert 0 < mean <= 100 and spread >= 0
+        assert 0 < mean <= 100 and spread == 0  # one pair each
     table = (output_dir / "dice_table.md").read_text(encoding="utf-8")
-    assert f"| w/o ProstateMRUS | {row[1]} | {row[2]} |" in table and "(BrainSynth 2, ProstateMRUS 2)" in table
+    assert f"| w/o ProstateMRUS | {row[1]} | {row[2]} |" in table and "(BrainSynth 1, ProstateMRUS 1)" in table
 
 
-def test_the_ablation_without_the_prompt_generator_trains(data, tmp_path):
-    """use_prompt False (paper Table 2, "w/o RPG"): the backbone alone, MIND + diffusion only."""
-    output_dir = tmp_path / "no_rpg"
-    overrides = train_overrides([data["BrainSynth"], data["ProstateMRUS"]], output_dir, epochs=1, use_prompt=False)
-    log = run_bundle(TRAIN, **overrides)
-    assert "working size 32x32x32, channels 4, no RPG" in log
-    state = read_checkpoint(output_dir)
-    assert state["config"]["use_prompt"] is False and not any("prompt" in name for name in state["model"])
-    assert {"similarity", "diffusion"} <= set(state["history"][0]) and "orthogonality" not in state["history"][0]
-
-
-@pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="torchrun needs torch.distributed with the Gloo backend for CPU processes",
-)
+@needs_gloo
 def test_multi_gpu_train_on_two_cpu_processes(data, tmp_path):
     output_dir = tmp_path / "distributed"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     overrides = train_overrides([data["BrainSynth"], data["ProstateMRUS"]], output_dir, epochs=1)
-    log = run_bundle(MULTI_GPU_TRAIN, launcher=torchrun, **overrides)
-    assert "process 0 of 2 (gloo) on cpu" in log and "process 1 of 2 (gloo) on cpu" in log
-    assert "batch 1 per process on 2 processes" in log
-    assert "epoch 1/1 iteration 2/2" in log  # a second synchronised step: every parameter got its gradient
-    assert log.count("epoch 1/1 done") == 1  # rank 0 alone logs and writes the checkpoint
-    assert sorted(path.name for path in output_dir.iterdir()) == ["checkpoint.pt", "model.pt"]
+    overrides["max_iterations_per_epoch"] = None
+    log = run_bundle(MULTI_GPU_TRAIN, launcher=TORCHRUN, backend="gloo", **overrides)
+    # 4 pairs over 2 processes: 2 synchronised steps each; rank 0 alone logs the loss and writes the checkpoint
+    assert log.count("Iter: 2/2 -- train_loss") == 1 and log.count("Saved checkpoint at epoch: 1") == 1
+    assert sorted(path.name for path in output_dir.glob("*.pt")) == ["checkpoint_epoch=1.pt", "model.pt"]
     state = read_checkpoint(output_dir)
-    assert [record["epoch"] for record in state["history"]] == [1] and state["config"]["num_domains"] == 2
+    assert state["trainer"]["iteration"] == 2 and state["lr_scheduler"]["total_iters"] == 2
+
+
+@needs_gloo
+def test_multi_gpu_evaluate_on_two_cpu_processes(data, trained, tmp_path):
+    """3 pairs of 2 datasets over 2 processes (2 + 1): each writes its pairs' folders, rank 0 the merged tables."""
+    output_dir = tmp_path / "distributed_evaluation"
+    overrides = {
+        "datasets": listed(data["BrainSynth"], data["ProstateMRUS"]),
+        "dataset#data": "$monai_unireg.engines.promptreg.dataset_pair_items(@datasets, @section, 2)[:3]",
+        "output_dir": output_dir,
+        "weights": trained[0] / "model.pt",
+        "num_domains": 2,
+    }
+    run_bundle(MULTI_GPU_EVALUATE, launcher=TORCHRUN, backend="gloo", **overrides, **SMALL_NETWORK)
+    brain = load_learn2reg(data["BrainSynth"], "registration_val")[:2]
+    prostate = load_learn2reg(data["ProstateMRUS"], "registration_val")[:1]
+    names = [f"BrainSynth/{pair_name(pair)}" for pair in brain] + [f"ProstateMRUS/{pair_name(prostate[0])}"]
+    assert all((output_dir / name / "ddf.nii.gz").is_file() for name in names)
+    with open(output_dir / "metrics.csv", newline="") as handle:
+        assert [row["pair"] for row in csv.DictReader(handle)] == names
+    assert "(BrainSynth 2, ProstateMRUS 1)" in (output_dir / "dice_table.md").read_text(encoding="utf-8")
 
 
 def test_paper_defaults(data):
@@ -176,6 +217,7 @@ def test_paper_defaults(data):
         "pairs_per_dataset": 100,
         "batch_size": 1,
         "learning_rate": 1e-4,
+        "amsgrad": True,
         "power": 0.9,
         "smoothness": 0.1,
         "orthogonality": 1e-3,
@@ -186,17 +228,22 @@ def test_paper_defaults(data):
         "input_size": [160, 160, 160],
         "channels": 16,
         "ct_window": [-1000, 1000],
-        "distributed": None,
+        "tensorboard": True,
+        "mlflow": False,
     }
     assert {key: train.get_parsed_content(key) for key in expected} == expected
     assert train.get_parsed_content("output_dir") == f"{BUNDLE}/models/promptreg"
-    assert train.get("training")["_target_"] == "monai_unireg.engines.promptreg_workflows.train_workflow"
+    assert train.get("train")["trainer"]["_target_"] == "SupervisedTrainer"
+    assert train.get("lr_scheduler")["_target_"] == "torch.optim.lr_scheduler.PolynomialLR"
+    assert train.get("train")["handlers"][1]["epoch_level"] is False  # per iteration, paper Sec. 3.1
     datasets = [str(path) for path in data.values()]
     held_out = parse(TRAIN, datasets=datasets, held_out=str(data["CTTotalSeg"]))
     assert held_out.get_parsed_content("output_dir") == f"{BUNDLE}/models/promptreg_without_CTTotalSeg"
+    assert held_out.get_parsed_content("num_domains") == 2
+    assert held_out.get_parsed_content("validation_source") == str(data["CTTotalSeg"])
     ablation = parse(TRAIN, datasets=datasets, held_out="BrainSynth", use_prompt=False)
     assert ablation.get_parsed_content("output_dir") == f"{BUNDLE}/models/promptreg_no_rpg_without_BrainSynth"
-    assert parse(MULTI_GPU_TRAIN).get_parsed_content("distributed") is True
+    assert parse(MULTI_GPU_TRAIN).get("network")["_target_"] == "torch.nn.parallel.DistributedDataParallel"
     inference = parse(INFERENCE)
     expected = {
         "weights": None,
@@ -215,52 +262,37 @@ def test_paper_defaults(data):
     assert evaluate.get_parsed_content("dice_spread") == "std" and evaluate.get_parsed_content("max_pairs") is None
 
 
+def refusal(**overrides: object) -> str:
+    """The error (with its causes) of train.yaml's checks on these overrides, in-process."""
+    with pytest.raises(Exception) as error:
+        parse(TRAIN, **overrides).get_parsed_content("checks")
+    return str(error.getrepr(chain=True))
+
+
 def test_bad_overrides_are_refused(data, tmp_path):
     brainsynth, prostate = data["BrainSynth"], data["ProstateMRUS"]
-    overrides = train_overrides([brainsynth, prostate], tmp_path / "a", held_out="Hippocampus", epochs=1)
-    log = run_bundle(TRAIN, succeed=False, **overrides)
-    assert "held_out 'Hippocampus' must name exactly one of datasets" in log and "(BrainSynth, ProstateMRUS)" in log
-    overrides = train_overrides([brainsynth], tmp_path / "b", held_out=brainsynth, epochs=1)
-    log = run_bundle(TRAIN, succeed=False, **overrides)
-    assert "is the only dataset of datasets, which leaves no training dataset" in log
-    overrides = {"dataset_json": brainsynth, "output_dir": tmp_path / "c", "input_size": "[30, 32, 32]"}
-    log = run_bundle(INFERENCE, succeed=False, **overrides)
-    assert "input_size must be 3 sizes divisible by 8" in log
-    assert not any((tmp_path / name).exists() for name in "abc")
-
-
-def test_training_set_up_is_checked(data, trained, tmp_path, monkeypatch):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    two = [data["BrainSynth"], data["ProstateMRUS"]]
-    common = {"output_dir": tmp_path / "out", "device": "cpu", "input_size": 32, "channels": 2}
-    with pytest.raises(ValueError, match="datasets must be a non-empty list"):
-        train_promptreg_workflow(str(data["BrainSynth"]), **common)
-    with pytest.raises(ValueError, match="held_out 'CTTotalSeg' must name exactly one of datasets"):
-        train_promptreg_workflow(two, held_out="CTTotalSeg", **common)
-    with pytest.raises(ValueError, match="leaves no training dataset"):
-        train_promptreg_workflow(two[:1], held_out="BrainSynth", **common)
-    with pytest.raises(ValueError, match="not started by torchrun"):
-        train_promptreg_workflow(two, distributed=True, **common)
-    with pytest.raises(ValueError, match="init_weights .* has a knowledge base of 2 prompts"):
-        train_promptreg_workflow([data["BrainSynth"]], init_weights=trained[0] / "model.pt", **common)
-    with pytest.raises(ValueError, match="smoothness"):
-        train_promptreg_workflow(two, smoothness=-1.0, **common)
-    assert not (tmp_path / "out").exists()
-    resumed = tmp_path / "resumed"
-    shutil.copytree(trained[0], resumed)
-    another = {**common, "output_dir": resumed, "channels": 4}
-    with pytest.raises(ValueError, match=r"trained on the datasets \['BrainSynth', 'CTTotalSeg'\].*--resume False"):
-        train_promptreg_workflow(list(data.values()), held_out="BrainSynth", **another)
-    with pytest.raises(ValueError, match=r"written for a network with channels=4.*--resume False"):
-        train_promptreg_workflow(list(data.values()), held_out="ProstateMRUS", **common | {"output_dir": resumed})
-
-
-def test_the_evaluation_is_checked(data, tmp_path):
-    network = ResizedRegistration(PromptReg((16, 16, 16), channels=2), (16, 16, 16))
-    with pytest.raises(ValueError, match="spread must be one of"):
-        evaluate_datasets(network, [data["BrainSynth"]], tmp_path, spread="variance")
-    with pytest.raises(ValueError, match="two datasets have the same name"):
-        evaluate_datasets(network, [data["BrainSynth"], data["BrainSynth"]], tmp_path)
-    with pytest.raises(ValueError, match="has no registration_val pairs"):
-        evaluate_datasets(network, [data["CTTotalSeg"]], tmp_path)
-    assert not any(tmp_path.iterdir())
+    two = [str(brainsynth), str(prostate)]
+    message = refusal(datasets=two, held_out="Hippocampus")
+    assert "held_out 'Hippocampus' must name exactly one of datasets" in message
+    assert "(BrainSynth, ProstateMRUS)" in message
+    message = refusal(datasets=two[:1], held_out=two[0])
+    assert "is the only dataset of datasets, which leaves no training dataset" in message
+    for key, value, expected in [
+        ("epochs", "ten", "epochs must be a whole number >= 1, got 'ten'"),
+        ("use_prompt", "yes", "use_prompt must be True or False, got 'yes'"),
+        ("smoothness", [0.1], "smoothness must be a number, got [0.1]"),
+        ("channels", 0, "channels must be a whole number >= 1, got 0"),
+    ]:
+        assert expected in refusal(datasets=two, **{key: value}), key
+    log = run_bundle(TRAIN, succeed=False, **train_overrides([brainsynth], tmp_path / "a", held_ot="BrainSynth"))
+    assert "--held_ot is not a key of the bundle's configs" in log and "did you mean 'held_out'" in log
+    with pytest.raises(Exception) as error:
+        parse(EVALUATE, datasets=two, dice_spread="variance").get_parsed_content("checks")
+    assert "dice_spread must be one of" in str(error.getrepr(chain=True))
+    with pytest.raises(Exception) as error:
+        parse(EVALUATE, datasets=[two[0], two[0]]).get_parsed_content("dataset#data")
+    assert "two datasets have the same name" in str(error.getrepr(chain=True))
+    with pytest.raises(Exception) as error:
+        parse(INFERENCE, input_size=[30, 32, 32]).get_parsed_content("network_def")
+    assert "input_size must be 3 sizes divisible by 8" in str(error.getrepr(chain=True))
+    assert not (tmp_path / "a").exists()

@@ -117,3 +117,41 @@ def test_registration_intensity_and_the_method_defaults():
     assert (
         METHOD_DEFAULTS["sacbnet"].working_size == (160, 192, 224) and METHOD_DEFAULTS["voxelopt"].load_weights is None
     )
+
+
+def test_validation_pairs_must_have_labels(shared_data, tmp_path):
+    import shutil
+
+    from monai_unireg.engines import load_validation_pairs
+
+    brainsynth = shared_data / "BrainSynth" / "BrainSynth_dataset.json"
+    assert len(load_validation_pairs(brainsynth, max_pairs=2)) == 2 and load_validation_pairs(None) == []
+    unlabelled = tmp_path / "imagesTr"
+    unlabelled.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(brainsynth.parent / "imagesTr" / "BrainSynth_0001_0000.nii.gz", unlabelled / f"{name}.nii.gz")
+    json_path = tmp_path / "Unlabelled_dataset.json"
+    json_path.write_text(
+        '{"name": "Unlabelled", "training": [], "numRegistration_val": 1, '
+        '"registration_val": [{"fixed": "./imagesTr/a.nii.gz", "moving": "./imagesTr/b.nii.gz"}]}'
+    )
+    with pytest.raises(ValueError, match="validation_json .* lacks a label map"):
+        load_validation_pairs(json_path)
+
+
+def test_network_config_entry_and_gathered_rows():
+    from monai_unireg.engines.bundle import NetworkConfig, gather_rows
+    from monai_unireg.networks.nets import PairInput
+
+    class Configured(torch.nn.Module):
+        config = {"input_size": [32, 32, 32], "channels": 4, "temperature": 0.1}
+
+    entry = NetworkConfig(PairInput(Configured()))  # found through the wrapper
+    assert entry.state_dict() == {"input_size": [32, 32, 32], "channels": 4, "temperature": 0.1}
+    entry.load_state_dict(entry.state_dict())
+    with pytest.raises(ValueError, match=r"written for a network with temperature=0.5 \(now 0.1\)"):
+        entry.load_state_dict({**entry.state_dict(), "temperature": 0.5})
+    with pytest.raises(ValueError, match="network must have a config dict"):
+        NetworkConfig(torch.nn.Linear(2, 2))
+    rows = [{"pair": "a"}, {"pair": "b"}]
+    assert gather_rows(rows) == rows  # no process group: the rows themselves

@@ -1,4 +1,5 @@
-"""uniGradICON training, resuming, augmentation and instance optimisation on small configurations."""
+"""uniGradICON training, resuming, augmentation, starting weights and instance optimisation on small
+configurations (the bundle's train.yaml runs them in tests/bundles/test_unigradicon_bundle.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from monai_unireg.engines import (
     GradICONObjective,
     PairLoader,
     RandomPairAugmentation,
+    RandomPairAugmentationd,
+    StartingWeights,
     instance_optimise,
     stage_two_from_stage_one,
     train_unigradicon,
@@ -86,6 +89,64 @@ def test_augmentation_without_noise_is_one_shared_permutation_and_flip(generator
         assert torch.allclose(out_b[sample, 0], orders_b[match[0]], atol=1e-5)
     again_a, _ = RandomPairAugmentation(noise_std=0.0)(a, b, torch.Generator().manual_seed(3))
     assert torch.equal(out_a, again_a)
+
+
+def test_objective_reads_the_steps_through_the_trainers_wrappers(generator):
+    """Called as the bundle's RegistrationStep calls it (a call whose ``module`` is the PairInput network), the
+    objective composes the cascade's steps exactly as when it is given the network itself."""
+    from monai_unireg.engines.bundle import _PairCall
+    from monai_unireg.networks.nets import PairInput
+
+    network = _randomised(small_network())
+    a, b = torch.rand(1, 1, 32, 32, 32, generator=generator), torch.rand(1, 1, 32, 32, 32, generator=generator)
+    direct = GradICONObjective(seed=3)(network, a, b)
+    wrapped = GradICONObjective(seed=3)(_PairCall(PairInput(network)), {"moving": a, "fixed": b})
+    torch.testing.assert_close(wrapped.total, direct.total)
+    torch.testing.assert_close(wrapped.gradicon, direct.gradicon)
+
+
+def test_dictionary_augmentation_is_seeded_by_its_random_state(generator):
+    """RandomPairAugmentationd: the pair's images moved as RandomPairAugmentation moves them, the draws from its
+    ``R`` (so set_random_state and TransformRandomState reproduce them), other keys untouched."""
+    from monai.transforms import Compose
+
+    from monai_unireg.engines.bundle import TransformRandomState
+
+    pair = {"moving_image": torch.rand(1, 6, 6, 6, generator=generator), "fixed_image": torch.rand(1, 6, 6, 6)}
+    pair["dataset"] = "name"
+    augment = Compose([RandomPairAugmentationd(noise_std=0.0)]).set_random_state(seed=4)
+    saved = TransformRandomState(augment).state_dict()
+    first, second = augment(pair), augment(pair)
+    assert first["dataset"] == "name" and first["moving_image"].shape == (1, 6, 6, 6)
+    assert not torch.equal(first["moving_image"], second["moving_image"])  # a new draw per pair (48 orientations)
+    TransformRandomState(augment).load_state_dict(saved)
+    again = augment(pair)
+    assert all(torch.equal(first[key], again[key]) for key in ("moving_image", "fixed_image"))
+    off = RandomPairAugmentationd(noise_std=0.0, prob=0.0)(pair)
+    assert off["moving_image"] is pair["moving_image"]
+    with pytest.raises(ValueError, match="two images"):
+        RandomPairAugmentationd(keys=["moving_image"])
+    with pytest.raises(ValueError, match="random transforms"):
+        TransformRandomState(Compose([])).load_state_dict(saved)
+
+
+def test_starting_weights_of_stage_two_and_of_fine_tuning(tmp_path):
+    stage_one = _randomised(small_network())
+    torch.save(stage_one.state_dict(), tmp_path / "stage1.pt")  # what train.yaml's CheckpointSaver writes
+    stage_two = small_network(include_step2=True, seed=1)
+    StartingWeights(stage_two, stage1_weights=tmp_path / "stage1.pt")()
+    assert all(torch.equal(a, b) for a, b in zip(stage_one.unets.parameters(), stage_two.unets[:3].parameters()))
+    assert not stage_two.unets[3].lastConv.weight.any()
+    fine_tuned = small_network(include_step2=True, seed=2)
+    StartingWeights(fine_tuned, init_weights=tmp_path / "stage1.pt")  # checked when training starts
+    with pytest.raises(ValueError, match="init_weights: .*Missing key.*the network has 4 UNets.*needs --stage 2"):
+        StartingWeights(fine_tuned, init_weights=tmp_path / "stage1.pt")()
+    with pytest.raises(ValueError, match="stage 2 needs stage1_weights"):
+        StartingWeights(fine_tuned)
+    with pytest.raises(FileNotFoundError, match="stage1_weights names"):
+        StartingWeights(fine_tuned, stage1_weights=tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="must be a UniGradICON"):
+        StartingWeights(torch.nn.Conv3d(1, 1, 1))
 
 
 @pytest.fixture()

@@ -39,8 +39,10 @@ class PairInput(nn.Module):
         self.register_state_dict_post_hook(_strip_prefix)
         self.register_load_state_dict_pre_hook(_add_prefix)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """``[B, 2C, *S]`` stacked ``[moving, fixed]`` -> ``[B, n, *S]`` displacement (the network's output)."""
+    def forward(self, image: torch.Tensor, **conditions: Any) -> torch.Tensor:
+        """``[B, 2C, *S]`` stacked ``[moving, fixed]`` -> ``[B, n, *S]`` displacement (the network's output);
+        keyword ``conditions`` of this call (e.g. per-pair ``task`` and ``reg_type`` indices) join, and override, the
+        fixed ones."""
         if not torch.jit.is_tracing():
             if not isinstance(image, torch.Tensor) or image.ndim < 3:
                 raise ValueError(
@@ -54,7 +56,7 @@ class PairInput(nn.Module):
                     f"channels), got shape {tuple(image.shape)}."
                 )
         channels = image.shape[1] // 2
-        return self.network(image[:, :channels], image[:, channels:], **self.conditions)
+        return self.network(image[:, :channels], image[:, channels:], **{**self.conditions, **conditions})
 
 
 def _strip_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
