@@ -14,6 +14,8 @@ REGISTER_PATH = (
     "monai_unireg.engines.refinement",
     "monai_unireg.networks.nets.voxelopt",
     "monai_unireg.io",
+    "monai_unireg.metrics.labels",
+    "monai_unireg.metrics.hausdorff",
 )
 
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ import torch.nn as nn
 from monai_unireg import io, spatial
 from monai_unireg.data import pair_name
 from monai_unireg.metrics.field import jacobian_statistics
+from monai_unireg.metrics.hausdorff import label_hausdorff_distance
+from monai_unireg.metrics.labels import label_dice
 from monai_unireg.spatial import spacing_from_affine
 from monai_unireg.transforms.functional import detect_modality, normalise_modality
 from monai_unireg.validation import check_informative_image, check_labels, check_option, check_tensor
@@ -401,11 +404,10 @@ def evaluate_result(
     }
     if pair.fixed_label is None or result.warped_label is None:
         return metrics
-    from monai_unireg.metrics import HD95Metric, LabelDiceMetric  # MONAI metrics: imported only for labels
-
     label_values, chosen = evaluation_labels(pair, labels)
-    dice = LabelDiceMetric(labels=label_values)(result.warped_label, pair.fixed_label)[0]
-    before = LabelDiceMetric(labels=label_values)(pair.moving_label, pair.fixed_label)[0]
+    # LabelDiceMetric's and HD95Metric's values for one call, as functions (MONAI is not imported for them)
+    dice = label_dice(result.warped_label, pair.fixed_label, label_values)[0]
+    before = label_dice(pair.moving_label, pair.fixed_label, label_values)[0]
     metrics["dice_labels"] = list(label_values)
     metrics["dice_labels_chosen"] = chosen
     metrics["dice"] = {str(v): _finite_or_none(d) for v, d in zip(label_values, dice.tolist())}
@@ -413,10 +415,25 @@ def evaluate_result(
     metrics["dice_before"] = {str(v): _finite_or_none(d) for v, d in zip(label_values, before.tolist())}
     metrics["dice_mean_before"] = _finite_or_none(float(torch.nanmean(before)))
     if surface:
-        hd95 = HD95Metric(labels=label_values, spacing=pair.spacing)(result.warped_label, pair.fixed_label)[0]
+        hd95 = _hd95(result.warped_label, pair.fixed_label, label_values, pair.spacing)
         metrics["hd95_mm"] = {str(v): _finite_or_none(h) for v, h in zip(label_values, hd95.tolist())}
         metrics["hd95_mm_mean"] = _finite_or_none(float(torch.nanmean(hd95)))
     return metrics
+
+
+def _hd95(warped: torch.Tensor, fixed: torch.Tensor, values: Sequence[int], spacing: Sequence[float]) -> torch.Tensor:
+    """``[L]`` HD95 in mm of one pair as ``HD95Metric(labels=values, spacing=spacing)`` gives it: a label present in
+    one map only has no distance (NaN, skipped by the mean), with the metric's warning."""
+    table = label_hausdorff_distance(warped, fixed, values, spacing)[0]
+    one_sided = torch.isinf(table)
+    if bool(one_sided.any()):
+        pairs = [(0, int(values[c])) for c in torch.nonzero(one_sided).flatten().tolist()]
+        warnings.warn(
+            f"HD95Metric: labels present in only one of y_pred and y (sample, label): {pairs}; "
+            "reported as missing_value=nan.",
+            stacklevel=3,
+        )
+    return table.masked_fill(one_sided, math.nan)
 
 
 def _rounded(values: Sequence[float]) -> tuple[float, ...]:

@@ -11,8 +11,8 @@ from monai_unireg._lazy import lazy_attributes
 _EXPORTS = {
     "LabelDiceMetric": ".dice",
     "LabelMapMetric": ".dice",
-    "label_dice": ".dice",
-    "reduce_label_metric": ".dice",
+    "label_dice": ".labels",
+    "reduce_label_metric": ".labels",
     "HD95": ".handlers",
     "Jacobian": ".handlers",
     "LabelDice": ".handlers",
@@ -21,11 +21,11 @@ _EXPORTS = {
     "folding_percentage": ".jacobian",
     "sdlogj": ".jacobian",
     "HD95Metric": ".surface",
-    "label_hausdorff_distance": ".surface",
+    "label_hausdorff_distance": ".hausdorff",
     "spacing_from_affine": ".surface",
 }
 #: Submodules reachable as attributes (``package.module``), as when the package imported them all.
-_SUBMODULES = ("dice", "field", "handlers", "jacobian", "surface")
+_SUBMODULES = ("dice", "field", "handlers", "hausdorff", "jacobian", "labels", "surface")
 
 __all__ = [
     "LabelMapMetric",
