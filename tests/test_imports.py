@@ -30,18 +30,19 @@ def test_register_path_imports_no_monai() -> None:
     assert loaded == "[]"
 
 
-@pytest.mark.parametrize(
-    "package",
-    [
-        "monai_unireg.engines",
-        "monai_unireg.losses",
-        "monai_unireg.metrics",
-        "monai_unireg.transforms",
-        "monai_unireg.data",
-        "monai_unireg.networks.nets",
-        "monai_unireg.networks.blocks",
-    ],
-)
+#: The packages whose names load on first use (``monai_unireg._lazy``).
+LAZY_PACKAGES = [
+    "monai_unireg.engines",
+    "monai_unireg.losses",
+    "monai_unireg.metrics",
+    "monai_unireg.transforms",
+    "monai_unireg.data",
+    "monai_unireg.networks.nets",
+    "monai_unireg.networks.blocks",
+]
+
+
+@pytest.mark.parametrize("package", LAZY_PACKAGES)
 def test_lazy_packages_resolve_every_exported_name(package: str) -> None:
     module = __import__(package, fromlist=["__all__"])
     for name in module.__all__:
@@ -58,18 +59,7 @@ def test_method_defaults_are_the_packages_table() -> None:
         method_defaults("ants")
 
 
-@pytest.mark.parametrize(
-    "package",
-    [
-        "monai_unireg.engines",
-        "monai_unireg.losses",
-        "monai_unireg.metrics",
-        "monai_unireg.transforms",
-        "monai_unireg.data",
-        "monai_unireg.networks.nets",
-        "monai_unireg.networks.blocks",
-    ],
-)
+@pytest.mark.parametrize("package", LAZY_PACKAGES)
 def test_every_submodule_is_an_attribute(package: str) -> None:
     # a module file added to a package must be listed in its _SUBMODULES (configs name package.module.X)
     import importlib

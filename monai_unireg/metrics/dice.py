@@ -1,13 +1,8 @@
-"""Per-label Dice overlap of integer label maps, and the label bookkeeping shared by label-map metrics.
+"""Per-label Dice overlap of integer label maps as MONAI metrics.
 
-Registration is evaluated by warping the moving image's labels with the predicted field and comparing them with
-the fixed image's labels, label by label (Learn2Reg evaluation, Hering et al., "Learn2Reg: comprehensive
-multi-task medical image registration challenge, dataset and evaluation in the era of deep learning",
-IEEE TMI 2023; code: https://github.com/MDL-UzL/L2R/tree/main/evaluation).
-
-Both metrics here take integer label maps, not one-hot tensors: ``y_pred`` (the warped moving labels) and ``y``
-(the fixed labels), each of shape ``[B, 1, *spatial]`` with 2 or 3 spatial axes, or a list of ``[1, *spatial]``
-tensors (MONAI's "list of channel-first tensors").
+The definitions (Learn2Reg's per-label evaluation, label bookkeeping, integer label maps ``[B, 1, *spatial]`` or a
+list of ``[1, *spatial]`` tensors) and the computation are the torch functions of :mod:`monai_unireg.metrics.labels`,
+which the command line uses without importing MONAI; the classes here wrap them for MONAI's metric API.
 """
 
 from __future__ import annotations

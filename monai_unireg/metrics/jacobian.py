@@ -1,22 +1,8 @@
-"""Regularity of a displacement field: SDlogJ (standard deviation of the log Jacobian determinant) and folding.
+"""Regularity of a displacement field as a MONAI metric: :class:`JacobianMetric` (SDlogJ and % folding).
 
-Both come from the Jacobian determinant ``J(x) = det(I + grad u(x))`` of ``phi(x) = x + u(x)``
-(:func:`monai_unireg.spatial.jacobian_determinant`, ``u`` in voxels, central differences).
-
-The Learn2Reg evaluation (Hering et al., IEEE TMI 2023; https://github.com/MDL-UzL/L2R/tree/main/evaluation)
-takes central differences of ``u`` with the kernel ``[-0.5, 0, 0.5]`` and zero padding, crops 2 voxels at every
-border, and reports ``std(log(clip(J + 3, 1e-9, 1e9)))`` -- note the "+ 3", which keeps folded voxels finite
-and compresses the scale. Cropping 2 voxels removes exactly the voxels where zero padding and ``torch.gradient``'s
-one-sided border differences disagree, so with the default ``crop=2`` the values here equal that code's.
-
-Definitions (over the voxels left after cropping ``crop`` voxels at every border, default 2; the standard
-deviation is the population one, ``ddof = 0``, like ``numpy.std``):
-
-- ``mode="l2r"`` (default, comparable with published tables): ``SDlogJ = std(log(clip(J + 3, 1e-9, 1e9)))``.
-- ``mode="exact"``: ``SDlogJ = std(log J)`` over the voxels with ``J > 0`` only (NaN if there are none).
-- folding: ``100 * mean(J <= 0)``, the percentage of voxels with a non-positive determinant.
-
-Say which SDlogJ mode a report uses.
+The definitions (Learn2Reg's SDlogJ with its "+ 3", the exact mode, the border crop) and the computation are the
+torch functions of :mod:`monai_unireg.metrics.field`, which the command line uses without importing MONAI; say which
+SDlogJ mode a report uses.
 """
 
 from __future__ import annotations

@@ -1,31 +1,9 @@
-"""95th-percentile symmetric Hausdorff distance (HD95) per label, in millimetres, from integer label maps.
+"""95th-percentile symmetric Hausdorff distance (HD95) per label, in millimetres, as a MONAI metric
+(:class:`HD95Metric`).
 
-Definition (the one of :class:`monai.metrics.HausdorffDistanceMetric` with ``percentile=95``, ``directed=False``):
-the surface ``∂A`` of a binary mask ``A`` is the set of its voxels with at least one 6-neighbour outside ``A``
-(``A`` minus its binary erosion by the 3D cross; voxels on the image border count as surface). With
-``d(a, ∂B)`` the Euclidean distance in mm (voxel index times spacing) from the centre of voxel ``a`` to the nearest
-voxel centre of ``∂B``,
-
-    HD95(A, B) = max( P95{ d(a, ∂B) : a ∈ ∂A },  P95{ d(b, ∂A) : b ∈ ∂B } ),
-
-the larger of the two directed 95th percentiles, each a plain (unweighted) percentile with linear interpolation
-(``numpy.percentile`` / ``torch.quantile``). It is *not* the percentile of the union of both distance sets.
-
-Differences from the Learn2Reg evaluation, which calls ``compute_robust_hausdorff(compute_surface_distances(
-fixed == l, warped == l, spacing), 95)`` of DeepMind's ``surface-distance`` package: (1) that package places
-surface elements ("surfels") on the voxel-corner grid and weights every distance by its surfel area, so its directed
-percentile is the distance at which the cumulative surface *area* reaches 95 %, not the 95th percentile of voxel
-counts (it also takes the max of the two directed values); the two can differ, most for small structures.
-(2) The Learn2Reg evaluation code we have seen passes ``np.ones(3)`` as spacing, i.e. reports HD95 in voxels of
-the challenge grid; this module reports millimetres from the real voxel spacing.
-
-Computation: per sample, one pass of ``scipy.ndimage.find_objects`` gives every label's bounding box; each label is
-processed in the union box of its two masks grown by one voxel, surfaces come from shifted-slice erosion, surface
-voxels shared by both masks have distance 0 and the others are queried in a KD-tree (``scipy.spatial.cKDTree``,
-all CPU cores) built on the other surface. A distance transform of the box
-(``scipy.ndimage.distance_transform_edt``), whose cost grows with the box volume, was about half as fast in our
-measurements. Exact, like MONAI's, and many times faster (see ``benchmarks/bench_hd95.py``). Runs on CPU; tensors
-on another device are copied to the CPU and the results come back on the inputs' device.
+The definition (MONAI's ``HausdorffDistanceMetric`` with ``percentile=95``, its differences from the Learn2Reg
+evaluation) and the computation are in :mod:`monai_unireg.metrics.hausdorff`, torch and SciPy functions that the
+command line uses without importing MONAI.
 """
 
 from __future__ import annotations

@@ -10,6 +10,13 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
+#: A ``run#1`` override of a train.yaml: the trainer exits the process as its first epoch completes (after the
+#: epoch's checkpoint is written), as a kill would.
+KILL_AFTER_THE_FIRST_EPOCH = (
+    "$(@train#trainer.add_event_handler(ignite.engine.Events.EPOCH_COMPLETED(once=1), lambda e: os._exit(3)),"
+    " @train#trainer.run())"
+)
+
 
 class BundleRunner:
     """Commands, runs and merged configs of the bundle in ``bundle`` (its folder, e.g. ``bundles/unireg``)."""
@@ -45,6 +52,18 @@ class BundleRunner:
         assert (result.returncode == 0) == succeed, f"bundle run exited with {result.returncode}:\n{log[-6000:]}"
         return log
 
+    def resume_after_a_kill(
+        self, config_files: list[str], overrides: dict, output_dir: Path, resumed: dict | None = None
+    ) -> str:
+        """Train with ``overrides``, killed right after the first epoch's checkpoint (``os._exit``, no clean-up),
+        then run the same command again (``resumed``: other overrides for it naming the same run); checks that the
+        second run resumed from that checkpoint instead of starting over, and returns its log."""
+        self.run(config_files, succeed=False, **overrides, **{"run#1": KILL_AFTER_THE_FIRST_EPOCH})
+        assert sorted(path.name for path in output_dir.glob("*.pt")) == ["checkpoint_epoch=1.pt"]
+        log = self.run(config_files, **(overrides if resumed is None else resumed))
+        assert "Restored all variables from" in log and "Epoch[1] Complete" not in log.split("Restored")[1]
+        return log
+
     def parse(self, config_files: list[str], **overrides: object) -> ConfigParser:
         """The bundle's configs merged as ``monai.bundle run`` merges them, without running anything."""
         parser = ConfigParser()
@@ -60,3 +79,15 @@ def read_checkpoint(folder: Path) -> dict:
 
     path = folder / "checkpoint.pt" if (folder / "checkpoint.pt").exists() else latest_checkpoint(folder)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def final_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The network weights of a training folder's ``model.pt`` (its ``model`` entry when it holds the config too)."""
+    saved = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    return saved["model"] if "model" in saved else saved
+
+
+def assert_same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+    """The same keys and bit-identical tensors."""
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)

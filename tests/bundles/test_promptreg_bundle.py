@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_runner import BundleRunner, read_checkpoint
+from bundle_runner import BundleRunner, assert_same_weights, final_weights, read_checkpoint
 
 from monai_unireg.data import load_learn2reg, pair_name
 from monai_unireg.networks.nets import PromptReg, load_promptreg
@@ -62,10 +62,6 @@ def train_overrides(datasets: list[Path], output_dir: Path, **overrides: object)
     }
 
 
-def final_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return torch.load(folder / "model.pt", map_location="cpu", weights_only=True)["model"]
-
-
 def leave_one_out(data: dict[str, Path], output_dir: Path) -> dict:
     """2 epochs on BrainSynth and CTTotalSeg, ProstateMRUS held out (by name), validated on its first pair."""
     overrides = train_overrides(list(data.values()), output_dir, epochs=2, held_out="ProstateMRUS")
@@ -106,18 +102,9 @@ def test_resume_after_a_kill_is_bit_exact(data, trained, tmp_path):
     the run: the network equals the uninterrupted run's bit for bit."""
     output_dir = tmp_path / "killed"
     overrides = leave_one_out(data, output_dir)
-    kill = (
-        "$(@train#trainer.add_event_handler(ignite.engine.Events.EPOCH_COMPLETED(once=1), lambda e: os._exit(3)),"
-        " @train#trainer.run())"
-    )
-    run_bundle(TRAIN, succeed=False, **overrides, **{"run#1": kill})
-    assert sorted(path.name for path in output_dir.glob("*.pt")) == ["checkpoint_epoch=1.pt"]
-    overrides["held_out"] = data["ProstateMRUS"]  # held out by path this time: the same run
-    log = run_bundle(TRAIN, **overrides)
-    assert "Restored all variables from" in log and "Epoch[1] Complete" not in log.split("Restored")[1]
-    resumed, uninterrupted = final_weights(output_dir), final_weights(trained[0])
-    assert resumed.keys() == uninterrupted.keys()
-    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
+    resumed = {**overrides, "held_out": data["ProstateMRUS"]}  # held out by path this time: the same run
+    _RUNNER.resume_after_a_kill(TRAIN, overrides, output_dir, resumed)
+    assert_same_weights(final_weights(output_dir), final_weights(trained[0]))
 
 
 def test_the_ablation_with_the_optimiser_a_transform_and_a_handler_swapped(data, tmp_path):

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_runner import BundleRunner, read_checkpoint
+from bundle_runner import BundleRunner, assert_same_weights, final_weights, read_checkpoint
 
 from monai_unireg.data import load_learn2reg, pair_name
 from monai_unireg.engines import SACBNET_LAMBDAS
@@ -60,10 +60,6 @@ def train_overrides(dataset: Path, output_dir: Path, **overrides: object) -> dic
     }
 
 
-def final_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-
-
 @pytest.fixture(scope="module")
 def trained(brainsynth, tmp_path_factory) -> tuple[Path, str]:
     """train.yaml + lpba.yaml for 2 epochs, validated on the first registration_val pair; its folder and log."""
@@ -91,17 +87,8 @@ def test_resume_after_a_kill_is_bit_exact(brainsynth, trained, tmp_path):
     the run: the network equals the uninterrupted run's bit for bit."""
     output_dir = tmp_path / "killed"
     overrides = train_overrides(brainsynth, output_dir, epochs=2, validation_json=brainsynth, max_validation_pairs=1)
-    kill = (
-        "$(@train#trainer.add_event_handler(ignite.engine.Events.EPOCH_COMPLETED(once=1), lambda e: os._exit(3)),"
-        " @train#trainer.run())"
-    )
-    run_bundle(TRAIN_LPBA, succeed=False, **overrides, **{"run#1": kill})
-    assert sorted(path.name for path in output_dir.glob("*.pt")) == ["checkpoint_epoch=1.pt"]
-    log = run_bundle(TRAIN_LPBA, **overrides)
-    assert "Restored all variables from" in log and "Epoch[1] Complete" not in log.split("Restored")[1]
-    resumed, uninterrupted = final_weights(output_dir), final_weights(trained[0])
-    assert resumed.keys() == uninterrupted.keys()
-    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
+    _RUNNER.resume_after_a_kill(TRAIN_LPBA, overrides, output_dir)
+    assert_same_weights(final_weights(output_dir), final_weights(trained[0]))
 
 
 def test_swapping_the_optimiser_a_transform_and_a_handler_by_overrides(brainsynth, tmp_path):

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_runner import BundleRunner, read_checkpoint
+from bundle_runner import BundleRunner, assert_same_weights, final_weights, read_checkpoint
 
 from monai_unireg.data import load_learn2reg, pair_name
 from monai_unireg.networks.nets import UniGradICON
@@ -59,10 +59,6 @@ def train_overrides(dataset: Path, output_dir: Path, **overrides: object) -> dic
     }
 
 
-def final_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-
-
 def parameter_names(network: torch.nn.Module) -> set[str]:
     """The trained weights (not BatchNorm's running statistics, which change in any training forward pass)."""
     return {name for name, _ in network.named_parameters()}
@@ -94,17 +90,8 @@ def test_resume_after_a_kill_is_bit_exact(brainsynth, stage_one, tmp_path):
     the run: the network equals the uninterrupted run's bit for bit (pairs, augmentation and jitter restored)."""
     output_dir = tmp_path / "killed"
     overrides = train_overrides(brainsynth, output_dir, epochs=2, validation_json=brainsynth, max_validation_pairs=1)
-    kill = (
-        "$(@train#trainer.add_event_handler(ignite.engine.Events.EPOCH_COMPLETED(once=1), lambda e: os._exit(3)),"
-        " @train#trainer.run())"
-    )
-    run_bundle(TRAIN, succeed=False, **overrides, **{"run#1": kill})
-    assert sorted(path.name for path in output_dir.glob("*.pt")) == ["checkpoint_epoch=1.pt"]
-    log = run_bundle(TRAIN, **overrides)
-    assert "Restored all variables from" in log and "Epoch[1] Complete" not in log.split("Restored")[1]
-    resumed, uninterrupted = final_weights(output_dir), final_weights(stage_one[0])
-    assert resumed.keys() == uninterrupted.keys()
-    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
+    _RUNNER.resume_after_a_kill(TRAIN, overrides, output_dir)
+    assert_same_weights(final_weights(output_dir), final_weights(stage_one[0]))
 
 
 def test_fine_tuning_released_layout_weights_with_swapped_parts(shared_data, tmp_path):

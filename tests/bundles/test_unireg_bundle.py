@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_runner import BundleRunner, read_checkpoint
+from bundle_runner import BundleRunner, assert_same_weights, final_weights, read_checkpoint
 
 from monai_unireg import io
 from monai_unireg.data import load_learn2reg, pair_name
@@ -87,10 +87,6 @@ def train_overrides(entries: list[dict[str, str]], output_dir: Path, **overrides
     }
 
 
-def final_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return torch.load(folder / "model.pt", map_location="cpu", weights_only=True)["model"]
-
-
 @pytest.fixture(scope="module")
 def trained(entries, tmp_path_factory) -> tuple[Path, str]:
     """train.yaml on BrainSynth and ProstateMRUS for two short epochs; the run's folder and log."""
@@ -121,17 +117,8 @@ def test_resume_after_a_kill_is_bit_exact(entries, trained, tmp_path):
     the run: the network equals the uninterrupted run's bit for bit."""
     output_dir = tmp_path / "killed"
     overrides = train_overrides(entries, output_dir, epochs=2)
-    kill = (
-        "$(@train#trainer.add_event_handler(ignite.engine.Events.EPOCH_COMPLETED(once=1), lambda e: os._exit(3)),"
-        " @train#trainer.run())"
-    )
-    run_bundle(TRAIN, succeed=False, **overrides, **{"run#1": kill})
-    assert sorted(path.name for path in output_dir.glob("*.pt")) == ["checkpoint_epoch=1.pt"]
-    log = run_bundle(TRAIN, **overrides)
-    assert "Restored all variables from" in log and "Epoch[1] Complete" not in log.split("Restored")[1]
-    resumed, uninterrupted = final_weights(output_dir), final_weights(trained[0])
-    assert resumed.keys() == uninterrupted.keys()
-    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
+    _RUNNER.resume_after_a_kill(TRAIN, overrides, output_dir)
+    assert_same_weights(final_weights(output_dir), final_weights(trained[0]))
     # resuming with other network settings is refused, naming them (the checkpoint's first entry, NetworkConfig)
     static = NetworkConfig(UniReg((16, 16, 16), channels=(4, 8, 8, 8), dynamic_head=False))
     with pytest.raises(ValueError, match=r"written for a network with dynamic_head=True \(now False\).*--resume False"):
