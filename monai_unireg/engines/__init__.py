@@ -1,6 +1,6 @@
-"""Engines: end-to-end registration of image files (used by the command line and the bundles); the training loop
-shared by the learned methods, their objectives, fine-tuning and instance optimisation; the pieces the bundles'
-configs wire into MONAI's engines (``bundle``) and the helpers they share (``workflows``)."""
+"""Engines: end-to-end registration of image files (used by the command line and the bundles); each learned
+method's defaults, training objective, fine-tuning and instance optimisation; the pieces the bundles' configs wire
+into MONAI's engines (``bundle``) and the helpers they share (``workflows``)."""
 
 # submodules the bundle configs name as attributes ($monai_unireg.engines.bundle.X)
 from monai_unireg.engines import bundle as bundle
@@ -24,39 +24,23 @@ from monai_unireg.engines.pair_registration import (
     write_results,
     write_table,
 )
-from monai_unireg.engines.promptreg import (
-    PROMPTREG_DEFAULTS,
-    DatasetDiceTable,
-    DomainPairLoader,
-    PromptRegObjective,
-    train_promptreg,
-)
+from monai_unireg.engines.promptreg import PROMPTREG_DEFAULTS, DatasetDiceTable, PromptRegObjective
 from monai_unireg.engines.sacbnet import (
     SACBNET_CT_WINDOW,
     SACBNET_DEFAULTS,
     SACBNET_LAMBDAS,
     SACBNetObjective,
-    train_sacbnet,
 )
-from monai_unireg.engines.training import (
-    CT_WINDOW,
-    LossTerms,
-    PairLoader,
-    polynomial_decay,
-    train_registration,
-    validation_dice,
-)
+from monai_unireg.engines.training import LossTerms
 from monai_unireg.engines.unigradicon import (
     UNIGRADICON_DEFAULTS,
     GradICONObjective,
     InstanceOptimised,
-    RandomPairAugmentation,
     RandomPairAugmentationd,
     StartingWeights,
     check_starting_weights,
     instance_optimise,
     stage_two_from_stage_one,
-    train_unigradicon,
 )
 from monai_unireg.engines.unireg import (
     UNIREG_CT_WINDOW,
@@ -66,29 +50,16 @@ from monai_unireg.engines.unireg import (
     EvaluationLabelsd,
     UniRegConditiond,
     UniRegObjective,
-    UniRegPairLoader,
     UniRegRegistration,
     UniRegTable,
     prepare_conditioned_batch,
     prepare_unireg_batch,
-    train_unireg,
     unireg_objective,
     unireg_pairs,
     unireg_registration,
     validation_label_values,
 )
-from monai_unireg.engines.workflows import (
-    DistributedRun,
-    check_datasets,
-    check_resumable,
-    distributed_training,
-    load_validation_pairs,
-    size_text,
-    validation_set,
-    working_size,
-    wrap_distributed,
-    write_result_table,
-)
+from monai_unireg.engines.workflows import check_datasets, load_validation_pairs, write_result_table
 
 #: Method name -> its defaults (working size, CT window, intensity range, weights loader, instance optimisation).
 METHOD_DEFAULTS: dict[str, MethodDefaults] = {
@@ -110,8 +81,6 @@ __all__ = [
     "UNIREG_INTENSITY_RANGE",
     "UNIREG_LAMBDAS",
     "UniRegObjective",
-    "UniRegPairLoader",
-    "train_unireg",
     "EvaluationLabelsd",
     "UniRegConditiond",
     "UniRegRegistration",
@@ -122,39 +91,22 @@ __all__ = [
     "unireg_pairs",
     "unireg_registration",
     "validation_label_values",
-    "DomainPairLoader",
     "PromptRegObjective",
-    "train_promptreg",
     "DatasetDiceTable",
-    "CT_WINDOW",
     "LossTerms",
-    "PairLoader",
-    "polynomial_decay",
-    "train_registration",
-    "validation_dice",
     "SACBNET_CT_WINDOW",
     "SACBNET_LAMBDAS",
     "SACBNetObjective",
-    "train_sacbnet",
     "GradICONObjective",
     "InstanceOptimised",
-    "RandomPairAugmentation",
     "RandomPairAugmentationd",
     "StartingWeights",
     "check_starting_weights",
     "instance_optimise",
     "stage_two_from_stage_one",
-    "train_unigradicon",
-    "DistributedRun",
     "check_datasets",
-    "check_resumable",
-    "size_text",
-    "working_size",
     "write_result_table",
-    "distributed_training",
     "load_validation_pairs",
-    "validation_set",
-    "wrap_distributed",
     "MODALITIES",
     "LoadedPair",
     "RegistrationResult",
