@@ -100,7 +100,7 @@ class PromptRegObjective(nn.Module):
         network: the network whose last forward pass's prompt the prompt terms read: the :class:`PromptReg`, or a
             wrapper of it (``PairInput``, ``DistributedDataParallel``); needed when ``forward`` is given a plain
             ``model(moving, fixed)`` function (the bundle's :class:`~monai_unireg.engines.bundle.RegistrationStep`);
-            ``None``: the ``model`` of ``forward`` itself (a PromptReg or its DDP wrapper, :func:`train_promptreg`).
+            ``None``: the ``model`` of ``forward`` itself (a PromptReg or its DDP wrapper).
     """
 
     def __init__(

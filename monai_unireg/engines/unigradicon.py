@@ -82,8 +82,7 @@ class GradICONObjective(nn.Module):
         lam: GradICON weight (paper: 1.5).
         sigma: LNCC Gaussian window in voxels (paper: 5).
         squared: ``1 - mean(LNCC^2)``, offered for multimodal pairs (METHODS.md).
-        seed: seed of the GradICON jitter's private generator (reseeded every epoch by
-            :func:`~monai_unireg.engines.train_registration`); ``None``: PyTorch's global generator on the fields'
+        seed: seed of the GradICON jitter's private generator; ``None``: PyTorch's global generator on the fields'
             device (the bundle's: seeded by ``set_determinism`` and saved with its checkpoints).
     """
 
@@ -93,16 +92,12 @@ class GradICONObjective(nn.Module):
         self.similarity = LNCCLoss(spatial_dims=3, kernel_type="gaussian", sigma=sigma, squared=squared)
         self.regulariser = GradICONLoss(seed=seed)
 
-    def reseed(self, seed: int) -> None:
-        """Restart the GradICON jitter's random sequence from ``seed`` (in a private generator)."""
-        self.regulariser.generator = torch.Generator().manual_seed(check_integer(seed, "seed"))
-
     def forward(
         self, network: nn.Module, batch: Mapping[str, torch.Tensor] | torch.Tensor, image_b: torch.Tensor | None = None
     ) -> LossTerms:
         """Evaluate the objective: ``objective(network, batch)`` (the convention of
-        :func:`~monai_unireg.engines.train_registration`; A is ``batch["moving"]``, B is ``batch["fixed"]``, other
-        keys are ignored) or ``objective(network, image_a, image_b)``.
+        :class:`~monai_unireg.engines.bundle.RegistrationStep`; A is ``batch["moving"]``, B is ``batch["fixed"]``,
+        other keys are ignored) or ``objective(network, image_a, image_b)``.
 
         Args:
             network: maps ``(moving, fixed)`` at its working size to a ``[B, 3, *S]`` voxel field.

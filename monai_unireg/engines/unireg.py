@@ -157,11 +157,9 @@ class UniRegObjective(nn.Module):
     def forward(self, model: nn.Module, batch: Batch) -> LossTerms:
         """Loss of ``model(moving, fixed, task=..., reg_type=...) -> ddf`` (a :class:`UniReg`, its
         ``DistributedDataParallel`` wrapper, or the bundle trainer's network call) on ``batch`` (with ``"task"`` and
-        ``"reg_type"`` indices, as :class:`UniRegPairLoader` or :class:`UniRegConditiond` give)."""
+        ``"reg_type"`` indices, as :class:`UniRegConditiond` gives)."""
         if "task" not in batch or "reg_type" not in batch:
-            raise ValueError(
-                "the batch has no 'task' / 'reg_type': read the pairs with UniRegPairLoader (or UniRegConditiond)."
-            )
+            raise ValueError("the batch has no 'task' / 'reg_type': add them with UniRegConditiond.")
         moving, fixed = batch["moving"], batch["fixed"]
         tasks = batch["task"].long().view(-1)
         ddf = model(moving, fixed, task=tasks, reg_type=batch["reg_type"].long().view(-1))
