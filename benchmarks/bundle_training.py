@@ -10,8 +10,11 @@ evaluator scores them all together.
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,3 +209,54 @@ def summary(result: Result, datasets: Sequence[str], seconds: float) -> str:
             f"identity map {result.identity_dice[name]:.4f})"
         )
     return text + f"; {seconds:.0f} s"
+
+
+def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every short-training benchmark takes: ``--validation-pairs``, ``--threads``, ``--seed``."""
+    parser.add_argument("--validation-pairs", type=int, default=None, help="first N per dataset (default all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+#: The shared datasets the benchmarks train on, and the key of their json that lists the labels their Dice averages.
+LABEL_KEYS = {"BrainSynth": "dice_top30_labels", "ProstateMRUS": "evaluation_labels"}
+
+
+def datasets(names: Sequence[str]) -> tuple[dict[str, Path], dict[str, list[int]]]:
+    """The ``*_dataset.json`` of each of ``names`` and the labels its Dice averages (:data:`LABEL_KEYS`)."""
+    paths = {name: dataset_json(name) for name in names}
+    return paths, {name: json.loads(path.read_text())[LABEL_KEYS[name]] for name, path in paths.items()}
+
+
+def brainsynth(arguments: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """Training and validation on BrainSynth alone: the overrides and ``{"BrainSynth": its 30 largest labels}``."""
+    paths, labels = datasets(["BrainSynth"])
+    path = str(paths["BrainSynth"])
+    return {"datasets": [path], "validation_json": path, "max_validation_pairs": arguments.validation_pairs}, labels
+
+
+def run_benchmark(
+    bundle: str,
+    arguments: argparse.Namespace,
+    overrides: Mapping[str, Any],
+    labels: Mapping[str, Sequence[int]],
+    parts: Sequence[str],
+    default_dataset: str = "",
+) -> Result:
+    """:func:`train_bundle` with the settings every benchmark shares (``epochs``, ``pairs_per_dataset``,
+    ``learning_rate`` and ``seed`` from ``arguments``, ``validation_labels`` the union of ``labels``) and
+    ``overrides``, on ``arguments.threads`` threads; prints the table (the objective's ``parts``) and the summary."""
+    torch.set_num_threads(arguments.threads)
+    started = time.perf_counter()
+    settings = {
+        "epochs": arguments.epochs,
+        "pairs_per_dataset": arguments.pairs,
+        "learning_rate": arguments.learning_rate,
+        "seed": arguments.seed,
+        "validation_labels": union(labels),
+        **overrides,
+    }
+    result = train_bundle(bundle, settings, labels, default_dataset)
+    print_table(result, parts, list(labels))
+    print(summary(result, list(labels), time.perf_counter() - started))
+    return result

@@ -33,16 +33,13 @@ training pairs): this shows that training works, not how it generalises. The set
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
-import torch
-from bundle_training import dataset_json, print_table, summary, train_bundle, union
+from bundle_training import add_shared_arguments, datasets, run_benchmark
 
 from monai_unireg.engines import load_validation_pairs
 
-#: The training datasets (domain = position) and the key of their JSON that lists the labels to score.
-DATASETS = (("BrainSynth", "dice_top30_labels"), ("ProstateMRUS", "evaluation_labels"))
+#: The training datasets (domain = position).
+DATASETS = ("BrainSynth", "ProstateMRUS")
 PARTS = ("similarity", "diffusion", "orthogonality", "task_similarity")
 
 
@@ -54,17 +51,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=30, help="training pairs per dataset and epoch (paper: 100)")
     parser.add_argument("--learning-rate", type=float, default=2e-4, help="initial Adam rate (paper: 1e-4)")
     parser.add_argument("--no-prompt", action="store_true", help="the backbone alone (the 'w/o RPG' ablation)")
-    parser.add_argument("--validation-pairs", type=int, default=None, help="first N per dataset (default all)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    add_shared_arguments(parser)
     return parser.parse_args()
 
 
 def main() -> None:
     arguments = parse_args()
-    torch.set_num_threads(arguments.threads)
-    paths = {name: dataset_json(name) for name, _ in DATASETS}
-    labels = {name: json.loads(paths[name].read_text())[key] for name, key in DATASETS}
+    paths, labels = datasets(DATASETS)
     validation = [
         {**pair, "dataset": name}
         for name, path in paths.items()
@@ -76,25 +69,14 @@ def main() -> None:
         f"batch 1, lr {arguments.learning_rate} (polynomial decay 0.9), {arguments.threads} threads; "
         "bundles/promptreg/configs/train.yaml"
     )
-    started = time.perf_counter()
-    result = train_bundle(
-        "promptreg",
-        {
-            "datasets": [str(path) for path in paths.values()],
-            "validation_pairs": validation,
-            "validation_labels": union(labels),
-            "input_size": list(arguments.size),
-            "channels": arguments.channels,
-            "use_prompt": not arguments.no_prompt,
-            "epochs": arguments.epochs,
-            "pairs_per_dataset": arguments.pairs,
-            "learning_rate": arguments.learning_rate,
-            "seed": arguments.seed,
-        },
-        labels,
-    )
-    print_table(result, PARTS, list(labels))
-    print(summary(result, list(labels), time.perf_counter() - started))
+    settings = {
+        "datasets": [str(path) for path in paths.values()],
+        "validation_pairs": validation,
+        "input_size": list(arguments.size),
+        "channels": arguments.channels,
+        "use_prompt": not arguments.no_prompt,
+    }
+    run_benchmark("promptreg", arguments, settings, labels, PARTS)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,8 @@ results.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
-import torch
-from bundle_training import dataset_json, print_table, summary, train_bundle, union
+from bundle_training import add_shared_arguments, brainsynth, run_benchmark
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,44 +35,26 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--lam", type=float, default=1.0, help="diffusion weight (SACBNET_LAMBDAS: LPBA 1)")
     parser.add_argument("--clusters", type=int, default=7, help="K-Means clusters per SACB (paper: 7)")
-    parser.add_argument("--validation-pairs", type=int, default=None, help="first N validation pairs (default all)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    add_shared_arguments(parser)
     return parser.parse_args()
 
 
 def main() -> None:
     arguments = parse_args()
-    torch.set_num_threads(arguments.threads)
-    path = dataset_json("BrainSynth")
-    labels = {"BrainSynth": json.loads(path.read_text())["dice_top30_labels"]}
+    data, labels = brainsynth(arguments)
     print(
         f"BrainSynth, {'x'.join(map(str, arguments.size))}, SACB-Net ({arguments.clusters} clusters), "
         f"{arguments.pairs} pairs/epoch, batch {arguments.batch_size}, lr {arguments.learning_rate} (polynomial decay "
         f"0.9 per epoch), lambda {arguments.lam}, {arguments.threads} threads; bundles/sacbnet/configs/train.yaml"
     )
-    started = time.perf_counter()
-    result = train_bundle(
-        "sacbnet",
-        {
-            "datasets": [str(path)],
-            "validation_json": str(path),
-            "validation_labels": union(labels),
-            "max_validation_pairs": arguments.validation_pairs,
-            "input_size": list(arguments.size),
-            "num_clusters": arguments.clusters,
-            "epochs": arguments.epochs,
-            "pairs_per_dataset": arguments.pairs,
-            "batch_size": arguments.batch_size,
-            "learning_rate": arguments.learning_rate,
-            "lam": arguments.lam,
-            "seed": arguments.seed,
-        },
-        labels,
-        default_dataset="BrainSynth",
-    )
-    print_table(result, ("similarity", "diffusion"), list(labels))
-    print(summary(result, list(labels), time.perf_counter() - started))
+    settings = {
+        **data,
+        "input_size": list(arguments.size),
+        "num_clusters": arguments.clusters,
+        "batch_size": arguments.batch_size,
+        "lam": arguments.lam,
+    }
+    run_benchmark("sacbnet", arguments, settings, labels, ("similarity", "diffusion"), default_dataset="BrainSynth")
 
 
 if __name__ == "__main__":

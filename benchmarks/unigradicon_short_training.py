@@ -22,11 +22,8 @@ loop: with the perturbation the loss fell from 1.05 to 0.52 in 6 epochs while th
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
-import torch
-from bundle_training import dataset_json, print_table, summary, train_bundle, union
+from bundle_training import add_shared_arguments, brainsynth, run_benchmark
 
 CHANNELS = [8, 16, 32, 32]
 
@@ -40,46 +37,28 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--noise", type=float, default=0.0, help="affine perturbation std (published: 0.05)")
     parser.add_argument("--permute-flip", action="store_true", help="random axis permutations and flips (published)")
-    parser.add_argument("--validation-pairs", type=int, default=None, help="first N validation pairs (default all)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    add_shared_arguments(parser)
     return parser.parse_args()
 
 
 def main() -> None:
     arguments = parse_args()
-    torch.set_num_threads(arguments.threads)
-    path = dataset_json("BrainSynth")
-    labels = {"BrainSynth": json.loads(path.read_text())["dice_top30_labels"]}
+    data, labels = brainsynth(arguments)
     print(
         f"BrainSynth, {arguments.size}^3, channels {tuple(CHANNELS)}, {arguments.pairs} pairs/epoch, "
         f"batch {arguments.batch_size}, lr {arguments.learning_rate}, augmentation: affine noise {arguments.noise}, "
         f"permutations and flips {'on' if arguments.permute_flip else 'off'}; bundles/unigradicon/configs/train.yaml"
     )
-    started = time.perf_counter()
-    result = train_bundle(
-        "unigradicon",
-        {
-            "datasets": [str(path)],
-            "validation_json": str(path),
-            "validation_labels": union(labels),
-            "max_validation_pairs": arguments.validation_pairs,
-            "input_size": arguments.size,
-            "down_channels": CHANNELS,
-            "up_channels": CHANNELS,
-            "epochs": arguments.epochs,
-            "pairs_per_dataset": arguments.pairs,
-            "batch_size": arguments.batch_size,
-            "learning_rate": arguments.learning_rate,
-            "augmentation_noise_std": arguments.noise,
-            "permute_flip": arguments.permute_flip,
-            "seed": arguments.seed,
-        },
-        labels,
-        default_dataset="BrainSynth",
-    )
-    print_table(result, ("similarity", "gradicon"), list(labels))
-    print(summary(result, list(labels), time.perf_counter() - started))
+    settings = {
+        **data,
+        "input_size": arguments.size,
+        "down_channels": CHANNELS,
+        "up_channels": CHANNELS,
+        "batch_size": arguments.batch_size,
+        "augmentation_noise_std": arguments.noise,
+        "permute_flip": arguments.permute_flip,
+    }
+    run_benchmark("unigradicon", arguments, settings, labels, ("similarity", "gradicon"), default_dataset="BrainSynth")
 
 
 if __name__ == "__main__":

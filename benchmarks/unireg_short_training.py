@@ -27,18 +27,12 @@ settings are printed with the results.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
 import torch
-from bundle_training import Result, dataset_json, print_table, summary, train_bundle, union
+from bundle_training import Result, add_shared_arguments, datasets, run_benchmark
 
-#: Training datasets, their condition and the key of their JSON that lists the labels to score.
-DATASETS = (
-    ("BrainSynth", ("brain", "inter"), "dice_top30_labels"),
-    ("ProstateMRUS", ("pelvis", "intra"), "evaluation_labels"),
-)
-CONDITIONS = {name: condition for name, condition, _ in DATASETS}
+#: Training datasets and their condition.
+CONDITIONS = {"BrainSynth": ("brain", "inter"), "ProstateMRUS": ("pelvis", "intra")}
 LAMBDAS = {"brain": 1.0, "pelvis": 1.0}
 PARTS = ("similarity", "smoothness", "dice")
 #: Adam instead of the config's SGD, over the same parameter groups (the head at its own rate).
@@ -57,9 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="Adam rate of the backbone")
     parser.add_argument("--head-scale", type=float, default=30.0, help="the head's rate / the backbone's")
     parser.add_argument("--static-head", action="store_true", help="the Table 6 ablation: one static head")
-    parser.add_argument("--validation-pairs", type=int, default=None, help="first N per dataset (default all)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    add_shared_arguments(parser)
     return parser.parse_args()
 
 
@@ -86,39 +78,26 @@ def condition_effect(result: Result) -> str:
 
 def main() -> None:
     arguments = parse_args()
-    torch.set_num_threads(arguments.threads)
-    paths = {name: dataset_json(name) for name, _, _ in DATASETS}
-    labels = {name: json.loads(paths[name].read_text())[key] for name, _, key in DATASETS}
+    paths, labels = datasets(list(CONDITIONS))
     print(
         f"BrainSynth (brain, inter) + ProstateMRUS (pelvis, intra), {'x'.join(map(str, arguments.size))}, UniReg "
         f"({'static' if arguments.static_head else 'dynamic'} head), {arguments.pairs} pairs per dataset and epoch, "
         f"batch 1, Adam {arguments.learning_rate} (head x{arguments.head_scale:g}), lambdas {LAMBDAS}, Dice "
         f"supervision on both, {arguments.threads} threads; bundles/unireg/configs/train.yaml"
     )
-    started = time.perf_counter()
-    result = train_bundle(
-        "unireg",
-        {
-            "datasets": [
-                {"json": str(paths[name]), "task": task, "reg_type": kind} for name, (task, kind), _ in DATASETS
-            ],
-            "tasks": list(LAMBDAS),
-            "lambdas": LAMBDAS,
-            "validation_labels": union(labels),
-            "max_validation_pairs": arguments.validation_pairs,
-            "input_size": list(arguments.size),
-            "dynamic_head": not arguments.static_head,
-            "optimizer": ADAM,
-            "learning_rate": arguments.learning_rate,
-            "head_learning_rate_scale": arguments.head_scale,
-            "epochs": arguments.epochs,
-            "pairs_per_dataset": arguments.pairs,
-            "seed": arguments.seed,
-        },
-        labels,
-    )
-    print_table(result, PARTS, list(labels))
-    print(summary(result, list(labels), time.perf_counter() - started))
+    settings = {
+        "datasets": [
+            {"json": str(paths[name]), "task": task, "reg_type": kind} for name, (task, kind) in CONDITIONS.items()
+        ],
+        "tasks": list(LAMBDAS),
+        "lambdas": LAMBDAS,
+        "max_validation_pairs": arguments.validation_pairs,
+        "input_size": list(arguments.size),
+        "dynamic_head": not arguments.static_head,
+        "optimizer": ADAM,
+        "head_learning_rate_scale": arguments.head_scale,
+    }
+    result = run_benchmark("unireg", arguments, settings, labels, PARTS)
     print("condition: " + condition_effect(result))
 
 
