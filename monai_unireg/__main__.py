@@ -1,7 +1,5 @@
 """``python -m monai_unireg``: the ``monai-unireg`` command line."""
 
-import sys
+from monai_unireg.cli import run
 
-from monai_unireg.cli import main
-
-sys.exit(main())
+run()

@@ -29,7 +29,9 @@ Methods are listed in :data:`METHODS` (name -> factory of the network) with the 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import difflib
+import gc
 import os
 import re
 import sys
@@ -41,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # imported lazily at run time: the command line starts without torch
     import torch.nn as nn
 
-__all__ = ["main", "build_parser", "METHODS", "METHOD_OPTIONS", "UsageError"]
+__all__ = ["main", "run", "build_parser", "METHODS", "METHOD_OPTIONS", "UsageError"]
 
 _START = time.perf_counter()
 
@@ -77,14 +79,14 @@ def _voxelopt(
     MIND-SSC from half resolution followed by a continuous multi-resolution Adam refinement of its field
     (:func:`~monai_unireg.engines.refinement.refined_voxelopt`, settings ``CLI_VOXELOPT`` / ``CLI_REFINEMENT`` with
     their measurements). ``benchmarks/peers.py`` (2 threads, same run as ANTs SyNOnly and Greedy; issue 13's note):
-    8-bit BrainVXM2mm known field Dice 0.919 / endpoint error 0.76 mm against VoxelOpt alone 0.887 / 0.83 mm; held-out
-    CT 0.903 / 1.72 mm against 0.876 / 1.66 mm; BrainSynth (4 pairs) 0.782 against 0.683.
+    8-bit BrainVXM2mm known field Dice 0.934 / endpoint error 0.47 mm against VoxelOpt alone 0.887 / 0.83 mm; CT
+    0.908 / 1.15 mm against 0.876 / 1.66 mm; BrainSynth (4 pairs) 0.761 against 0.683.
 
     Without (``--no-refinement``): VoxelOpt alone, the paper's settings with 5 levels (fewer for small volumes, see
     :meth:`VoxelOpt.levels_for`) and a finer MIND-SSC than the authors' code (radius 1, dilation 1 instead of 2, 2;
     their abdomen CT setting computes MIND on the 2 mm grid and optimises from 4 mm down).
     """
-    from monai_unireg.networks.nets import VoxelOpt
+    from monai_unireg.networks.nets.voxelopt import VoxelOpt
 
     if weights is not None or io_iterations:
         raise ValueError("--weights and --io-iterations apply to learned methods; voxelopt needs no training.")
@@ -193,9 +195,9 @@ _METHOD_SPECIFIC = {
 def _method_defaults(method: str) -> Any:
     """The method's :class:`~monai_unireg.engines.defaults.MethodDefaults` (CT window, intensity range, ...): its one
     home, shared with the bundles and the trainers."""
-    from monai_unireg.engines import METHOD_DEFAULTS
+    from monai_unireg.engines import method_defaults
 
-    return METHOD_DEFAULTS[method]
+    return method_defaults(method)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -558,6 +560,7 @@ def _register_into(arguments: argparse.Namespace, conditions: dict[str, str]) ->
         volume_shape(arguments.fixed, "--fixed"), arguments.weights, arguments.io_iterations, **conditions
     )
     _attach_progress(network)
+    _freeze_heap()
     setup = time.perf_counter() - start
     metrics = register_files(
         network,
@@ -598,6 +601,7 @@ def _demo(arguments: argparse.Namespace) -> dict:
     generating = time.perf_counter() - start
     network = METHODS["voxelopt"](tuple(pair.fixed.shape[2:]))
     _attach_progress(network)
+    _freeze_heap()
     metrics = register_files(
         network,
         inputs["fixed"],
@@ -618,6 +622,18 @@ def _demo(arguments: argparse.Namespace) -> dict:
     )
     metrics["timing_s"] = {"generating": round(generating, 3), **metrics["timing_s"]}
     return metrics
+
+
+def _freeze_heap() -> None:
+    """Keep the garbage collector off every object alive now (torch, numpy, nibabel and our modules, the network),
+    and let it run again (:func:`main` stops it while the modules import: their objects live to the end).
+
+    Python's cyclic collector otherwise walks these ~300 000 long-lived objects at every full collection (five
+    during the imports, about 1 s) and once more at exit (about 2 s on the 8-bit BrainVXM2mm pair, loaded machine;
+    ``benchmarks/register_stages.py``). :func:`main` undoes it for in-process callers.
+    """
+    gc.freeze()
+    gc.enable()
 
 
 def _log(message: str) -> None:
@@ -656,6 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # other users) spinning threads made VoxelOpt 2-4x slower on a 2 mm brain and 20-40x slower at 32^3 (README); a
     # user's own setting (e.g. ACTIVE on dedicated cores) is kept. Only effective before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    collecting = gc.isenabled()
+    gc.disable()  # until _freeze_heap, after the imports and the network's construction
     try:
         arguments = build_parser().parse_args(arguments_list)
         if arguments.command is None:
@@ -687,7 +705,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         kind = type(error).__name__
         print(f"monai-unireg: internal error: {kind}: {_one_line(error)[:500]} (rerun with --debug)", file=sys.stderr)
         return 1
+    finally:
+        if argv is not None:  # called in-process (tests, scripts): the collector sees the caller's objects again
+            gc.unfreeze()
+        if collecting:
+            gc.enable()
     return 0
+
+
+#: glibc ``mallopt`` parameters (``malloc.h``) and the environment variables that set them at a process's start.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def _reuse_freed_memory() -> None:
+    """With glibc: serve every allocation from the heap and keep freed memory there for the next tensor, instead of
+    mapping each large tensor fresh from the kernel (``mallopt(M_MMAP_MAX, 0)``, ``M_TRIM_THRESHOLD`` 2 GiB).
+
+    glibc maps every allocation above 32 MiB (a 12-channel MIND volume of a 2 mm brain is 41 MiB) with ``mmap`` and
+    unmaps it when freed, so the kernel zeroes and faults in its pages again at every use: on the 8-bit BrainVXM2mm
+    pair that was 1.3-1.6 s of system time per run, cut to 0.5-0.6 s, with the same peak memory
+    (``benchmarks/register_stages.py``). Kept as the user set it when any ``MALLOC_*`` tuning variable is set;
+    nothing happens without glibc.
+    """
+    if any(name in os.environ for name in _MALLOC_VARIABLES):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows)
+        return
+    mallopt(_M_MMAP_MAX, 0)
+    mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+
+
+def run() -> None:
+    """The ``monai-unireg`` program (``python -m monai_unireg``, the console script): :func:`main` on ``sys.argv``,
+    then exit without the interpreter's teardown.
+
+    Every result is written, closed and moved into place by then; what the teardown would do (destroying some
+    300 000 objects of torch, numpy and matplotlib one by one) took 0.35-0.4 s of each run on the 8-bit BrainVXM2mm
+    pair (``benchmarks/register_stages.py``, ``exit``). Standard output and error are flushed first.
+    """
+    _reuse_freed_memory()
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 class _terminate_as_exit:
@@ -714,4 +777,4 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -6,14 +6,16 @@ expected, so that bad input fails loudly at the boundary instead of producing si
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 
 __all__ = [
+    "LOSS_REDUCTIONS",
+    "check_reduction",
     "plain_tensor",
     "check_tensor",
     "check_image",
@@ -49,9 +51,18 @@ def check_tensor(x: Any, name: str, *, ndim: int | None = None, finite: bool = T
     if ndim is not None and x.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)} ({x.ndim} dimensions).")
     # Under tracing (TorchScript export) the value check is skipped: it is a data-dependent branch on the example.
-    if finite and x.is_floating_point() and not torch.jit.is_tracing() and not bool(torch.isfinite(x).all()):
+    if finite and x.is_floating_point() and x.numel() and not torch.jit.is_tracing() and not _all_finite(x):
         raise ValueError(f"{name} contains NaN or Inf values; expected finite values.")
     return x
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of the non-empty floating ``x`` is finite, from its minimum and maximum (one reduction:
+    NaN propagates to both, an infinity is one of them). On the CPU 20x faster than ``isfinite(x).all()``, which
+    writes a boolean volume first (0.45 ms against 9-12 ms for a 2 mm brain field; the refinement checks its field
+    at every step)."""
+    low, high = torch.aminmax(x.detach())
+    return bool(torch.isfinite(torch.stack((low, high))).all())
 
 
 def check_image(x: Any, name: str, spatial_dims: int = 3, *, finite: bool = True) -> torch.Tensor:
@@ -158,6 +169,15 @@ def check_labels(x: Any, name: str, *, allow_empty: bool = False) -> None:
         raise ValueError(f"{name} is empty: it holds no non-zero (foreground) label.")
 
 
+#: Loss reductions: the values of MONAI's ``LossReduction`` (kept here so that the losses need not import MONAI).
+LOSS_REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_reduction(reduction: Any) -> str:
+    """Check a loss ``reduction`` (``"none"``, ``"mean"``, ``"sum"`` or a MONAI ``LossReduction``); its string."""
+    return str(getattr(check_option(reduction, "reduction", LOSS_REDUCTIONS), "value", reduction))
+
+
 def check_option(value: Any, name: str, allowed: Iterable[Any]) -> Any:
     """Check that ``value`` is one of ``allowed``; return it unchanged."""
     allowed = tuple(allowed)
@@ -237,5 +257,9 @@ def check_bool(value: Any, name: str) -> bool:
 
 
 def plain_tensor(x: torch.Tensor) -> torch.Tensor:
-    """The data of ``x`` without MONAI ``MetaTensor`` metadata (which only slows batch and elementwise work down)."""
-    return x.as_tensor() if isinstance(x, MetaTensor) else x
+    """The data of ``x`` without MONAI ``MetaTensor`` metadata (which only slows batch and elementwise work down).
+
+    MONAI is not imported for the check: while it is not loaded, ``x`` cannot be a ``MetaTensor`` (this module is
+    on the command line's import path, which MONAI would make about 3 s slower)."""
+    meta_tensor = sys.modules.get("monai.data.meta_tensor")
+    return x.as_tensor() if meta_tensor is not None and isinstance(x, meta_tensor.MetaTensor) else x

@@ -114,6 +114,8 @@ def test_bundle_names_the_config_key_of_a_bad_override(override, expected):
         ("unigradicon", "include_step2", "yes", "include_step2 must be True or False, got 'yes'"),
         ("promptreg", "input_size", [160, 0, 160], "input_size must be one size or a list of sizes"),
         ("promptreg", "num_domains", 0, "num_domains must be a whole number >= 1, got 0"),
+        ("unireg", "dynamic_head", 1, "dynamic_head must be True or False, got 1"),
+        ("voxelopt", "beta", "high", "beta must be a number, got 'high'"),
     ],
 )
 def test_inference_config_names_the_key_of_a_value_of_the_wrong_kind(method, key, value, expected):

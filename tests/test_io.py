@@ -144,3 +144,21 @@ def test_outputs_follow_the_umask_and_killed_temporaries_are_recognised(tmp_path
     kept.write_text("user file")
     assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
     assert written.exists() and kept.exists() and not any(path.exists() for path in stale)
+
+
+def test_ddf_gzip_is_stored_and_holds_what_nibabel_writes(tmp_path, generator):
+    # ddf.nii.gz is written at gzip level 0 (a float field barely compresses; compressing took most of the writing):
+    # still a gzip file, with the header and vectors nibabel's own compressed save gives
+    import nibabel as nib
+
+    ddf = torch.randn(1, 3, 6, 7, 8, generator=generator)
+    affine = np.diag([2.0, -1.5, 1.0, 1.0])
+    ours, plain = tmp_path / "ddf.nii.gz", tmp_path / "plain.nii"
+    io.save_ddf(ddf, affine, ours)
+    io.save_ddf(ddf, affine, plain)  # not .nii.gz: nibabel's save
+    assert ours.read_bytes()[:2] == b"\x1f\x8b"
+    assert ours.stat().st_size > 6 * 7 * 8 * 3 * 4  # stored, not deflated
+    written, reference = nib.load(str(ours)), nib.load(str(plain))
+    assert written.header.binaryblock == reference.header.binaryblock
+    assert np.array_equal(np.asarray(written.dataobj), np.asarray(reference.dataobj))
+    torch.testing.assert_close(io.load_ddf(ours)[0], ddf, rtol=0, atol=1e-5)

@@ -15,9 +15,11 @@ import torch
 import torch.nn as nn
 
 from monai_unireg import spatial
-from monai_unireg.engines.training import Log
 from monai_unireg.losses import diffusion_regularisation
 from monai_unireg.validation import check_ddf, check_image_pair, check_integer, check_positive, check_same_spatial_shape
+
+#: A progress printer (``print`` or the command line's log); a type only, so the trainers need not be imported.
+Log = Callable[[str], None]
 
 __all__ = ["FieldOptimised", "adam_on_field", "optimise_field"]
 
@@ -93,6 +95,7 @@ def adam_on_field(
     on_step: StepCallback | None = None,
     eps: float = 1e-8,
     schedule: Callable[[int], float] | None = None,
+    after_step: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Adam on a field: the loop shared by :func:`optimise_field` and the refinement stage
     (:func:`~monai_unireg.engines.refinement.refine_field`).
@@ -115,6 +118,8 @@ def adam_on_field(
             factor``; ``None``: constant. Adam with a constant rate does not settle: near the optimum it keeps
             stepping by about the learning rate (its steps are normalised), so a rate decayed to 0 is what lets
             the field come to rest.
+        after_step: ``after_step(field)`` after every Adam step, without gradients, free to change the field in
+            place (e.g. smooth it); ``None``: nothing.
 
     Returns:
         the optimised ``[B, n, *S]`` field (no gradient) and the loss before each step and after the last
@@ -123,11 +128,11 @@ def adam_on_field(
     check_integer(iterations, "iterations", 0)
     check_positive(learning_rate, "learning_rate")
     field = nn.Parameter(initial.detach().clone())
-    optimizer = torch.optim.Adam([field], lr=learning_rate, eps=float(check_positive(eps, "eps")))
+    optimizer = _Adam(field, eps=float(check_positive(eps, "eps")))
     losses: list[float] = []
     with torch.enable_grad():
         for step in range(iterations + 1):
-            optimizer.zero_grad(set_to_none=True)
+            field.grad = None
             loss, parts = objective(field)
             losses.append(float(loss.detach()))
             if on_step is not None:
@@ -135,11 +140,39 @@ def adam_on_field(
             if step == iterations:
                 break
             loss.backward()
-            if schedule is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate * float(schedule(step))
-            optimizer.step()
+            optimizer.step(learning_rate * (1.0 if schedule is None else float(schedule(step))))
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step(field)
     return field.detach(), losses
+
+
+class _Adam:
+    """Adam (Kingma and Ba, ICLR 2015) on one tensor with ``torch.optim.Adam``'s arithmetic (its single-tensor path,
+    which it takes for CPU tensors: the same operations in the same order, bit-identical,
+    ``tests/engines/test_instance_optimisation.py``), betas (0.9, 0.999), no weight decay.
+
+    Not ``torch.optim.Adam`` itself: constructing any ``torch.optim`` optimiser imports ``torch._dynamo``, 0.9 s of
+    the command line's start (``python -X importtime``) for a loop of four elementwise updates.
+    """
+
+    def __init__(self, parameter: torch.Tensor, eps: float = 1e-8, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        self.parameter, self.eps, self.betas = parameter, eps, betas
+        self.exp_avg = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+        self.exp_avg_sq = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, learning_rate: float) -> None:
+        """One update of the parameter from its ``.grad`` with step size ``learning_rate``."""
+        grad, (beta1, beta2) = self.parameter.grad, self.betas
+        self.steps += 1
+        self.exp_avg.lerp_(grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = float(self.steps)
+        step_size = learning_rate / (1 - beta1**step)
+        denom = (self.exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(self.eps)
+        self.parameter.addcdiv_(self.exp_avg, denom, value=-step_size)
 
 
 class FieldOptimised(nn.Module):

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,12 @@ import torch.nn as nn
 
 from monai_unireg import io, spatial
 from monai_unireg.data import pair_name
-from monai_unireg.metrics import HD95Metric, JacobianMetric, LabelDiceMetric
+from monai_unireg.metrics.field import jacobian_statistics
+from monai_unireg.metrics.hausdorff import label_hausdorff_distance
+from monai_unireg.metrics.labels import label_dice
 from monai_unireg.spatial import spacing_from_affine
-from monai_unireg.transforms import detect_modality, modality_normaliser
-from monai_unireg.validation import check_informative_image, check_labels, check_option
+from monai_unireg.transforms.functional import detect_modality, normalise_modality
+from monai_unireg.validation import check_informative_image, check_labels, check_option, check_tensor
 
 __all__ = [
     "MODALITIES",
@@ -277,7 +280,9 @@ def normalise_intensity(
         ct_window: ``(a_min, a_max)`` HU window (VoxelOpt: [-800, 500]).
         output_range: ``(b_min, b_max)`` the window or percentile range is mapped to ([0, 1]; UniReg [-1, 1]).
     """
-    return torch.as_tensor(modality_normaliser(modality, ct_window, output_range)(image[0]))[None]
+    check_tensor(image, "image")
+    x = image if image.is_floating_point() else image.to(torch.float32)
+    return normalise_modality(x, modality, ct_window, output_range)
 
 
 def register_pair(
@@ -387,9 +392,9 @@ def evaluate_result(
             :func:`evaluation_labels`; ``metrics["dice_labels"]`` says which were used).
         surface: also compute HD95 (the slowest metric).
     """
-    # this pair's values (the call), not aggregate(): that gathers across torch.distributed ranks, which register
-    # other pairs (multi_gpu_evaluate.yaml)
-    sdlogj, folding = JacobianMetric()(result.ddf)[0].tolist()
+    # this pair's values (JacobianMetric's for one call, without importing MONAI when there are no labels), not an
+    # aggregate(): that gathers across torch.distributed ranks, which register other pairs (multi_gpu_evaluate.yaml)
+    sdlogj, folding = jacobian_statistics(result.ddf)[0].tolist()
     metrics: dict = {
         "sdlogj": sdlogj,
         "folding_percent": folding,
@@ -400,8 +405,9 @@ def evaluate_result(
     if pair.fixed_label is None or result.warped_label is None:
         return metrics
     label_values, chosen = evaluation_labels(pair, labels)
-    dice = LabelDiceMetric(labels=label_values)(result.warped_label, pair.fixed_label)[0]
-    before = LabelDiceMetric(labels=label_values)(pair.moving_label, pair.fixed_label)[0]
+    # LabelDiceMetric's and HD95Metric's values for one call, as functions (MONAI is not imported for them)
+    dice = label_dice(result.warped_label, pair.fixed_label, label_values)[0]
+    before = label_dice(pair.moving_label, pair.fixed_label, label_values)[0]
     metrics["dice_labels"] = list(label_values)
     metrics["dice_labels_chosen"] = chosen
     metrics["dice"] = {str(v): _finite_or_none(d) for v, d in zip(label_values, dice.tolist())}
@@ -409,10 +415,25 @@ def evaluate_result(
     metrics["dice_before"] = {str(v): _finite_or_none(d) for v, d in zip(label_values, before.tolist())}
     metrics["dice_mean_before"] = _finite_or_none(float(torch.nanmean(before)))
     if surface:
-        hd95 = HD95Metric(labels=label_values, spacing=pair.spacing)(result.warped_label, pair.fixed_label)[0]
+        hd95 = _hd95(result.warped_label, pair.fixed_label, label_values, pair.spacing)
         metrics["hd95_mm"] = {str(v): _finite_or_none(h) for v, h in zip(label_values, hd95.tolist())}
         metrics["hd95_mm_mean"] = _finite_or_none(float(torch.nanmean(hd95)))
     return metrics
+
+
+def _hd95(warped: torch.Tensor, fixed: torch.Tensor, values: Sequence[int], spacing: Sequence[float]) -> torch.Tensor:
+    """``[L]`` HD95 in mm of one pair as ``HD95Metric(labels=values, spacing=spacing)`` gives it: a label present in
+    one map only has no distance (NaN, skipped by the mean), with the metric's warning."""
+    table = label_hausdorff_distance(warped, fixed, values, spacing)[0]
+    one_sided = torch.isinf(table)
+    if bool(one_sided.any()):
+        pairs = [(0, int(values[c])) for c in torch.nonzero(one_sided).flatten().tolist()]
+        warnings.warn(
+            f"HD95Metric: labels present in only one of y_pred and y (sample, label): {pairs}; "
+            "reported as missing_value=nan.",
+            stacklevel=3,
+        )
+    return table.masked_fill(one_sided, math.nan)
 
 
 def _rounded(values: Sequence[float]) -> tuple[float, ...]:

@@ -16,6 +16,8 @@ per level (``sim``: by default the mean squared difference of locally normalised
 at ``warped = fixed`` unlike LNCC; or ``1 - LNCC``; or the mean squared difference of MIND-SSC features;
 ``L_diff``: :func:`~monai_unireg.losses.diffusion_regularisation`, in the level's voxels). The Adam loop is
 :func:`~monai_unireg.engines.instance_optimisation.adam_on_field`, shared with the field instance optimisation.
+Before each step the gradient is Gaussian-smoothed (``gradient_sigma``, FireANTs' and Greedy's update smoothing),
+after it the field itself (``field_sigma``, Greedy's smoothing of the whole warp).
 
 Multi-resolution scheme, level by level (coarse to fine, ``factors`` e.g. ``(2, 1)``): the features (or images) of
 both images are smoothed and resized to the level's grid (``size // factor``, corner-aligned, as every resize in
@@ -143,6 +145,16 @@ def _local_normalisation(image: torch.Tensor, kernel: torch.Tensor, eps: float) 
     return (image - mean) / torch.sqrt(torch.relu(mean_square - mean * mean) + eps)
 
 
+def _smoothing(kernel: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    """``smooth(field)``: ``field [B, 3, *S]`` replaced in place by its Gaussian smoothing (``kernel``, replicate
+    padding)."""
+
+    def smooth(field: torch.Tensor) -> None:
+        field.copy_(separable_filter(field, kernel, spatial_dims=3, padding_mode="replicate"))
+
+    return smooth
+
+
 def refine_field(
     moving: torch.Tensor,
     fixed: torch.Tensor,
@@ -159,6 +171,7 @@ def refine_field(
     lncc_eps: float = 1e-3,
     gradient_sigma: float = 0.0,
     gradient_floor: float = 1e-2,
+    field_sigma: float = 0.0,
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """Refine ``initial_ddf`` by multi-resolution Adam on the displacement (module docstring).
@@ -202,6 +215,10 @@ def refine_field(
             Adam's steps are about the learning rate wherever the gradient is not exactly zero, however small
             (e.g. the float rounding of a warp by a zero field); below the floor a voxel moves by
             ``learning_rate * gradient / eps``, i.e. hardly.
+        field_sigma: Gaussian smoothing (standard deviation in level voxels, 0: none) of the field itself after every
+            Adam step, as Greedy smooths its whole warp each iteration (``-s`` second value): removes voxel-scale
+            roughness that the diffusion term cannot without pulling the field's true gradients down; repeated every
+            step, it also regularises (``k`` passes smooth like one of sigma ``field_sigma * sqrt(k)``).
         progress: ``progress(levels_done, levels_total)`` after each level, or ``None``.
 
     Returns:
@@ -233,6 +250,8 @@ def refine_field(
     check_positive(lncc_eps, "lncc_eps")
     check_positive(gradient_sigma, "gradient_sigma", allow_zero=True)
     check_positive(gradient_floor, "gradient_floor")
+    check_positive(field_sigma, "field_sigma", allow_zero=True)
+    field_kernel = window_kernel("gaussian", sigma=field_sigma) if field_sigma > 0 else None
     gradient_kernel = window_kernel("gaussian", sigma=gradient_sigma) if gradient_sigma > 0 else None
 
     shape = tuple(fixed.shape[2:])
@@ -290,6 +309,7 @@ def refine_field(
                 rates[index],
                 eps=eps,
                 schedule=lambda step, n=count_steps: 0.5 * (1.0 + math.cos(math.pi * step / n)),
+                after_step=None if field_kernel is None else _smoothing(field_kernel),
             )
             with torch.no_grad():
                 ddf = refined if grid == shape else ddf + spatial.resize_ddf(refined - start, shape)
@@ -406,24 +426,33 @@ class RefinedRegistration(nn.Module):
 #: code places its pyramid), since the refinement recovers the full-resolution detail: see :data:`CLI_REFINEMENT`.
 CLI_VOXELOPT: dict[str, object] = {"mind_radius": 1, "mind_dilation": 1, "finest_level": 1}
 
-#: Refinement settings of "VoxelOpt + refinement" for ``monai-unireg register``. Tuned on the BrainVXM2mm 8-bit
-#: known-field case and BrainSynth 0001<-0002 / 0002<-0003 only (``benchmarks/peers.py`` cases; the CT case is held
-#: out). From VoxelOpt at half resolution on BrainVXM2mm 8-bit (Dice / endpoint error; VoxelOpt alone at full
-#: resolution 0.887 / 0.83 mm, at half 0.725 / 2.00 mm): levels 4/2/1 with 50/50/30 steps, lambda 1, no gradient
-#: smoothing 0.926 / 0.82 mm; the same from a zero field 0.926 / 0.82 mm (the start matters little on this small
-#: field); gradient smoothing sigma 1 (chosen) 0.930 / 0.69 mm; sigma 1.5, rate 0.3 0.927 / 0.68 mm; twice the
-#: steps 0.931 / 0.67 mm at twice the time. lambda (with sigma 1): 1 gave 0.930 / 0.69 mm and BrainSynth (4 pairs)
-#: Dice 0.825 but folded 1.4 % of the voxels on average (3.1 % on 0002<-0003); 2: 0.924 / 0.71 mm, 0002<-0003
-#: Dice 0.785 with 1.5 % folding; 3 (chosen): 0.919 / 0.76 mm, 0002<-0003 0.765 with 0.6 %; 10: 0.687, 0.001 %.
-#: The refinement adds displacements (it is not diffeomorphic), hence the trade of Dice against folding.
-#: Whole-run figures against ANTs SyNOnly and Greedy: the closing note of issue 13.
+#: Refinement settings of "VoxelOpt + refinement" for ``monai-unireg register``, chosen on ``benchmarks/peers.py``
+#: cases (8-bit BrainVXM2mm known field, BrainSynth 0001<-0002 .. 0004<-0005, CT known field; 8-bit BrainVXM1mm held
+#: out), from VoxelOpt at half resolution (Dice / endpoint error; Greedy on the same: 0.930 / 0.51 mm, BrainSynth
+#: 0.739, CT 0.894 / 1.44 mm).
+#:
+#: The earlier choice, lambda 3 of the diffusion term with gradient smoothing sigma 1 (0.919 / 0.76 mm, BrainSynth
+#: 0.782 with up to 0.6 % folding, CT 0.903 / 1.72 mm), stopped at about 0.69 mm whatever the diffusion weight,
+#: window or step count (lambda 1: 0.930 / 0.69 mm, then 1.4 % folding on BrainSynth), with an error spread evenly
+#: over the brain (not at edges, not where the image is flat): a few-tenths-of-a-voxel roughness that diffusion does
+#: not remove without pulling the field's true gradients down. Greedy's answer is to smooth the field itself after
+#: every step (its ``-s 1.732vox 0.707vox``: the update and the whole warp); ``field_sigma`` does the same here.
+#: Without diffusion (lambda 0) and with the gradient smoothed at 1.7: field sigma 0.7 0.920 / 0.52 mm, 0.5
+#: 0.934 / 0.43 mm (BrainSynth 0.742), 0.4 0.932 / 0.55 mm (BrainSynth 0.780 but 4.6 % folding on one pair);
+#: the repeated smoothing regularises strongly (50 + 50 + 30 passes), which suits a smooth known field and costs
+#: inter-subject Dice, so a little diffusion comes back. Chosen: lambda 0.3, field sigma 0.45, gradient sigma 1.7,
+#: rate 0.3: 0.934 / 0.47 mm, BrainSynth 0.761 (folding 0.02, 2.7, 0.01, 0.4 %), CT 0.908 / 1.15 mm; lambda 0.5
+#: with field sigma 0.4 and rate 0.2 gave 0.932 / 0.51 mm, BrainSynth 0.771 (2.7 % on 0002<-0003), CT 0.905 /
+#: 1.27 mm. The refinement adds displacements (it is not diffeomorphic), hence the folding on the largest
+#: inter-subject deformation. Whole-run figures against ANTs SyNOnly and Greedy: the closing note of issue 13.
 CLI_REFINEMENT: dict[str, object] = {
     "similarity": "nsd",
     "factors": (4, 2, 1),
     "iterations": (50, 50, 30),
-    "learning_rate": 0.2,
-    "smoothness": 3.0,
-    "gradient_sigma": 1.0,
+    "learning_rate": 0.3,
+    "smoothness": 0.3,
+    "gradient_sigma": 1.7,
+    "field_sigma": 0.45,
     "max_voxels": 2_000_000,
 }
 

@@ -4,13 +4,26 @@ and a soft label Dice.
 MONAI's ``DiffusionLoss``, ``BendingEnergyLoss`` and ``DiceLoss`` are re-exported unchanged for convenience.
 """
 
-from monai.losses import BendingEnergyLoss, DiceLoss, DiffusionLoss
+from monai_unireg._lazy import lazy_attributes
 
-from .gradicon import GradICONLoss
-from .lncc import LNCCLoss, window_kernel
-from .mind import MINDSSC, SSC_EDGES, MINDSSCLoss
-from .prompt import PromptOrthogonalityLoss, TaskSimilarityLoss
-from .regularisation import diffusion_regularisation, soft_dice_loss
+#: Exported name -> its module, imported on first access (PEP 562; see :mod:`monai_unireg._lazy`).
+_EXPORTS = {
+    "BendingEnergyLoss": "monai.losses",
+    "DiceLoss": "monai.losses",
+    "DiffusionLoss": "monai.losses",
+    "GradICONLoss": ".gradicon",
+    "LNCCLoss": ".lncc",
+    "window_kernel": ".lncc",
+    "MINDSSC": ".mind",
+    "SSC_EDGES": ".mind",
+    "MINDSSCLoss": ".mind",
+    "PromptOrthogonalityLoss": ".prompt",
+    "TaskSimilarityLoss": ".prompt",
+    "diffusion_regularisation": ".regularisation",
+    "soft_dice_loss": ".regularisation",
+}
+#: Submodules reachable as attributes (``package.module``), as when the package imported them all.
+_SUBMODULES = ("gradicon", "lncc", "mind", "prompt", "regularisation")
 
 __all__ = [
     "BendingEnergyLoss",
@@ -27,3 +40,5 @@ __all__ = [
     "soft_dice_loss",
     "window_kernel",
 ]
+
+__getattr__, __dir__ = lazy_attributes(globals(), _EXPORTS, _SUBMODULES)

@@ -5,15 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
 from monai_unireg.spatial import cascade_displacement, identity_grid
-from monai_unireg.validation import check_bool, check_ddf, check_integer, check_option, check_positive, check_tensor
+from monai_unireg.validation import (
+    check_bool,
+    check_ddf,
+    check_integer,
+    check_positive,
+    check_reduction,
+    check_tensor,
+)
 
 __all__ = ["GradICONLoss"]
-
-REDUCTIONS = tuple(r.value for r in LossReduction)
 
 
 class GradICONLoss(_Loss):
@@ -67,10 +71,9 @@ class GradICONLoss(_Loss):
         jitter: bool = True,
         jitter_scale: float = 2.0,
         seed: int | None = None,
-        reduction: LossReduction | str = LossReduction.MEAN,
+        reduction: str = "mean",
     ) -> None:
-        check_option(reduction, "reduction", REDUCTIONS)
-        super().__init__(reduction=LossReduction(reduction).value)
+        super().__init__(reduction=check_reduction(reduction))
         self.delta = float(check_positive(delta, "delta"))
         self.subsample = check_integer(subsample, "subsample", 1)
         self.jitter = check_bool(jitter, "jitter")
@@ -118,9 +121,9 @@ class GradICONLoss(_Loss):
         errors = self._inverse_consistency_error(steps_ab, steps_ba, torch.cat(probes, dim=2), shape) * voxel
         errors = errors.chunk(spatial_dims + 1, dim=2)
         per_sample = sum((((errors[0] - moved) / self.delta) ** 2).flatten(1).mean(dim=1) for moved in errors[1:])
-        if self.reduction == LossReduction.MEAN.value:
+        if self.reduction == "mean":
             return per_sample.mean()
-        if self.reduction == LossReduction.SUM.value:
+        if self.reduction == "sum":
             return per_sample.sum()
         return per_sample
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 import math
 
 import torch
-from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
 from monai_unireg.filtering import separable_filter
-from monai_unireg.validation import check_bool, check_image, check_option, check_positive
+from monai_unireg.validation import check_bool, check_image, check_option, check_positive, check_reduction
 
 __all__ = ["LNCCLoss", "window_kernel"]
 
 KERNEL_TYPES = ("gaussian", "box")
-REDUCTIONS = tuple(r.value for r in LossReduction)
 
 
 def window_kernel(kernel_type: str = "gaussian", sigma: float = 5.0, kernel_size: int | None = None) -> torch.Tensor:
@@ -91,10 +89,9 @@ class LNCCLoss(_Loss):
         kernel_size: int | None = None,
         squared: bool = False,
         eps: float = 1e-5,
-        reduction: LossReduction | str = LossReduction.MEAN,
+        reduction: str = "mean",
     ) -> None:
-        check_option(reduction, "reduction", REDUCTIONS)
-        super().__init__(reduction=LossReduction(reduction).value)
+        super().__init__(reduction=check_reduction(reduction))
         self.spatial_dims = check_option(spatial_dims, "spatial_dims", (1, 2, 3))
         self.squared = check_bool(squared, "squared")
         self.eps = float(check_positive(eps, "eps"))
@@ -120,9 +117,9 @@ class LNCCLoss(_Loss):
             )
         lncc = self.local_correlation(pred, target)
         per_voxel = 1.0 - (lncc * lncc if self.squared else lncc)
-        if self.reduction == LossReduction.MEAN.value:
+        if self.reduction == "mean":
             return per_voxel.mean()
-        if self.reduction == LossReduction.SUM.value:
+        if self.reduction == "sum":
             return per_voxel.sum()
         return per_voxel
 

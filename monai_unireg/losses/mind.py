@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.utils import LossReduction
 from torch import nn
 from torch.nn.modules.loss import _Loss
 
 from monai_unireg.filtering import separable_filter
-from monai_unireg.validation import check_image, check_integer, check_option
+from monai_unireg.validation import check_image, check_integer, check_reduction
 
 __all__ = ["MINDSSC", "MINDSSCLoss", "SSC_EDGES"]
 
-REDUCTIONS = tuple(r.value for r in LossReduction)
 
 # The 12 edges of the self-similarity context: pairs of the six face neighbours (offsets in units of the
 # dilation, spatial-axis order D, H, W) that are sqrt(2) apart, i.e. every pair except the 3 opposite ones.
@@ -133,9 +131,8 @@ class MINDSSCLoss(_Loss):
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (the per-voxel, per-channel map ``[B, 12, D, H, W]``).
     """
 
-    def __init__(self, radius: int = 2, dilation: int = 2, reduction: LossReduction | str = LossReduction.MEAN) -> None:
-        check_option(reduction, "reduction", REDUCTIONS)
-        super().__init__(reduction=LossReduction(reduction).value)
+    def __init__(self, radius: int = 2, dilation: int = 2, reduction: str = "mean") -> None:
+        super().__init__(reduction=check_reduction(reduction))
         self.descriptor = MINDSSC(radius=radius, dilation=dilation)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -155,8 +152,8 @@ class MINDSSCLoss(_Loss):
                 f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}."
             )
         squared = (self.descriptor(pred) - self.descriptor(target)) ** 2
-        if self.reduction == LossReduction.MEAN.value:
+        if self.reduction == "mean":
             return squared.mean()
-        if self.reduction == LossReduction.SUM.value:
+        if self.reduction == "sum":
             return squared.sum()
         return squared

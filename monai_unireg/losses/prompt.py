@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from monai_unireg.validation import check_bool, check_option, check_tensor
+from monai_unireg.validation import check_bool, check_reduction, check_tensor
 
 __all__ = ["PromptOrthogonalityLoss", "TaskSimilarityLoss"]
-
-REDUCTIONS = tuple(r.value for r in LossReduction)
 
 
 def _flatten_prompts(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -79,9 +76,8 @@ class TaskSimilarityLoss(_Loss):
         reduction: ``"mean"`` (over the batch, as the reference code), ``"sum"`` or ``"none"`` (``[B]``).
     """
 
-    def __init__(self, reduction: LossReduction | str = LossReduction.MEAN) -> None:
-        check_option(reduction, "reduction", REDUCTIONS)
-        super().__init__(reduction=LossReduction(reduction).value)
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__(reduction=check_reduction(reduction))
 
     def forward(self, weighted_prompt: torch.Tensor, task_prompt: torch.Tensor) -> torch.Tensor:
         """Compute the loss.
@@ -101,8 +97,8 @@ class TaskSimilarityLoss(_Loss):
                 f"and {tuple(task_prompt.shape)}."
             )
         per_sample = (1.0 - F.cosine_similarity(p_w, b_t, dim=1)) ** 2
-        if self.reduction == LossReduction.MEAN.value:
+        if self.reduction == "mean":
             return per_sample.mean()
-        if self.reduction == LossReduction.SUM.value:
+        if self.reduction == "sum":
             return per_sample.sum()
         return per_sample

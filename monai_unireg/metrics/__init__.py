@@ -5,10 +5,27 @@ labels ``y`` (integer maps ``[B, 1, *S]``) and give a ``[B, L]`` table per batch
 displacement ``ddf`` ``[B, n, *S]`` in voxels. See each module for the exact definitions.
 """
 
-from monai_unireg.metrics.dice import LabelDiceMetric, LabelMapMetric, label_dice, reduce_label_metric
-from monai_unireg.metrics.handlers import HD95, Jacobian, LabelDice
-from monai_unireg.metrics.jacobian import JacobianMetric, folding_percentage, sdlogj
-from monai_unireg.metrics.surface import HD95Metric, label_hausdorff_distance, spacing_from_affine
+from monai_unireg._lazy import lazy_attributes
+
+#: Exported name -> its module, imported on first access (PEP 562; see :mod:`monai_unireg._lazy`).
+_EXPORTS = {
+    "LabelDiceMetric": ".dice",
+    "LabelMapMetric": ".dice",
+    "label_dice": ".labels",
+    "reduce_label_metric": ".labels",
+    "HD95": ".handlers",
+    "Jacobian": ".handlers",
+    "LabelDice": ".handlers",
+    "JacobianMetric": ".jacobian",
+    "jacobian_statistics": ".field",
+    "folding_percentage": ".jacobian",
+    "sdlogj": ".jacobian",
+    "HD95Metric": ".surface",
+    "label_hausdorff_distance": ".hausdorff",
+    "spacing_from_affine": ".surface",
+}
+#: Submodules reachable as attributes (``package.module``), as when the package imported them all.
+_SUBMODULES = ("dice", "field", "handlers", "hausdorff", "jacobian", "labels", "surface")
 
 __all__ = [
     "LabelMapMetric",
@@ -19,9 +36,12 @@ __all__ = [
     "label_hausdorff_distance",
     "spacing_from_affine",
     "JacobianMetric",
+    "jacobian_statistics",
     "sdlogj",
     "folding_percentage",
     "LabelDice",
     "HD95",
     "Jacobian",
 ]
+
+__getattr__, __dir__ = lazy_attributes(globals(), _EXPORTS, _SUBMODULES)

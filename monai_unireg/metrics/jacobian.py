@@ -24,89 +24,19 @@ from __future__ import annotations
 import torch
 from monai.metrics import CumulativeIterationMetric
 
-from monai_unireg.spatial import jacobian_determinant
-from monai_unireg.validation import check_ddf, check_integer, check_option, check_tensor
+from monai_unireg.metrics.field import (
+    _JACOBIAN_REDUCTIONS,
+    JACOBIAN_KEYS,
+    SDLOGJ_MODES,
+    _check_crop,
+    cropped_determinant,
+    folding_percentage,
+    jacobian_statistics,
+    sdlogj,
+)
+from monai_unireg.validation import check_option
 
 __all__ = ["JacobianMetric", "sdlogj", "folding_percentage", "cropped_determinant", "SDLOGJ_MODES", "JACOBIAN_KEYS"]
-
-SDLOGJ_MODES = ("l2r", "exact")
-JACOBIAN_KEYS = ("sdlogj", "folding_percent")
-_JACOBIAN_REDUCTIONS = ("mean", "none")
-
-
-def _check_crop(crop: int, shape: tuple[int, ...]) -> int:
-    """Validate ``crop`` (integer >= 0) against a spatial shape it must leave non-empty."""
-    check_integer(crop, "crop", 0)
-    if shape and min(shape) <= 2 * crop:
-        raise ValueError(f"crop={crop} leaves no voxel of a field with spatial shape {shape}.")
-    return crop
-
-
-def cropped_determinant(ddf: torch.Tensor, crop: int = 2) -> torch.Tensor:
-    """Jacobian determinant of ``x + ddf(x)`` with ``crop`` voxels removed at every border, flattened.
-
-    Args:
-        ddf: ``[B, n, *S]`` displacement in voxels (``n`` = 2 or 3 spatial axes).
-        crop: voxels removed at both ends of every spatial axis.
-
-    Returns:
-        float64 ``[B, V]``, ``V = prod(S_i - 2 crop)``.
-    """
-    check_tensor(ddf, "ddf", finite=False)
-    if ddf.ndim not in (4, 5):
-        raise ValueError(f"ddf must have shape [B, n, *S] with n = 2 or 3 spatial axes, got shape {tuple(ddf.shape)}.")
-    check_ddf(ddf, "ddf", ddf.ndim - 2)
-    _check_crop(crop, tuple(ddf.shape[2:]))
-    det = jacobian_determinant(ddf)[:, 0]
-    det = det[(slice(None),) + tuple(slice(crop, size - crop) for size in det.shape[1:])]
-    return det.reshape(det.shape[0], -1).to(torch.float64)
-
-
-def _sdlogj_of(det: torch.Tensor, mode: str) -> torch.Tensor:
-    """``[B]`` SDlogJ of flattened determinants ``[B, V]`` (module docstring definitions)."""
-    if mode == "l2r":
-        return torch.log((det + 3.0).clamp(1e-9, 1e9)).std(dim=1, correction=0)
-    positive = det > 0
-    count = positive.sum(dim=1)
-    log_det = torch.where(positive, torch.log(det.clamp_min(torch.finfo(det.dtype).tiny)), 0.0)
-    mean = log_det.sum(dim=1) / count
-    variance = torch.where(positive, (log_det - mean.unsqueeze(1)) ** 2, 0.0).sum(dim=1) / count
-    return variance.sqrt()
-
-
-def _folding_of(det: torch.Tensor) -> torch.Tensor:
-    """``[B]`` percentage of non-positive determinants in ``[B, V]``."""
-    return 100.0 * (det <= 0).to(det.dtype).mean(dim=1)
-
-
-def sdlogj(ddf: torch.Tensor, mode: str = "l2r", crop: int = 2) -> torch.Tensor:
-    """Standard deviation of the log Jacobian determinant per sample (module docstring definitions).
-
-    Args:
-        ddf: ``[B, n, *S]`` displacement in voxels.
-        mode: ``"l2r"`` (Learn2Reg ``std(log(clip(J + 3, 1e-9, 1e9)))``) or ``"exact"`` (``std(log J)`` over
-            ``J > 0``).
-        crop: voxels removed at every border before the statistics (Learn2Reg: 2).
-
-    Returns:
-        float64 ``[B]``.
-    """
-    check_option(mode, "mode", SDLOGJ_MODES)
-    return _sdlogj_of(cropped_determinant(ddf, crop), mode)
-
-
-def folding_percentage(ddf: torch.Tensor, crop: int = 2) -> torch.Tensor:
-    """Percentage of voxels with ``det(I + grad u) <= 0`` per sample, after cropping ``crop`` voxels per border.
-
-    Args:
-        ddf: ``[B, n, *S]`` displacement in voxels.
-        crop: voxels removed at every border (default 2, the voxels SDlogJ uses; 0 for the whole field, whose
-            border voxels then use one-sided differences).
-
-    Returns:
-        float64 ``[B]`` in [0, 100].
-    """
-    return _folding_of(cropped_determinant(ddf, crop))
 
 
 class JacobianMetric(CumulativeIterationMetric):
@@ -141,8 +71,7 @@ class JacobianMetric(CumulativeIterationMetric):
         """``y_pred`` is the displacement field ``[B, n, *S]``; ``y`` is unused and must be None."""
         if y is not None:
             raise ValueError("y must be None: JacobianMetric only takes the displacement field (as y_pred).")
-        det = cropped_determinant(y_pred, self.crop)
-        return torch.stack([_sdlogj_of(det, self.mode), _folding_of(det)], dim=1).to(torch.float32)
+        return jacobian_statistics(y_pred, self.mode, self.crop)
 
     def aggregate(self, reduction: str | None = None) -> dict[str, torch.Tensor]:
         """Reduce the buffered ``[N, 2]`` results.

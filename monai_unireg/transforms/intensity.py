@@ -15,9 +15,9 @@ import torch
 from monai.config import DtypeLike, KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor, get_track_meta
 from monai.transforms import MapTransform, ScaleIntensityRange, Transform
-from monai.transforms.utils_pytorch_numpy_unification import percentile as array_percentile
 from monai.utils import TransformBackends, convert_to_tensor, get_equivalent_dtype
 
+from monai_unireg.transforms.functional import AUTO_CT_THRESHOLD_HU, detect_modality, mri_percentile, percentile
 from monai_unireg.validation import check_number, check_option, check_tensor
 
 __all__ = [
@@ -31,9 +31,6 @@ __all__ = [
     "modality_normaliser",
     "RegistrationIntensityd",
 ]
-
-#: CT images whose 1st intensity percentile lies below this (HU) are treated as CT by ``modality="auto"``.
-AUTO_CT_THRESHOLD_HU = -500.0
 
 #: HU window ``(a_min, a_max)`` and output range ``(b_min, b_max)`` of each method (METHODS.md).
 CT_WINDOW_PRESETS: dict[str, tuple[float, float, float, float]] = {
@@ -148,12 +145,12 @@ class MRIPercentile(Transform):
         """Minimum and percentile of ``x`` (per channel, shaped to broadcast, when ``channel_wise``)."""
         values = x.as_tensor() if isinstance(x, MetaTensor) else x
         if not self.channel_wise:
-            return values.min(), torch.as_tensor(array_percentile(values, self.percentile), dtype=values.dtype)
+            return values.min(), percentile(values, self.percentile)
         if values.ndim < 2:
             raise ValueError(f"img must be channel-first [C, *spatial] for channel_wise=True, got {tuple(x.shape)}.")
         flat = values.reshape(values.shape[0], -1)
         view = (-1,) + (1,) * (values.ndim - 1)
-        high = torch.as_tensor(array_percentile(flat, self.percentile, dim=1), dtype=values.dtype)
+        high = percentile(flat, self.percentile, dim=1)
         return flat.min(dim=1).values.reshape(view), high.reshape(view)
 
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
@@ -161,9 +158,7 @@ class MRIPercentile(Transform):
         tensor = _as_checked_tensor(img)
         x = tensor if tensor.is_floating_point() else tensor.to(torch.float32)
         low, high = self._bounds(x)
-        span = high - low
-        unit = torch.where(span > 0, (x - low) / torch.where(span > 0, span, 1.0), 0.0).clamp(0.0, 1.0)
-        return (unit * (self.b_max - self.b_min) + self.b_min).to(self.dtype)
+        return mri_percentile(x, low, high, self.b_min, self.b_max).to(self.dtype)
 
 
 class CTWindowd(MapTransform):
@@ -245,12 +240,6 @@ def _apply_named(transform: Transform, img: NdarrayOrTensor, key: Hashable) -> N
         return transform(img)
     except ValueError as err:
         raise ValueError(f"data[{key!r}]: {err}") from err
-
-
-def detect_modality(image: torch.Tensor) -> str:
-    """``"ct"`` when the 1st intensity percentile is below -500 (air in HU), else ``"mri"``."""
-    sample = torch.as_tensor(image).flatten()[:: max(1, image.numel() // 1_000_000)].to(torch.float64)
-    return "ct" if float(torch.quantile(sample, 0.01)) < AUTO_CT_THRESHOLD_HU else "mri"
 
 
 def modality_normaliser(

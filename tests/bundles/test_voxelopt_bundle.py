@@ -125,3 +125,22 @@ def test_inference_with_a_universal_model_checkpoint(tmp_path):
     unused = tmp_path / "not_written"
     log = run_bundle(INFERENCE, succeed=False, pairs_dir=folder, output_dir=unused, feature_checkpoint=incomplete)
     assert "missing keys: precls_conv" in log and not unused.exists()
+
+
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torchrun needs torch.distributed with the Gloo backend for CPU processes",
+)
+def test_multi_gpu_evaluate_on_two_cpu_processes(tiny_dataset, tmp_path):
+    """The pairs split over 2 processes: each writes its pairs' folders, rank 0 the one merged table, in order."""
+    import sys
+
+    output_dir = tmp_path / "distributed_evaluation"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    configs = [*EVALUATE, "configs/multi_gpu_evaluate.yaml"]
+    run_bundle(configs, launcher=torchrun, backend="gloo", dataset_json=tiny_dataset, output_dir=output_dir)
+    pairs = load_learn2reg(tiny_dataset, "registration_val")
+    assert all((output_dir / pair_name(pair) / "ddf.nii.gz").is_file() for pair in pairs)
+    rows, summary = read_table(output_dir)
+    assert [row["pair"] for row in rows] == [pair_name(pair) for pair in pairs]
+    assert summary["dice_mean"]["n"] == len(pairs)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from monai_unireg.metrics import JacobianMetric, folding_percentage, sdlogj
+from monai_unireg.metrics.field import jacobian_statistics
 from monai_unireg.metrics.jacobian import cropped_determinant
 from monai_unireg.spatial import identity_grid
 
@@ -149,3 +150,10 @@ def test_bad_metric_arguments() -> None:
         JacobianMetric().aggregate()
     with pytest.raises(ValueError, match="y must be None"):
         JacobianMetric()(torch.zeros(1, 3, 8, 8, 8), torch.zeros(1, 3, 8, 8, 8))
+
+
+def test_functional_statistics_are_the_metrics(generator: torch.Generator) -> None:
+    # the command line evaluates with jacobian_statistics (no MONAI import): the same values as one metric call
+    ddf = torch.randn(2, 3, 10, 11, 12, generator=generator) * 0.8
+    for mode in ("l2r", "exact"):
+        assert torch.equal(jacobian_statistics(ddf, mode), JacobianMetric(mode=mode)(ddf).as_subclass(torch.Tensor))

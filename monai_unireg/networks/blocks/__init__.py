@@ -1,16 +1,26 @@
 """Building blocks shared by the registration networks."""
 
-from monai_unireg.networks.blocks.adaptive_filter import adaptive_gaussian_filter
-from monai_unireg.networks.blocks.cost_volume import (
-    NEIGHBOUR_OFFSETS,
-    neighbour_cost_volume,
-    offsets_to_field,
-    tied_argmin_field,
-)
-from monai_unireg.networks.blocks.dynamic_head import DynamicDeformationHead, head_parameter_count
-from monai_unireg.networks.blocks.kmeans import kmeans
-from monai_unireg.networks.blocks.prompt import ConvInsBlock, PromptOutput, RegistrationPromptGenerator
-from monai_unireg.networks.blocks.sacb import SpatialAwareConvBlock, conv_norm_act, soft_matching_flow
+from monai_unireg._lazy import lazy_attributes
+
+#: Exported name -> its module, imported on first access (PEP 562; see :mod:`monai_unireg._lazy`).
+_EXPORTS = {
+    "adaptive_gaussian_filter": ".adaptive_filter",
+    "NEIGHBOUR_OFFSETS": ".cost_volume",
+    "neighbour_cost_volume": ".cost_volume",
+    "offsets_to_field": ".cost_volume",
+    "tied_argmin_field": ".cost_volume",
+    "DynamicDeformationHead": ".dynamic_head",
+    "head_parameter_count": ".dynamic_head",
+    "kmeans": ".kmeans",
+    "ConvInsBlock": ".prompt",
+    "PromptOutput": ".prompt",
+    "RegistrationPromptGenerator": ".prompt",
+    "SpatialAwareConvBlock": ".sacb",
+    "conv_norm_act": ".sacb",
+    "soft_matching_flow": ".sacb",
+}
+#: Submodules reachable as attributes (``package.module``), as when the package imported them all.
+_SUBMODULES = ("adaptive_filter", "cost_volume", "dynamic_head", "kmeans", "prompt", "sacb")
 
 __all__ = [
     "DynamicDeformationHead",
@@ -28,3 +38,5 @@ __all__ = [
     "tied_argmin_field",
     "soft_matching_flow",
 ]
+
+__getattr__, __dir__ = lazy_attributes(globals(), _EXPORTS, _SUBMODULES)

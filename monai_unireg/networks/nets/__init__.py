@@ -1,32 +1,38 @@
 """Networks: registration networks (``forward(moving, fixed, **conditions) -> ddf`` ``[B, 3, D, H, W]`` in
 voxels) and the feature extractors they can use (``forward(image) -> features`` ``[B, C, D, H, W]``)."""
 
-from monai_unireg.networks.nets.pair_input import PairInput
-from monai_unireg.networks.nets.promptreg import PromptReg, PromptRegOutput, RDPNet, load_promptreg
-from monai_unireg.networks.nets.resized import ResizedRegistration
-from monai_unireg.networks.nets.sacbnet import SACBNET_CHANNELS, SACBNet, load_sacbnet
-from monai_unireg.networks.nets.unigradicon import (
-    GradICONUNet,
-    UniGradICON,
-    load_unigradicon,
-    load_unigradicon_weights,
-    published_key_prefixes,
-)
-from monai_unireg.networks.nets.unireg import (
-    DEFAULT_TASK_ALIASES,
-    DEFAULT_TASKS,
-    REGISTRATION_TYPES,
-    ConditionedUniReg,
-    UniReg,
-    UniRegBackbone,
-    load_unireg,
-)
-from monai_unireg.networks.nets.universal_model import (
-    UniversalModelFeatures,
-    load_universal_model_checkpoint,
-    map_universal_model_keys,
-)
-from monai_unireg.networks.nets.voxelopt import VoxelOpt
+from monai_unireg._lazy import lazy_attributes
+
+#: Exported name -> its module, imported on first access (PEP 562; see :mod:`monai_unireg._lazy`).
+_EXPORTS = {
+    "PairInput": ".pair_input",
+    "PromptReg": ".promptreg",
+    "PromptRegOutput": ".promptreg",
+    "RDPNet": ".promptreg",
+    "load_promptreg": ".promptreg",
+    "ResizedRegistration": ".resized",
+    "SACBNET_CHANNELS": ".sacbnet",
+    "SACBNet": ".sacbnet",
+    "load_sacbnet": ".sacbnet",
+    "GradICONUNet": ".unigradicon",
+    "UniGradICON": ".unigradicon",
+    "load_unigradicon": ".unigradicon",
+    "load_unigradicon_weights": ".unigradicon",
+    "published_key_prefixes": ".unigradicon",
+    "DEFAULT_TASK_ALIASES": ".unireg",
+    "DEFAULT_TASKS": ".unireg",
+    "REGISTRATION_TYPES": ".unireg",
+    "ConditionedUniReg": ".unireg",
+    "UniReg": ".unireg",
+    "UniRegBackbone": ".unireg",
+    "load_unireg": ".unireg",
+    "UniversalModelFeatures": ".universal_model",
+    "load_universal_model_checkpoint": ".universal_model",
+    "map_universal_model_keys": ".universal_model",
+    "VoxelOpt": ".voxelopt",
+}
+#: Submodules reachable as attributes (``package.module``), as when the package imported them all.
+_SUBMODULES = ("pair_input", "promptreg", "resized", "sacbnet", "unigradicon", "unireg", "universal_model", "voxelopt")
 
 __all__ = [
     "ConditionedUniReg",
@@ -55,3 +61,5 @@ __all__ = [
     "map_universal_model_keys",
     "published_key_prefixes",
 ]
+
+__getattr__, __dir__ = lazy_attributes(globals(), _EXPORTS, _SUBMODULES)
