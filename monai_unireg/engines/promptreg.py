@@ -1,22 +1,21 @@
-"""PromptReg training: the paper's objective (Eq. 6) over several datasets, each a domain of the knowledge base.
+"""PromptReg's defaults and training pieces: the paper's objective (Eq. 6) over several datasets, each a domain of
+the knowledge base.
 
 Xie et al., "PromptReg", MICCAI 2025 (``shared/papers/promptreg.txt``, Sec. 2.4 and 3.1):
 ``L = L_sim + 0.1 L_smooth + 0.001 L_ort + 0.001 L_ts`` with MIND-SSC similarity (radius 2, dilation 2), the
 VoxelMorph smoothness (mean squared forward differences), the knowledge base's orthogonality (Eq. 1) and the task
 similarity between the weighted prompt and the prompt of the pair's own dataset (Eq. 5); Adam (with AMSGrad, as the
-authors' code: :data:`PROMPTREG_OPTIMIZER`; the paper says only "Adam"), learning rate
-1e-4 with polynomial decay (power 0.9) per iteration, batch 1, 100 random pairs per dataset per epoch, 300 epochs,
-images in [0, 1] (CT: HU [-1000, 1000]; MRI: [min, 99th percentile]) resized to 160^3. Leaving one dataset out of
-training (and validating on it) gives the paper's zero-shot setting (Table 1). The loop is
-:func:`~monai_unireg.engines.train_registration` (:func:`train_promptreg`), or, in the bundle's ``train.yaml``, MONAI's
-``SupervisedTrainer`` with :func:`prepare_domain_batch` and :class:`~monai_unireg.engines.bundle.RegistrationStep` on
+authors' code; the paper says only "Adam"), learning rate 1e-4 with polynomial decay (power 0.9) per iteration,
+batch 1, 100 random pairs per dataset per epoch, 300 epochs, images in [0, 1] (CT: HU [-1000, 1000]; MRI: [min, 99th
+percentile]) resized to 160^3. Leaving one dataset out of training (and validating on it) gives the paper's
+zero-shot setting (Table 1, :func:`split_held_out`). The bundle's ``train.yaml`` trains with MONAI's
+``SupervisedTrainer``, :func:`prepare_domain_batch` and :class:`~monai_unireg.engines.bundle.RegistrationStep` on
 :class:`PromptRegObjective`; the bundle's ``evaluate.yaml`` registers the pairs of several datasets
 (:func:`dataset_pair_items`) and :class:`DatasetDiceTable` writes Table 1's row, one Dice column per dataset.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -28,31 +27,19 @@ import torch
 import torch.nn as nn
 
 from monai_unireg import spatial
-from monai_unireg.data import PairSampler, load_learn2reg, pair_name, read_learn2reg
+from monai_unireg.data import load_learn2reg, pair_name, read_learn2reg
 from monai_unireg.engines.bundle import gather_rows, prepare_pair_batch
 from monai_unireg.engines.defaults import MethodDefaults
 from monai_unireg.engines.pair_registration import write_table
-from monai_unireg.engines.training import (
-    CT_WINDOW,
-    Augmentation,
-    Batch,
-    Log,
-    LossTerms,
-    PairLoader,
-    polynomial_decay,
-    train_registration,
-)
+from monai_unireg.engines.training import Batch, LossTerms
 from monai_unireg.engines.workflows import check_datasets, write_result_table
 from monai_unireg.losses import MINDSSCLoss, PromptOrthogonalityLoss, TaskSimilarityLoss, diffusion_regularisation
-from monai_unireg.networks.nets.promptreg import PromptReg, load_promptreg
+from monai_unireg.networks.nets.promptreg import load_promptreg
 from monai_unireg.validation import check_bool, check_option, check_positive
 
 __all__ = [
     "PROMPTREG_DEFAULTS",
-    "PROMPTREG_OPTIMIZER",
-    "DomainPairLoader",
     "PromptRegObjective",
-    "train_promptreg",
     "split_held_out",
     "run_name",
     "prepare_domain_batch",
@@ -70,23 +57,6 @@ PROMPTREG_DEFAULTS = MethodDefaults(
     load_weights=load_promptreg,
     sources={"working_size": "paper Sec. 3.1", "ct_window": "paper Sec. 3.1"},
 )
-
-
-#: The optimiser of the authors' training script: ``torch.optim.Adam(..., amsgrad=True)`` (the paper names Adam).
-PROMPTREG_OPTIMIZER = functools.partial(torch.optim.Adam, amsgrad=True)
-
-
-class DomainPairLoader(PairLoader):
-    """:class:`~monai_unireg.engines.PairLoader` that also returns the pair's ``"domain"`` (int64 scalar) when it has
-    one: the index of its dataset in the :class:`~monai_unireg.data.PairSampler`, i.e. of its prompt in the
-    knowledge base. Validation pairs (read by the same loader) need none; a training batch without it is refused
-    by :class:`PromptRegObjective`."""
-
-    def __call__(self, pair: dict[str, Any]) -> Batch:
-        item = super().__call__(pair)
-        if "domain" in pair:
-            item["domain"] = torch.tensor(int(pair["domain"]))
-        return item
 
 
 def _prompt_network(model: Any) -> nn.Module:
@@ -130,7 +100,7 @@ class PromptRegObjective(nn.Module):
         network: the network whose last forward pass's prompt the prompt terms read: the :class:`PromptReg`, or a
             wrapper of it (``PairInput``, ``DistributedDataParallel``); needed when ``forward`` is given a plain
             ``model(moving, fixed)`` function (the bundle's :class:`~monai_unireg.engines.bundle.RegistrationStep`);
-            ``None``: the ``model`` of ``forward`` itself (a PromptReg or its DDP wrapper, :func:`train_promptreg`).
+            ``None``: the ``model`` of ``forward`` itself (a PromptReg or its DDP wrapper).
     """
 
     def __init__(
@@ -179,96 +149,6 @@ class PromptRegObjective(nn.Module):
                 total + self.orthogonality * parts["orthogonality"] + self.task_similarity * parts["task_similarity"]
             )
         return LossTerms(total, **parts)
-
-
-def train_promptreg(
-    network: PromptReg,
-    sampler: PairSampler,
-    output_dir: str | os.PathLike,
-    epochs: int,
-    smoothness: float = 0.1,
-    orthogonality: float = 1e-3,
-    task_similarity: float = 1e-3,
-    learning_rate: float = 1e-4,
-    power: float = 0.9,
-    batch_size: int = 1,
-    normalize_orthogonality: bool = False,
-    augmentation: Augmentation | None = None,
-    ct_window: Sequence[float] = CT_WINDOW,
-    validation_pairs: Sequence[dict[str, Any]] = (),
-    validation_labels: Sequence[int] | None = None,
-    device: str | torch.device = "cpu",
-    amp: bool = False,
-    resume: bool = True,
-    seed: int = 0,
-    max_iterations_per_epoch: int | None = None,
-    distributed_model: nn.Module | None = None,
-    log: Log = print,
-) -> list[dict[str, float]]:
-    """Train (or fine-tune) PromptReg with :class:`PromptRegObjective` over the datasets of ``sampler``.
-
-    Each dataset of the sampler is one domain, its index the prompt the task-similarity loss pulls towards, so the
-    network's ``num_domains`` must equal the number of datasets. :func:`~monai_unireg.engines.train_registration`
-    with Adam and the per-iteration polynomial decay, pairs read by :class:`DomainPairLoader` at
-    ``network.input_size``; ``checkpoint.pt`` and ``model.pt`` after every epoch, exact resume. For the zero-shot
-    setting give the held-out dataset's pairs as ``validation_pairs`` (its Dice is then a zero-shot score).
-
-    Args:
-        network: the network (``use_prompt=False`` trains the backbone alone: the "w/o RPG" ablation).
-        sampler: pairs per epoch (paper: 100 per dataset).
-        output_dir: checkpoint folder.
-        epochs: total epochs, resumed ones included (paper: 300).
-        smoothness: ``lambda_1`` (0.1).
-        orthogonality: ``lambda_2`` (0.001).
-        task_similarity: ``lambda_3`` (0.001).
-        learning_rate: initial Adam learning rate (1e-4).
-        power: polynomial decay exponent (0.9).
-        batch_size: pairs per iteration and process (1).
-        normalize_orthogonality: see :class:`PromptRegObjective`.
-        augmentation: ``augmentation(batch, generator) -> batch`` (paper: none).
-        ct_window: HU window of CT images ([-1000, 1000]).
-        validation_pairs: labelled pairs scored (mean Dice at the working size) after every epoch.
-        validation_labels: label values of that Dice (``None``: all non-zero labels).
-        device: training device.
-        amp: automatic mixed precision (CUDA only).
-        resume: continue from ``checkpoint.pt`` when present.
-        seed: seed of the augmentation stream.
-        max_iterations_per_epoch: cap on iterations per epoch (quick runs, tests).
-        distributed_model: the ``DistributedDataParallel`` wrapper of ``network``.
-        log: progress output.
-
-    Returns:
-        the history: one dictionary per epoch (mean loss and its parts, learning rate, validation Dice, seconds).
-    """
-    check_positive(power, "power")
-    if network.use_prompt and network.config["num_domains"] != len(sampler.domains):
-        raise ValueError(
-            f"the network's knowledge base has num_domains={network.config['num_domains']} prompts but the sampler "
-            f"draws from {len(sampler.domains)} datasets {list(sampler.domains)}; build PromptReg with "
-            f"num_domains={len(sampler.domains)}."
-        )
-    return train_registration(
-        network,
-        PromptRegObjective(smoothness, orthogonality, task_similarity, normalize_orthogonality),
-        sampler,
-        DomainPairLoader(network.input_size, ct_window),
-        output_dir,
-        epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        optimizer_factory=PROMPTREG_OPTIMIZER,
-        scheduler_factory=functools.partial(polynomial_decay, power=power),
-        augmentation=augmentation,
-        validation_pairs=validation_pairs,
-        validation_labels=validation_labels,
-        device=device,
-        amp=amp,
-        resume=resume,
-        seed=seed,
-        max_iterations_per_epoch=max_iterations_per_epoch,
-        distributed_model=distributed_model,
-        log=log,
-    )
 
 
 def split_held_out(

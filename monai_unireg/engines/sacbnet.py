@@ -1,35 +1,25 @@
-"""SACB-Net training: the paper's unsupervised objective (Eq. 1), optionally with a Dice term, and its schedule.
+"""SACB-Net's defaults and training objective: the paper's unsupervised objective (Eq. 1), optionally with a Dice
+term.
 
 Cheng et al., "SACB-Net: Spatial-awareness Convolutions for Medical Image Registration", CVPR 2025
 (``shared/papers/sacbnet.txt``). Eq. 1: ``L = L_sim(I_m o (phi + Id), I_f) + lambda * L_reg(phi)`` with local NCC
 (9^3 window, squared-correlation form) as ``L_sim`` and the L2 norm of the field's first differences as ``L_reg``;
 Adam, learning rate 1e-4, batch 1 (paper Sec. 4), polynomial decay with power 0.9 and 300 epochs, lambda per task
 (``shared/reference/METHODS.md``, from the reference code). Images are brought to [0, 1] (CT: HU window
-[-1000, 1000], paper Sec. 4; MRI: [min, 99th percentile]) and resized to the network's working size; the loop is
-:func:`~monai_unireg.engines.train_registration`.
+[-1000, 1000], paper Sec. 4; MRI: [min, 99th percentile]) and resized to the network's working size; the training
+is ``bundles/sacbnet/configs/train.yaml`` (MONAI's ``SupervisedTrainer`` with this objective).
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.nn as nn
 
 from monai_unireg import spatial
-from monai_unireg.data import PairSampler
 from monai_unireg.engines.defaults import MethodDefaults
-from monai_unireg.engines.training import (
-    Augmentation,
-    Log,
-    LossTerms,
-    PairLoader,
-    polynomial_decay,
-    train_registration,
-)
+from monai_unireg.engines.training import LossTerms
 from monai_unireg.losses import LNCCLoss, diffusion_regularisation, soft_dice_loss
 from monai_unireg.networks.nets.sacbnet import load_sacbnet
 from monai_unireg.validation import check_integer, check_positive
@@ -39,7 +29,6 @@ __all__ = [
     "SACBNET_CT_WINDOW",
     "SACBNET_LAMBDAS",
     "SACBNetObjective",
-    "train_sacbnet",
 ]
 
 #: Diffusion weight lambda of Eq. 1 per task (METHODS.md, read from the reference code's comments): brain
@@ -126,94 +115,3 @@ class SACBNetObjective(nn.Module):
             total = total + self.dice_weight * dice
             parts["dice"] = dice
         return LossTerms(total, **parts)
-
-
-def train_sacbnet(
-    network: nn.Module,
-    sampler: PairSampler,
-    output_dir: str | os.PathLike,
-    epochs: int,
-    lam: float = 1.0,
-    dice_weight: float = 0.0,
-    learning_rate: float = 1e-4,
-    power: float = 0.9,
-    batch_size: int = 1,
-    dice_labels: Sequence[int] | None = None,
-    lncc_window: int = 9,
-    augmentation: Augmentation | None = None,
-    ct_window: Sequence[float] = SACBNET_CT_WINDOW,
-    validation_pairs: Sequence[dict[str, Any]] = (),
-    validation_labels: Sequence[int] | None = None,
-    device: str | torch.device = "cpu",
-    amp: bool = False,
-    resume: bool = True,
-    seed: int = 0,
-    max_iterations_per_epoch: int | None = None,
-    distributed_model: nn.Module | None = None,
-    log: Log = print,
-) -> list[dict[str, float]]:
-    """Train (or fine-tune) a SACB-Net with :class:`SACBNetObjective`; one checkpoint per epoch.
-
-    :func:`~monai_unireg.engines.train_registration` with Adam (``learning_rate``, paper: 1e-4) and the polynomial
-    decay ``lr = lr0 * (1 - it / total) ** power`` stepped every iteration (``total = epochs * iterations per
-    epoch``, :func:`~monai_unireg.engines.polynomial_decay`); the pairs are read by
-    :class:`~monai_unireg.engines.PairLoader` at ``network.input_size`` (images in [0, 1], trilinear; labels
-    nearest). ``<output_dir>/checkpoint.pt`` (model, optimiser, scheduler, sampler, epoch, history) and ``model.pt``
-    (``{"config", "model"}``) are written atomically after every epoch; with ``resume`` training continues from
-    ``checkpoint.pt`` exactly.
-
-    Args:
-        network: a registration network ``network(moving, fixed) -> ddf`` with ``input_size`` (its working size)
-            and ``config`` (its constructor arguments), e.g. :class:`~monai_unireg.networks.nets.sacbnet.SACBNet`.
-        sampler: pairs per epoch.
-        output_dir: checkpoint folder.
-        epochs: total number of epochs, resumed ones included (paper: 300).
-        lam: regulariser weight (:data:`SACBNET_LAMBDAS`).
-        dice_weight: weight of the Dice term on labelled pairs (0: unsupervised, as the paper).
-        learning_rate: initial Adam learning rate (paper Sec. 4: 1e-4).
-        power: exponent of the polynomial decay (reference code: 0.9).
-        batch_size: pairs per iteration and process (paper: 1).
-        dice_labels: label values of the Dice term (``None``: every non-zero label of the pair).
-        lncc_window: side of the LNCC box window (reference code: 9).
-        augmentation: ``augmentation(batch, generator) -> batch`` (paper: none).
-        ct_window: HU window of CT images (paper: [-1000, 1000]).
-        validation_pairs: labelled pairs scored (mean Dice at the working size) after every epoch.
-        validation_labels: label values for that Dice (``None``: all non-zero labels).
-        device: training device.
-        amp: automatic mixed precision (CUDA only).
-        resume: continue from ``checkpoint.pt`` when present.
-        seed: seed of the augmentation stream (the sampler has its own).
-        max_iterations_per_epoch: cap on iterations per epoch (quick runs, tests).
-        distributed_model: the ``DistributedDataParallel`` wrapper of ``network`` (see
-            :func:`~monai_unireg.engines.train_registration`).
-        log: progress output.
-
-    Returns:
-        the history: one dictionary per epoch (mean ``loss``, ``similarity``, ``diffusion``, ``dice`` when used,
-        ``learning_rate`` after the epoch, ``validation_dice`` with validation pairs, ``seconds``, ``epoch``).
-    """
-    check_positive(power, "power")
-    input_size = getattr(network, "input_size", None)
-    if input_size is None:
-        raise ValueError(f"network ({type(network).__name__}) must have an 'input_size' (its working size).")
-    return train_registration(
-        network,
-        SACBNetObjective(lam=lam, dice_weight=dice_weight, window=lncc_window, dice_labels=dice_labels),
-        sampler,
-        PairLoader(input_size, ct_window),
-        output_dir,
-        epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        scheduler_factory=functools.partial(polynomial_decay, power=power),
-        augmentation=augmentation,
-        validation_pairs=validation_pairs,
-        validation_labels=validation_labels,
-        device=device,
-        amp=amp,
-        resume=resume,
-        seed=seed,
-        max_iterations_per_epoch=max_iterations_per_epoch,
-        distributed_model=distributed_model,
-        log=log,
-    )

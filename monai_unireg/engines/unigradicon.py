@@ -6,14 +6,12 @@ LNCC on a Gaussian window of sigma 5 voxels (the images warped with zero padding
 ``icon_registration``; :meth:`~monai_unireg.networks.nets.UniGradICON.pop_steps`); Adam with learning rate 5e-5;
 every epoch draws the same number of random pairs from each dataset (:class:`~monai_unireg.data.PairSampler`); images
 are brought to [0, 1] (CT: HU window [-1000, 1000]; MRI: [min, 99th percentile]) and resized to the network's
-working size, then augmented (:class:`RandomPairAugmentationd`, the MONAI dictionary transform of
-:class:`RandomPairAugmentation`).
+working size, then augmented (:class:`RandomPairAugmentationd`: the published axis permutations, flips and affine
+perturbations).
 
 ``bundles/unigradicon/configs/train.yaml`` wires these into MONAI's ``SupervisedTrainer``: the objective
 (:class:`GradICONObjective`), the augmentation (:class:`RandomPairAugmentationd`), the weights training starts from
-(:func:`check_starting_weights`, :class:`StartingWeights`: stage 2 from a stage-1 network, or fine-tuning). The
-Python loop :func:`train_unigradicon` (the shared one of :mod:`monai_unireg.engines.training`) trains the same
-objective without a config.
+(:func:`check_starting_weights`, :class:`StartingWeights`: stage 2 from a stage-1 network, or fine-tuning).
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -32,17 +30,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
 from monai_unireg import spatial
-from monai_unireg.data import PairSampler
 from monai_unireg.engines.defaults import MethodDefaults
-from monai_unireg.engines.training import (
-    Augmentation,
-    Batch,
-    Log,
-    LossTerms,
-    PairLoader,
-    train_registration,
-    validation_dice,
-)
+from monai_unireg.engines.training import Log, LossTerms
 from monai_unireg.losses import GradICONLoss, LNCCLoss
 from monai_unireg.networks.nets.unigradicon import UniGradICON, load_unigradicon, load_unigradicon_weights
 from monai_unireg.validation import check_bool, check_integer, check_option, check_positive, plain_tensor
@@ -51,16 +40,11 @@ __all__ = [
     "UNIGRADICON_DEFAULTS",
     "GradICONObjective",
     "InstanceOptimised",
-    "LossTerms",
-    "RandomPairAugmentation",
     "RandomPairAugmentationd",
     "StartingWeights",
     "check_starting_weights",
-    "PairLoader",
     "stage_two_from_stage_one",
-    "train_unigradicon",
     "instance_optimise",
-    "validation_dice",
     "UNIGRADICON_CT_WINDOW",
 ]
 
@@ -98,8 +82,7 @@ class GradICONObjective(nn.Module):
         lam: GradICON weight (paper: 1.5).
         sigma: LNCC Gaussian window in voxels (paper: 5).
         squared: ``1 - mean(LNCC^2)``, offered for multimodal pairs (METHODS.md).
-        seed: seed of the GradICON jitter's private generator (reseeded every epoch by
-            :func:`~monai_unireg.engines.train_registration`); ``None``: PyTorch's global generator on the fields'
+        seed: seed of the GradICON jitter's private generator; ``None``: PyTorch's global generator on the fields'
             device (the bundle's: seeded by ``set_determinism`` and saved with its checkpoints).
     """
 
@@ -109,16 +92,12 @@ class GradICONObjective(nn.Module):
         self.similarity = LNCCLoss(spatial_dims=3, kernel_type="gaussian", sigma=sigma, squared=squared)
         self.regulariser = GradICONLoss(seed=seed)
 
-    def reseed(self, seed: int) -> None:
-        """Restart the GradICON jitter's random sequence from ``seed`` (in a private generator)."""
-        self.regulariser.generator = torch.Generator().manual_seed(check_integer(seed, "seed"))
-
     def forward(
         self, network: nn.Module, batch: Mapping[str, torch.Tensor] | torch.Tensor, image_b: torch.Tensor | None = None
     ) -> LossTerms:
         """Evaluate the objective: ``objective(network, batch)`` (the convention of
-        :func:`~monai_unireg.engines.train_registration`; A is ``batch["moving"]``, B is ``batch["fixed"]``, other
-        keys are ignored) or ``objective(network, image_a, image_b)``.
+        :class:`~monai_unireg.engines.bundle.RegistrationStep`; A is ``batch["moving"]``, B is ``batch["fixed"]``,
+        other keys are ignored) or ``objective(network, image_a, image_b)``.
 
         Args:
             network: maps ``(moving, fixed)`` at its working size to a ``[B, 3, *S]`` voxel field.
@@ -155,48 +134,19 @@ def _steps_of_last_call(network: Any, ddf: torch.Tensor) -> list[torch.Tensor]:
     return module.pop_steps() if isinstance(module, UniGradICON) else [ddf]
 
 
-class RandomPairAugmentation:
-    """The published augmentation: one random axis permutation with random flips for both images, then an
-    independent small random affine for each (matrix entries + N(0, ``noise_std``^2), normalised coordinates).
-
-    Applied to a batch ``[B, 1, *S]`` of pairs, sampled per pair from ``generator`` (seeded, CPU), resampled
-    trilinearly with border padding.
-
-    Args:
-        noise_std: standard deviation of the affine perturbation (reference: 0.05).
-        permute_flip: draw the axis permutation and flips (reference: on); off keeps the orientation, e.g. to
-            fine-tune on one protocol.
-    """
-
-    def __init__(self, noise_std: float = 0.05, permute_flip: bool = True) -> None:
-        self.noise_std = float(check_positive(noise_std, "noise_std", allow_zero=True))
-        self.permute_flip = check_bool(permute_flip, "permute_flip")
-
-    def matrices(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, 3, 4]`` affine matrices for A and for B (``affine_grid`` convention)."""
-        base = torch.zeros(batch, 3, 4)
-        for sample in range(batch):
-            order = torch.randperm(3, generator=generator) if self.permute_flip else torch.arange(3)
-            signs = torch.randint(0, 2, (3,), generator=generator) * 2 - 1 if self.permute_flip else torch.ones(3)
-            base[sample, torch.arange(3), order] = signs.float()
-        noise_a = torch.randn(batch, 3, 4, generator=generator) * self.noise_std
-        noise_b = torch.randn(batch, 3, 4, generator=generator) * self.noise_std
-        return base + noise_a, base + noise_b
-
-    def __call__(
-        self, image_a: torch.Tensor, image_b: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augmented ``[B, 1, *S]`` copies of ``image_a`` and ``image_b``."""
-        matrix_a, matrix_b = self.matrices(image_a.shape[0], generator)
-        return tuple(
-            F.grid_sample(
-                image,
-                F.affine_grid(matrix.to(image), list(image.shape), align_corners=False),
-                padding_mode="border",
-                align_corners=False,
-            )
-            for image, matrix in ((image_a, matrix_a), (image_b, matrix_b))
-        )
+def _augmentation_matrices(
+    generator: torch.Generator, noise_std: float, permute_flip: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published augmentation's ``[1, 3, 4]`` affine matrices (``affine_grid`` convention) for image A and B:
+    one random axis permutation with random flips for both (identity without ``permute_flip``), then each its own
+    perturbation of the entries by N(0, ``noise_std``^2)."""
+    base = torch.zeros(1, 3, 4)
+    order = torch.randperm(3, generator=generator) if permute_flip else torch.arange(3)
+    signs = torch.randint(0, 2, (3,), generator=generator) * 2 - 1 if permute_flip else torch.ones(3)
+    base[0, torch.arange(3), order] = signs.float()
+    noise_a = torch.randn(1, 3, 4, generator=generator) * noise_std
+    noise_b = torch.randn(1, 3, 4, generator=generator) * noise_std
+    return base + noise_a, base + noise_b
 
 
 def stage_two_from_stage_one(stage_one: UniGradICON) -> UniGradICON:
@@ -211,7 +161,7 @@ def stage_two_from_stage_one(stage_one: UniGradICON) -> UniGradICON:
 
 
 class RandomPairAugmentationd(Randomizable, MapTransform):
-    """:class:`RandomPairAugmentation` as a MONAI random dictionary transform of one pair (no batch axis).
+    """The published augmentation as a MONAI random dictionary transform of one pair (no batch axis).
 
     ``keys`` are image A and image B, ``[C, *S]`` each on one grid (the pair at the network's working size): both
     get one random axis permutation with flips, then each its own small random affine (entries + N(0,
@@ -236,7 +186,8 @@ class RandomPairAugmentationd(Randomizable, MapTransform):
         super().__init__(keys)
         if len(self.keys) != 2:
             raise ValueError(f"keys must name the pair's two images (A, B), got {self.keys!r}.")
-        self.augmentation = RandomPairAugmentation(noise_std, permute_flip)
+        self.noise_std = float(check_positive(noise_std, "noise_std", allow_zero=True))
+        self.permute_flip = check_bool(permute_flip, "permute_flip")
         self.prob = float(check_positive(prob, "prob", allow_zero=True))
         if self.prob > 1:
             raise ValueError(f"prob must be in [0, 1], got {prob!r}.")
@@ -259,8 +210,11 @@ class RandomPairAugmentationd(Randomizable, MapTransform):
                 f"{key_a} and {key_b} must be [C, D, H, W] images of one shape, got {tuple(images[0].shape[1:])} "
                 f"and {tuple(images[1].shape[1:])}."
             )
-        out_a, out_b = self.augmentation(*images, torch.Generator().manual_seed(self._seed))
-        d[key_a], d[key_b] = out_a[0], out_b[0]
+        generator = torch.Generator().manual_seed(self._seed)
+        matrices = _augmentation_matrices(generator, self.noise_std, self.permute_flip)
+        for key, image, matrix in zip((key_a, key_b), images, matrices):
+            grid = F.affine_grid(matrix.to(image), list(image.shape), align_corners=False)
+            d[key] = F.grid_sample(image, grid, padding_mode="border", align_corners=False)[0]
         return d
 
 
@@ -352,98 +306,6 @@ class StartingWeights:
             with torch.no_grad():
                 for source, target in zip(stage_one.unets, self.network.unets):
                     target.load_state_dict(source.state_dict())
-
-
-def train_unigradicon(
-    network: UniGradICON,
-    sampler: PairSampler,
-    output_dir: str | os.PathLike,
-    epochs: int,
-    batch_size: int = 1,
-    learning_rate: float = 5e-5,
-    objective: GradICONObjective | None = None,
-    augmentation: RandomPairAugmentation | None = None,
-    validation_pairs: Sequence[dict[str, Any]] = (),
-    validation_labels: Sequence[int] | None = None,
-    device: str | torch.device = "cpu",
-    amp: bool = False,
-    resume: bool = True,
-    seed: int = 0,
-    max_iterations_per_epoch: int | None = None,
-    distributed_model: nn.Module | None = None,
-    log: Log = print,
-) -> list[dict[str, float]]:
-    """Train (or fine-tune) ``network`` with the GradICON objective; one checkpoint per epoch.
-
-    The shared loop :func:`~monai_unireg.engines.train_registration` with Adam at a constant rate, the pairs read
-    by :class:`~monai_unireg.engines.PairLoader` at ``network.input_size`` (CT window [-1000, 1000]) and the
-    augmentation applied to the images of every batch.
-    ``<output_dir>/checkpoint.pt`` holds ``{"config", "model", "optimizer", "sampler", "epoch", "history"}``
-    after every epoch (written atomically); when it exists and ``resume`` is on, training continues from it
-    exactly. ``<output_dir>/model.pt`` holds the network's configuration and weights alone (what inference and
-    :func:`~monai_unireg.networks.nets.load_unigradicon` load).
-    Fine-tuning is the same call on a network loaded from a checkpoint
-    (:func:`~monai_unireg.networks.nets.load_unigradicon_weights`) with the new dataset's sampler.
-
-    Args:
-        network: the network to train (stage 1: ``include_step2=False``; stage 2: see
-            :func:`stage_two_from_stage_one`).
-        sampler: pairs per epoch (paper: 1000 per dataset).
-        output_dir: checkpoint folder.
-        epochs: total number of epochs (paper: 800 for stage 1, 200 for stage 2).
-        batch_size: pairs per iteration (reference: 4 per GPU).
-        learning_rate: Adam learning rate (paper: 5e-5).
-        objective: the loss (default :class:`GradICONObjective` with the paper's settings).
-        augmentation: pair augmentation (default :class:`RandomPairAugmentation`; ``None`` keeps the default,
-            pass ``RandomPairAugmentation(0)`` for permutations and flips only).
-        validation_pairs: labelled pairs scored (mean Dice) after every epoch.
-        validation_labels: label values for that Dice (``None``: all non-zero labels).
-        device: training device.
-        amp: automatic mixed precision (CUDA only; ignored on the CPU).
-        resume: continue from ``checkpoint.pt`` when present.
-        seed: seed of the augmentation and GradICON jitter streams (the sampler has its own).
-        max_iterations_per_epoch: cap on iterations per epoch (quick experiments and tests).
-        distributed_model: the ``DistributedDataParallel`` wrapper of ``network`` when training with several
-            processes: each rank takes every ``world_size``-th pair of the epoch (cut to a multiple of
-            ``world_size``, so all take as many steps) with its own augmentation and jitter streams; rank 0
-            validates, writes checkpoints and logs.
-        log: progress output.
-
-    Returns:
-        the history: one dictionary per epoch (mean loss terms, validation Dice, seconds).
-    """
-    augmentation = augmentation or RandomPairAugmentation()
-    return train_registration(
-        network,
-        objective or GradICONObjective(),
-        sampler,
-        PairLoader(network.input_size, UNIGRADICON_CT_WINDOW),
-        output_dir,
-        epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        augmentation=_augment_images(augmentation),
-        validation_pairs=validation_pairs,
-        validation_labels=validation_labels,
-        device=device,
-        amp=amp,
-        resume=resume,
-        seed=seed,
-        max_iterations_per_epoch=max_iterations_per_epoch,
-        distributed_model=distributed_model,
-        log=log,
-    )
-
-
-def _augment_images(augmentation: RandomPairAugmentation) -> Augmentation:
-    """``augmentation`` as a batch transform of :func:`~monai_unireg.engines.train_registration`: it moves the
-    images; the labels, which it does not move and the GradICON objective does not use, are left out."""
-
-    def augment(batch: Batch, generator: torch.Generator) -> Batch:
-        moving, fixed = augmentation(batch["moving"], batch["fixed"], generator)
-        return {"moving": moving, "fixed": fixed}
-
-    return augment
 
 
 def instance_optimise(

@@ -1,4 +1,5 @@
-"""UniReg training: one network over several tasks, each with its own regularisation prior and optional labels.
+"""UniReg's defaults and training pieces: one network over several tasks, each with its own regularisation
+prior and optional labels.
 
 Li et al., "UniReg" (``shared/papers/unireg.txt``, Sec. 3.2, 4.3, Table 8): ``L = L_sim(F, M o phi) + lambda_task
 L_reg(phi)`` (Eq. 6) with the regularisation prior ``lambda_task`` of the pair's task (HeadNeck 0.05, Chest 1,
@@ -6,7 +7,7 @@ Abdomen 0.1, Liver 10), plus a Dice loss on the segmentation masks of the tasks 
 anatomical knowledge"); NCC similarity and diffusion regulariser (the losses the paper gives SAME "as in UniReg");
 tasks sampled uniformly (one dataset per task, the same number of pairs from each per epoch); SGD with momentum
 0.99 at a learning rate of 5e-5 (Adam as an option); batch 1; CT clipped to HU [-800, 400] and mapped to [-1, 1].
-The loop is :func:`~monai_unireg.engines.train_registration`.
+The training is ``bundles/unireg/configs/train.yaml`` (MONAI's ``SupervisedTrainer`` with :func:`unireg_objective`).
 
 The pieces of the bundle's MONAI configs (``bundles/unireg``) are here too: each pair's condition
 (:class:`UniRegConditiond`, :func:`prepare_unireg_batch`, :func:`prepare_conditioned_batch`), the objective of the
@@ -17,7 +18,6 @@ datasets (:func:`unireg_objective`), their validation and evaluation pairs (:fun
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Collection, Mapping, Sequence
@@ -32,19 +32,12 @@ import torch.nn as nn
 from monai.transforms import Transform
 
 from monai_unireg import io, spatial
-from monai_unireg.data import PairSampler, load_learn2reg, pair_name, read_learn2reg
+from monai_unireg.data import load_learn2reg, pair_name, read_learn2reg
 from monai_unireg.engines.bundle import gather_rows, prepare_pair_batch
 from monai_unireg.engines.defaults import MethodDefaults
 from monai_unireg.engines.instance_optimisation import FieldOptimised
 from monai_unireg.engines.pair_registration import write_table
-from monai_unireg.engines.training import (
-    Augmentation,
-    Batch,
-    Log,
-    LossTerms,
-    PairLoader,
-    train_registration,
-)
+from monai_unireg.engines.training import Batch, Log, LossTerms
 from monai_unireg.engines.workflows import write_result_table
 from monai_unireg.losses import LNCCLoss, MINDSSCLoss, diffusion_regularisation, soft_dice_loss
 from monai_unireg.networks.nets import ResizedRegistration
@@ -72,11 +65,8 @@ __all__ = [
     "UNIREG_CT_WINDOW",
     "UNIREG_INTENSITY_RANGE",
     "UNIREG_LAMBDAS",
-    "UNIREG_OPTIMIZERS",
     "UNIREG_SIMILARITIES",
     "UniRegObjective",
-    "UniRegPairLoader",
-    "train_unireg",
     "unireg_similarity",
 ]
 
@@ -103,7 +93,6 @@ UNIREG_DEFAULTS = MethodDefaults(
 #: Regularisation priors of the paper's training tasks (Table 8).
 UNIREG_LAMBDAS = {"head_neck": 0.05, "chest": 1.0, "abdomen": 0.1, "liver": 10.0}
 UNIREG_SIMILARITIES = ("lncc", "mind")
-UNIREG_OPTIMIZERS = ("sgd", "adam")
 
 
 def unireg_similarity(name: str, reduction: str = "mean") -> nn.Module:
@@ -114,58 +103,6 @@ def unireg_similarity(name: str, reduction: str = "mean") -> nn.Module:
     if name == "lncc":
         return LNCCLoss(spatial_dims=3, kernel_type="box", kernel_size=9, reduction=reduction)
     return MINDSSCLoss(radius=2, dilation=2, reduction=reduction)
-
-
-class UniRegPairLoader(PairLoader):
-    """:class:`~monai_unireg.engines.PairLoader` (CT window [-800, 400] -> [-1, 1]) that adds each pair's condition.
-
-    The pair's ``"task"`` and ``"reg_type"`` names, when it has them, or else those of its ``"dataset"`` in
-    ``dataset_conditions``, become int64 scalars ``"task"`` (index in ``network.tasks``, aliases resolved) and
-    ``"reg_type"`` (index in :data:`~monai_unireg.networks.nets.unireg.REGISTRATION_TYPES`).
-
-    Args:
-        network: the UniReg (its ``input_size`` and task list).
-        dataset_conditions: dataset name -> ``(task, reg_type)``.
-        ct_window: HU window of CT images.
-        intensity_range: output range of the normalisation.
-    """
-
-    def __init__(
-        self,
-        network: UniReg,
-        dataset_conditions: Mapping[str, tuple[str, str]],
-        ct_window: Sequence[float] = UNIREG_CT_WINDOW,
-        intensity_range: Sequence[float] = UNIREG_INTENSITY_RANGE,
-    ) -> None:
-        super().__init__(network.input_size, ct_window, intensity_range)
-        self.conditions = {
-            str(name): (
-                network.resolve_task(task),
-                REGISTRATION_TYPES.index(check_option(kind, "reg_type", REGISTRATION_TYPES)),
-            )
-            for name, (task, kind) in dataset_conditions.items()
-        }
-        self.network = network
-
-    def condition(self, pair: Mapping[str, Any]) -> tuple[int, int]:
-        """``(task index, reg_type index)`` of ``pair``."""
-        if "task" in pair and "reg_type" in pair:
-            kind = check_option(pair["reg_type"], "reg_type", REGISTRATION_TYPES)
-            return self.network.resolve_task(pair["task"]), REGISTRATION_TYPES.index(kind)
-        name = pair.get("dataset")
-        if name not in self.conditions:
-            raise ValueError(
-                f"pair {pair.get('fixed_image')} has no 'task' and 'reg_type' and its dataset {name!r} is not among "
-                f"the datasets with a condition {sorted(self.conditions)}."
-            )
-        return self.conditions[name]
-
-    def __call__(self, pair: dict[str, Any]) -> Batch:
-        item = super().__call__(pair)
-        task, kind = self.condition(pair)
-        item["task"] = torch.tensor(task)
-        item["reg_type"] = torch.tensor(kind)
-        return item
 
 
 class UniRegObjective(nn.Module):
@@ -220,11 +157,9 @@ class UniRegObjective(nn.Module):
     def forward(self, model: nn.Module, batch: Batch) -> LossTerms:
         """Loss of ``model(moving, fixed, task=..., reg_type=...) -> ddf`` (a :class:`UniReg`, its
         ``DistributedDataParallel`` wrapper, or the bundle trainer's network call) on ``batch`` (with ``"task"`` and
-        ``"reg_type"`` indices, as :class:`UniRegPairLoader` or :class:`UniRegConditiond` give)."""
+        ``"reg_type"`` indices, as :class:`UniRegConditiond` gives)."""
         if "task" not in batch or "reg_type" not in batch:
-            raise ValueError(
-                "the batch has no 'task' / 'reg_type': read the pairs with UniRegPairLoader (or UniRegConditiond)."
-            )
+            raise ValueError("the batch has no 'task' / 'reg_type': add them with UniRegConditiond.")
         moving, fixed = batch["moving"], batch["fixed"]
         tasks = batch["task"].long().view(-1)
         ddf = model(moving, fixed, task=tasks, reg_type=batch["reg_type"].long().view(-1))
@@ -247,118 +182,6 @@ class UniRegObjective(nn.Module):
             total = total + self.dice_weight * dice.sum() / ddf.shape[0]
             parts["dice"] = dice.mean()
         return LossTerms(total, **parts)
-
-
-def train_unireg(
-    network: UniReg,
-    sampler: PairSampler,
-    output_dir: str | os.PathLike,
-    epochs: int,
-    dataset_conditions: Mapping[str, tuple[str, str]],
-    lambdas: Mapping[str, float],
-    supervised_tasks: Collection[str] = (),
-    dice_weight: float = 1.0,
-    similarity: str = "lncc",
-    optimizer: str = "sgd",
-    learning_rate: float = 5e-5,
-    momentum: float = 0.99,
-    head_learning_rate_scale: float = 30.0,
-    batch_size: int = 1,
-    augmentation: Augmentation | None = None,
-    ct_window: Sequence[float] = UNIREG_CT_WINDOW,
-    validation_pairs: Sequence[dict[str, Any]] = (),
-    validation_labels: Sequence[int] | None = None,
-    device: str | torch.device = "cpu",
-    amp: bool = False,
-    resume: bool = True,
-    seed: int = 0,
-    max_iterations_per_epoch: int | None = None,
-    distributed_model: nn.Module | None = None,
-    log: Log = print,
-) -> list[dict[str, float]]:
-    """Train (or fine-tune) UniReg with :class:`UniRegObjective` over the datasets of ``sampler``, one task each.
-
-    :func:`~monai_unireg.engines.train_registration` with SGD (momentum 0.99) or Adam at a constant rate, pairs read
-    by :class:`UniRegPairLoader` at ``network.input_size``; ``checkpoint.pt`` and ``model.pt`` after every epoch,
-    exact resume. Validation pairs need a ``"dataset"`` of ``dataset_conditions`` (or their own ``"task"`` and
-    ``"reg_type"``): the network is validated with their conditions.
-
-    Args:
-        network: the network (``dynamic_head=False`` trains the static-head ablation).
-        sampler: pairs per epoch; each of its datasets must be in ``dataset_conditions``.
-        output_dir: checkpoint folder.
-        epochs: total epochs, resumed ones included.
-        dataset_conditions: dataset name -> ``(task, reg_type)``, e.g. ``{"BrainSynth": ("brain", "inter")}``.
-        lambdas: task -> regularisation prior (paper Table 8: :data:`UNIREG_LAMBDAS`).
-        supervised_tasks: tasks trained with the Dice term (their pairs need labels).
-        dice_weight: weight of the Dice term.
-        similarity: ``"lncc"`` (NCC, the paper's) or ``"mind"``.
-        optimizer: ``"sgd"`` (momentum ``momentum``, the paper's) or ``"adam"``.
-        learning_rate: initial rate (paper: 5e-5).
-        momentum: SGD momentum (paper: 0.99).
-        head_learning_rate_scale: the dynamic head's controller (or the static head) learns at this multiple of
-            ``learning_rate`` (ours; the paper gives one rate). Its 1x1x1 layers have a fan-in of 8, so at the
-            backbone's rate the field grows from its near-zero start about 50 times more slowly than through a
-            VoxelMorph-style 3x3x3 head on 16 channels; overfitting one ProstateMRUS pair at 32^3 with Adam at 1e-3,
-            the loss went 1.82 -> 1.77 in 60 steps with 1 and 1.82 -> 1.29 with 10 (a common rate of 5e-3 diverges);
-            the short-training benchmark and the tests use 30 with Adam at 1e-4.
-        batch_size: pairs per iteration and process (paper: 1).
-        augmentation: ``augmentation(batch, generator) -> batch`` (paper: none).
-        ct_window: HU window of CT images ([-800, 400], mapped to [-1, 1]).
-        validation_pairs: labelled pairs scored (mean Dice at the working size) after every epoch.
-        validation_labels: label values of that Dice (``None``: all non-zero labels).
-        device: training device.
-        amp: automatic mixed precision (CUDA only).
-        resume: continue from ``checkpoint.pt`` when present.
-        seed: seed of the augmentation stream.
-        max_iterations_per_epoch: cap on iterations per epoch (quick runs, tests).
-        distributed_model: the ``DistributedDataParallel`` wrapper of ``network``.
-        log: progress output.
-
-    Returns:
-        the history: one dictionary per epoch (mean loss and its parts, validation Dice, seconds).
-    """
-    check_option(optimizer, "optimizer", UNIREG_OPTIMIZERS)
-    missing = sorted(set(sampler.domains) - set(dataset_conditions))
-    if missing:
-        raise ValueError(
-            f"datasets {missing} of the sampler have no (task, reg_type) in dataset_conditions "
-            f"{sorted(dataset_conditions)}."
-        )
-    if optimizer == "sgd":
-        optimizer_factory = functools.partial(torch.optim.SGD, momentum=float(check_positive(momentum, "momentum")))
-    else:
-        optimizer_factory = torch.optim.Adam
-    loader = UniRegPairLoader(network, dataset_conditions, ct_window)
-    objective = UniRegObjective(network.tasks, lambdas, supervised_tasks, dice_weight, similarity)
-    for task, _ in (dataset_conditions[name] for name in sampler.domains):
-        objective.task_lambda(network.tasks[network.resolve_task(task)])
-    return train_registration(
-        network,
-        objective,
-        sampler,
-        loader,
-        output_dir,
-        epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        optimizer_factory=optimizer_factory,
-        parameter_groups=functools.partial(
-            network.parameter_groups,
-            head_scale=float(check_positive(head_learning_rate_scale, "head_learning_rate_scale")),
-        ),
-        augmentation=augmentation,
-        validation_pairs=validation_pairs,
-        validation_labels=validation_labels,
-        validation_conditions=("task", "reg_type"),
-        device=device,
-        amp=amp,
-        resume=resume,
-        seed=seed,
-        max_iterations_per_epoch=max_iterations_per_epoch,
-        distributed_model=distributed_model,
-        log=log,
-    )
 
 
 # ---- the bundle (bundles/unireg): conditions, objective, pairs, evaluation --------------------------------------

@@ -1,7 +1,7 @@
-"""PromptReg training: the objective's terms against the losses computed directly (also through the bundle's
-RegistrationStep call), the domain bookkeeping (DomainPairLoader, prepare_domain_batch), train_promptreg over two
-datasets (one domain each) with resume, and the bundle's leave-one-out split, run names, evaluation items and Dice
-table."""
+"""PromptReg's training pieces: the objective's terms against the losses computed directly (also through the
+bundle's RegistrationStep call), the domain bookkeeping (prepare_domain_batch), and the bundle's leave-one-out split,
+run names, evaluation items and Dice table (the training itself is bundles/promptreg's train.yaml, tested in
+tests/bundles)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import torch
 from ignite.engine import Engine, State
 
 from monai_unireg import spatial
-from monai_unireg.data import PairSampler
-from monai_unireg.engines import DatasetDiceTable, DomainPairLoader, PromptRegObjective, train_promptreg
+from monai_unireg.engines import DatasetDiceTable, PromptRegObjective
 from monai_unireg.engines.promptreg import dataset_pair_items, prepare_domain_batch, run_name, split_held_out
 from monai_unireg.losses import MINDSSCLoss, PromptOrthogonalityLoss, TaskSimilarityLoss, diffusion_regularisation
 from monai_unireg.networks.nets import PairInput, PromptReg
@@ -57,55 +56,6 @@ def test_ablation_has_no_prompt_terms_and_domains_are_checked(generator):
         PromptRegObjective()(PromptReg(**SMALL), {**pair, "domain": torch.tensor([2])})
     with pytest.raises(ValueError, match="smoothness"):
         PromptRegObjective(smoothness=-1.0)
-
-
-def test_loader_adds_the_domain(tiny_datasets):
-    sampler = PairSampler([tiny_datasets["labelled"], tiny_datasets["unlabelled"]], pairs_per_dataset=2, seed=0)
-    pairs = sampler.pairs_for_epoch(0)
-    items = [DomainPairLoader((16, 16, 16))(pair) for pair in pairs]
-    assert sorted(int(item["domain"]) for item in items) == [0, 0, 1, 1]
-    validation_pair = {key: value for key, value in pairs[0].items() if key != "domain"}
-    assert "domain" not in DomainPairLoader((16, 16, 16))(validation_pair)  # validation pairs need none
-
-
-class Interrupted(Exception):
-    """Raised by a log function to stop a training run part-way."""
-
-
-def test_training_over_two_domains_resumes_exactly(tiny_datasets, tmp_path):
-    datasets = [tiny_datasets["labelled"], tiny_datasets["unlabelled"]]
-
-    def stop_in_epoch_two(line: str) -> None:
-        if line.startswith("epoch 2/2 iteration"):
-            raise Interrupted
-
-    validation = [  # labelled pairs without a domain, as a held-out dataset's
-        {key: value for key, value in pair.items() if key != "domain"}
-        for pair in PairSampler([tiny_datasets["labelled"]], pairs_per_dataset=1, seed=1).pairs_for_epoch(0)
-    ]
-
-    def run(folder, log=lambda _: None):
-        torch.manual_seed(0)
-        net = PromptReg(**SMALL)
-        sampler = PairSampler(datasets, pairs_per_dataset=2, seed=0)
-        return net, train_promptreg(net, sampler, folder, 2, learning_rate=1e-3, validation_pairs=validation, log=log)
-
-    straight, history = run(tmp_path / "straight")
-    with pytest.raises(Interrupted):
-        run(tmp_path / "resumed", stop_in_epoch_two)
-    resumed, resumed_history = run(tmp_path / "resumed")
-    assert (tmp_path / "resumed" / "model.pt").is_file() and len(history) == 2
-    assert {"orthogonality", "task_similarity", "learning_rate", "validation_dice"} <= set(history[0])
-    assert all(torch.isfinite(torch.tensor(record["loss"])) for record in history)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert [r["loss"] for r in history] == [r["loss"] for r in resumed_history]
-    saved = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
-    assert all(group["amsgrad"] for group in saved["optimizer"]["param_groups"])  # the authors' Adam(amsgrad=True)
-    with pytest.raises(ValueError, match="num_domains=3"):
-        train_promptreg(
-            PromptReg(**{**SMALL, "num_domains": 3}), PairSampler(datasets, 2), tmp_path / "bad", 1, log=print
-        )
 
 
 def test_the_objective_reads_the_prompt_of_a_wrapped_network_through_a_plain_call(generator):

@@ -1,4 +1,5 @@
-"""SACB-Net training: the objective's terms against independent computations, and train_sacbnet end to end."""
+"""SACB-Net's training objective: its terms against independent computations (the training itself is
+``bundles/sacbnet/configs/train.yaml``, tested in tests/bundles)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from monai_unireg import spatial
-from monai_unireg.data import PairSampler, load_learn2reg
-from monai_unireg.engines import (
-    SACBNET_LAMBDAS,
-    SACBNetObjective,
-    train_sacbnet,
-)
+from monai_unireg.engines import SACBNET_LAMBDAS, SACBNetObjective
 from monai_unireg.losses import DiffusionLoss, diffusion_regularisation, soft_dice_loss
 
 
@@ -147,58 +143,3 @@ def test_objective_arguments_are_checked():
             SACBNetObjective(**arguments)
     with pytest.raises(ValueError, match="ddf"):
         diffusion_regularisation(torch.zeros(1, 2, 4, 4, 4))
-
-
-def test_train_sacbnet_with_a_stand_in_network(tmp_path, tiny_datasets, tiny_network):
-    json_path = tiny_datasets["labelled"]
-    validation = load_learn2reg(json_path, "registration_val")
-    settings = {
-        "lam": 1.0,
-        "dice_weight": 0.5,
-        "learning_rate": 1e-3,
-        "batch_size": 2,
-        "validation_pairs": validation,
-        "log": lambda _: None,
-    }
-    network = tiny_network()
-    history = train_sacbnet(network, PairSampler([json_path], 4, seed=2), tmp_path / "a", 2, **settings)
-    assert {"loss", "similarity", "diffusion", "dice", "learning_rate", "validation_dice"} <= set(history[0])
-    assert all(torch.isfinite(torch.tensor(record["loss"])) for record in history)
-    total = 2 * 2  # epochs x iterations per epoch (4 pairs, batch 2)
-    torch.testing.assert_close(history[0]["learning_rate"], 1e-3 * (1 - 2 / total) ** 0.9)
-    assert history[1]["learning_rate"] == 0.0
-    checkpoint = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
-    assert "scheduler" in checkpoint and checkpoint["config"] == network.config
-
-
-def test_train_sacbnet_arguments_are_checked(tmp_path, tiny_datasets, tiny_network):
-    sampler = PairSampler([tiny_datasets["labelled"]], 2)
-    with pytest.raises(ValueError, match="power"):
-        train_sacbnet(tiny_network(), sampler, tmp_path, 1, power=0.0)
-    with pytest.raises(ValueError, match="lam"):
-        train_sacbnet(tiny_network(), sampler, tmp_path, 1, lam=-1.0)
-    with pytest.raises(ValueError, match="input_size"):
-        train_sacbnet(nn.Conv3d(2, 3, 1), sampler, tmp_path, 1)
-    with pytest.raises(ValueError, match="epochs"):
-        train_sacbnet(tiny_network(), sampler, tmp_path, 0)
-
-
-def test_a_small_sacbnet_trains_and_resumes(tmp_path, tiny_datasets):
-    nets = pytest.importorskip("monai_unireg.networks.nets.sacbnet")
-    json_path = tiny_datasets["labelled"]
-    settings = {"learning_rate": 1e-3, "max_iterations_per_epoch": 1, "log": lambda _: None}
-    torch.manual_seed(0)
-    network = nets.SACBNet(input_size=(48, 48, 48), num_clusters=3)
-    history = train_sacbnet(network, PairSampler([json_path], 2, seed=3), tmp_path, 1, **settings)
-    assert torch.isfinite(torch.tensor(history[0]["loss"])) and (tmp_path / "checkpoint.pt").exists()
-    messages: list[str] = []
-    restarted = nets.SACBNet(**torch.load(tmp_path / "model.pt", weights_only=True)["config"])
-    history = train_sacbnet(
-        restarted, PairSampler([json_path], 2, seed=3), tmp_path, 2, **{**settings, "log": messages.append}
-    )
-    assert messages[0].startswith("resumed from") and [record["epoch"] for record in history] == [1, 2]
-    assert torch.isfinite(torch.tensor(history[1]["loss"]))
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert checkpoint["epoch"] == 2 and checkpoint["scheduler"]["last_epoch"] == 2
-    reloaded = nets.SACBNet(**checkpoint["config"])
-    reloaded.load_state_dict(checkpoint["model"])

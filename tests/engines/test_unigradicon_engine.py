@@ -1,5 +1,5 @@
-"""uniGradICON training, resuming, augmentation, starting weights and instance optimisation on small
-configurations (the bundle's train.yaml runs them in tests/bundles/test_unigradicon_bundle.py)."""
+"""uniGradICON's objective, augmentation, starting weights and instance optimisation on small configurations (the
+bundle's train.yaml trains with them in tests/bundles/test_unigradicon_bundle.py)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,18 @@ import json
 import pytest
 import torch
 
-from monai_unireg.data import PairSampler, load_learn2reg
+from monai_unireg import spatial
+from monai_unireg.data import load_learn2reg
 from monai_unireg.engines import (
     GradICONObjective,
-    PairLoader,
-    RandomPairAugmentation,
     RandomPairAugmentationd,
     StartingWeights,
     instance_optimise,
+    read_volume,
     stage_two_from_stage_one,
-    train_unigradicon,
 )
 from monai_unireg.losses import LNCCLoss
-from monai_unireg.networks.nets import UniGradICON, load_unigradicon_weights
+from monai_unireg.networks.nets import UniGradICON
 
 SMALL = {"input_size": 32, "down_channels": (4, 8, 8), "up_channels": (4, 8, 8)}
 
@@ -69,26 +68,26 @@ def test_objective_composes_the_steps_at_the_sample_points_and_warps_with_zero_p
         network.pop_steps()
 
 
+def _orientations(image: torch.Tensor) -> list[torch.Tensor]:
+    """The 48 axis permutations with flips of a ``[D, H, W]`` cube."""
+    return [
+        image.permute(*order).flip([axis for axis, flip in enumerate(flips) if flip])
+        for order in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+        for flips in [(x, y, z) for x in (0, 1) for y in (0, 1) for z in (0, 1)]
+    ]
+
+
 def test_augmentation_without_noise_is_one_shared_permutation_and_flip(generator):
-    a = torch.rand(2, 1, 6, 6, 6, generator=generator)
-    b = torch.rand(2, 1, 6, 6, 6, generator=generator)
-    out_a, out_b = RandomPairAugmentation(noise_std=0.0)(a, b, torch.Generator().manual_seed(3))
-    for sample in range(2):
-        candidates = [
-            a[sample, 0].permute(*order).flip([axis for axis, flip in enumerate(flips) if flip])
-            for order in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
-            for flips in [(x, y, z) for x in (0, 1) for y in (0, 1) for z in (0, 1)]
-        ]
-        match = [k for k, c in enumerate(candidates) if torch.allclose(out_a[sample, 0], c, atol=1e-5)]
+    a = torch.rand(1, 6, 6, 6, generator=generator)
+    b = torch.rand(1, 6, 6, 6, generator=generator)
+    pair = {"moving_image": a, "fixed_image": b}
+    for seed in (3, 4):
+        out = RandomPairAugmentationd(noise_std=0.0).set_random_state(seed=seed)(pair)
+        match = [k for k, c in enumerate(_orientations(a[0])) if torch.allclose(out["moving_image"][0], c, atol=1e-5)]
         assert len(match) == 1
-        orders_b = [
-            b[sample, 0].permute(*order).flip([axis for axis, flip in enumerate(flips) if flip])
-            for order in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
-            for flips in [(x, y, z) for x in (0, 1) for y in (0, 1) for z in (0, 1)]
-        ]
-        assert torch.allclose(out_b[sample, 0], orders_b[match[0]], atol=1e-5)
-    again_a, _ = RandomPairAugmentation(noise_std=0.0)(a, b, torch.Generator().manual_seed(3))
-    assert torch.equal(out_a, again_a)
+        assert torch.allclose(out["fixed_image"][0], _orientations(b[0])[match[0]], atol=1e-5)
+        again = RandomPairAugmentationd(noise_std=0.0).set_random_state(seed=seed)(pair)
+        assert torch.equal(out["moving_image"], again["moving_image"])
 
 
 def test_objective_reads_the_steps_through_the_trainers_wrappers(generator):
@@ -106,8 +105,8 @@ def test_objective_reads_the_steps_through_the_trainers_wrappers(generator):
 
 
 def test_dictionary_augmentation_is_seeded_by_its_random_state(generator):
-    """RandomPairAugmentationd: the pair's images moved as RandomPairAugmentation moves them, the draws from its
-    ``R`` (so set_random_state and TransformRandomState reproduce them), other keys untouched."""
+    """RandomPairAugmentationd: the draws from its ``R`` (so set_random_state and TransformRandomState reproduce
+    them), other keys untouched."""
     from monai.transforms import Compose
 
     from monai_unireg.engines.bundle import TransformRandomState
@@ -156,41 +155,6 @@ def brainsynth(shared_data):
     return json_path, labels
 
 
-def test_training_writes_checkpoints_and_resumes_exactly(tmp_path, brainsynth):
-    json_path, labels = brainsynth
-    validation = load_learn2reg(json_path, "registration_val")[:1]
-    settings = {"batch_size": 2, "learning_rate": 1e-3, "max_iterations_per_epoch": 2, "log": lambda _: None}
-
-    straight = small_network()
-    history = train_unigradicon(
-        straight, PairSampler([json_path], 4, seed=1), tmp_path / "straight", epochs=2, **settings
-    )
-    assert [record["epoch"] for record in history] == [1, 2]
-    assert {"loss", "similarity", "gradicon", "seconds"} <= set(history[0])
-
-    interrupted = small_network()
-    train_unigradicon(interrupted, PairSampler([json_path], 4, seed=1), tmp_path / "resumed", epochs=1, **settings)
-    resumed = small_network(seed=5)  # different start: everything must come from the checkpoint
-    history_resumed = train_unigradicon(
-        resumed,
-        PairSampler([json_path], 4, seed=1),
-        tmp_path / "resumed",
-        epochs=2,
-        validation_pairs=validation,
-        validation_labels=labels,
-        **settings,
-    )
-    assert [record["epoch"] for record in history_resumed] == [1, 2]
-    assert 0.0 < history_resumed[-1]["validation_dice"] < 1.0
-    for name, value in straight.state_dict().items():
-        assert torch.equal(value, resumed.state_dict()[name]), name
-    checkpoint = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
-    assert checkpoint["epoch"] == 2 and checkpoint["sampler"]["epoch"] == 1
-    assert not list((tmp_path / "resumed").glob(".*partial*"))
-    reloaded = load_unigradicon_weights(small_network(seed=9), tmp_path / "resumed" / "model.pt")
-    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), resumed.state_dict().values()))
-
-
 def test_stage_two_keeps_stage_one_and_adds_an_identity_step(generator):
     stage_one = small_network()
     for parameter in stage_one.parameters():
@@ -204,17 +168,21 @@ def test_stage_two_keeps_stage_one_and_adds_an_identity_step(generator):
         stage_two_from_stage_one(stage_two)
 
 
+def _working_image(path: str) -> torch.Tensor:
+    """A ``[1, 1, 32, 32, 32]`` image in [0, 1]."""
+    image = spatial.resize_image(read_volume(path, "image")[0].float(), (32, 32, 32))
+    return (image - image.min()) / (image.max() - image.min())
+
+
 def test_instance_optimisation_improves_the_objective_and_restores_the_weights(brainsynth):
     json_path, _ = brainsynth
     pair = load_learn2reg(json_path, "registration_val")[0]
-    item = PairLoader((32, 32, 32))(pair)
+    moving, fixed = (_working_image(pair[f"{role}_image"]) for role in ("moving", "fixed"))
     network = small_network(include_step2=True)
     network.train()
     before = {name: value.clone() for name, value in network.state_dict().items()}
     messages: list[str] = []
-    ddf, losses = instance_optimise(
-        network, item["moving"][None], item["fixed"][None], iterations=10, learning_rate=1e-3, log=messages.append
-    )
+    ddf, losses = instance_optimise(network, moving, fixed, iterations=10, learning_rate=1e-3, log=messages.append)
     assert len(losses) == 11 and losses[-1] < losses[0]
     assert ddf.shape == (1, 3, 32, 32, 32) and ddf.abs().max() > 0
     assert network.training
@@ -222,11 +190,6 @@ def test_instance_optimisation_improves_the_objective_and_restores_the_weights(b
     assert messages and messages[-1].startswith("instance optimisation 10/10")
 
 
-def test_bad_training_arguments_are_refused(tmp_path, brainsynth):
-    json_path, _ = brainsynth
-    with pytest.raises(ValueError, match="epochs"):
-        train_unigradicon(small_network(), PairSampler([json_path], 2), tmp_path, epochs=0)
-    with pytest.raises(ValueError, match="learning_rate"):
-        train_unigradicon(small_network(), PairSampler([json_path], 2), tmp_path, epochs=1, learning_rate=-1.0)
+def test_bad_instance_optimisation_arguments_are_refused():
     with pytest.raises(ValueError, match="iterations"):
         instance_optimise(small_network(), torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32), iterations=-1)
