@@ -268,7 +268,7 @@ class PromptReg(RDPNet):
 
 def load_promptreg(path: str | os.PathLike) -> PromptReg:
     """A :class:`PromptReg` built from a checkpoint's ``"config"`` and filled with its weights (``model.pt`` or
-    ``checkpoint.pt`` of training). Mismatched files raise a ``ValueError`` naming the file."""
+    ``checkpoint_epoch=N.pt`` of the bundle's train.yaml). Mismatched files raise a ``ValueError`` naming the file."""
     return load_network(path, functools.partial(_promptreg_from_config, os.fspath(path)), "PromptReg")
 
 
