@@ -285,10 +285,10 @@ def check_checkpoint_method(state: dict[str, Any], expected: str, path: str | os
 def load_network(path: str | os.PathLike, build: Callable[[dict[str, Any] | None], nn.Module], name: str) -> nn.Module:
     """A network built from a training checkpoint's ``"config"`` and filled with its ``"model"`` weights.
 
-    Reads ``{"method", "config", "model"}`` files (``model.pt`` / ``checkpoint_epoch=N.pt`` of the bundles' train.yaml) or a bare state
-    dict (``build`` then gets ``None``). Every tensor must fit (strict loading); a checkpoint of another network
-    (by its ``"method"`` or by a ``config`` the network does not take) or anything else raises a ``ValueError``
-    naming the file and ``name``.
+    Reads ``{"method", "config", "model"}`` files (``model.pt`` / ``checkpoint_epoch=N.pt`` of the bundles'
+    train.yaml) or a bare state dict (``build`` then gets ``None``). Every tensor must fit (strict loading); a
+    checkpoint of another network (by its ``"method"`` or by a ``config`` the network does not take) or anything
+    else raises a ``ValueError`` naming the file and ``name``.
 
     Args:
         path: the weights file.

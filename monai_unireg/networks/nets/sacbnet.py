@@ -176,7 +176,8 @@ def _check_size(size: Sequence[int], name: str) -> tuple[int, int, int]:
 def load_sacbnet(path: str | os.PathLike) -> SACBNet:
     """A :class:`SACBNet` built from a checkpoint's ``"config"`` and filled with its weights.
 
-    Accepted: ``{"config", "model"}`` files written by the bundle's train.yaml (``model.pt``, ``checkpoint_epoch=N.pt``), or a bare
-    state dict of the default network. Every tensor must fit: mismatches raise a ``ValueError`` naming the file.
+    Accepted: ``{"config", "model"}`` files written by the bundle's train.yaml (``model.pt``,
+    ``checkpoint_epoch=N.pt``), or a bare state dict of the default network. Every tensor must fit: mismatches
+    raise a ``ValueError`` naming the file.
     """
     return load_network(path, lambda config: SACBNet(**config) if config else SACBNet(), "SACBNet")

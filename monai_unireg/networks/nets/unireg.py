@@ -408,8 +408,8 @@ class ConditionedUniReg(nn.Module):
 
 def load_unireg(path: str | os.PathLike, feature_extractor: nn.Module | None = None) -> UniReg:
     """A :class:`UniReg` built from a checkpoint's ``"config"`` and filled with its weights (``model.pt`` or
-    ``checkpoint_epoch=N.pt`` of the bundle's train.yaml). A network trained with a module feature extractor needs that module again
-    (``feature_extractor``); mismatched files raise a ``ValueError`` naming the file."""
+    ``checkpoint_epoch=N.pt`` of the bundle's train.yaml). A network trained with a module feature extractor needs
+    that module again (``feature_extractor``); mismatched files raise a ``ValueError`` naming the file."""
     return load_network(path, functools.partial(_unireg_from_config, os.fspath(path), feature_extractor), "UniReg")
 
 
