@@ -20,7 +20,7 @@ import torch
 from bundle_runner import BundleRunner, assert_same_weights, final_weights, read_checkpoint
 
 from monai_unireg.data import load_learn2reg, pair_name
-from monai_unireg.networks.nets import UniGradICON
+from monai_unireg.networks.nets import UniGradICON, load_unigradicon
 from monai_unireg.networks.nets.unigradicon import published_key_prefixes
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -83,6 +83,10 @@ def test_stage_one_trains_validates_logs_and_checkpoints(stage_one):
     group = state["optimizer"]["param_groups"][0]  # Adam at the paper's constant 5e-5
     assert group["lr"] == 5e-5 and "betas" in group
     assert set(final_weights(output_dir)) == set(UniGradICON(include_step2=False, **SMALL).state_dict())
+    # model.pt carries the network's config: the command line's loader (--weights) rebuilds this 3-step network
+    network = load_unigradicon(output_dir / "model.pt")
+    assert len(network.unets) == 3 and network.config == state["config"]
+    assert_same_weights(network.state_dict(), final_weights(output_dir))
 
 
 def test_resume_after_a_kill_is_bit_exact(brainsynth, stage_one, tmp_path):
