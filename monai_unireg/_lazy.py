@@ -25,9 +25,14 @@ def lazy_attributes(
             absolute otherwise); the attribute of that module with the same name is returned.
         submodules: names of submodules reachable as attributes (``package.name``).
 
-    Each value is stored in the package's namespace on first access, so later lookups cost nothing.
+    Each value is stored in the package's namespace on first access, so later lookups cost nothing. A name that is
+    both an export and a submodule (``networks.blocks.kmeans``, the function of ``networks/blocks/kmeans.py``) is
+    imported at once: importing the submodule (``import package.name``, anywhere) sets the package's attribute to the
+    module, which would otherwise shadow the export depending on what was imported first.
     """
     package = namespace["__name__"]
+    for name in set(exports) & set(submodules):
+        namespace[name] = getattr(importlib.import_module(exports[name], package), name)
 
     def __getattr__(name: str) -> Any:
         if name in exports:

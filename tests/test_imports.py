@@ -68,4 +68,17 @@ def test_every_submodule_is_an_attribute(package: str) -> None:
     module = importlib.import_module(package)
     for info in pkgutil.iter_modules(module.__path__):
         assert info.name in module._SUBMODULES, f"{package}.{info.name} missing from _SUBMODULES"
-        assert getattr(module, info.name).__name__ == f"{package}.{info.name}"
+        # a name that is also an export is the export (the function kmeans of kmeans.py), as an eager import gave
+        expected = f"{package}.{info.name}" if info.name not in module._EXPORTS else info.name
+        assert getattr(module, info.name).__name__ == expected
+
+
+def test_an_export_named_like_its_submodule_is_the_export_whatever_was_imported_first() -> None:
+    # networks.blocks.kmeans is the function; importing the module networks/blocks/kmeans.py first must not shadow it
+    code = (
+        "import monai_unireg.networks.blocks.kmeans\n"
+        "from monai_unireg.networks.blocks import kmeans\n"
+        "print(callable(kmeans) and kmeans.__name__ == 'kmeans' and not hasattr(kmeans, '__file__'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True"

@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
+#: ``torchrun`` with 2 local processes (the tests' multi-GPU runs, on CPU processes over Gloo).
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
 #: A ``run#1`` override of a train.yaml: the trainer exits the process as its first epoch completes (after the
 #: epoch's checkpoint is written), as a kill would.
 KILL_AFTER_THE_FIRST_EPOCH = (
@@ -91,3 +94,15 @@ def assert_same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.
     """The same keys and bit-identical tensors."""
     assert first.keys() == second.keys()
     assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def assert_merged_evaluation(output_dir: Path, pair_names: list[str]) -> None:
+    """A (multi-process) evaluation wrote every pair's folder and one ``metrics.csv`` / ``summary.json`` with a row
+    per pair, in the pairs' order."""
+    import csv
+    import json
+
+    assert all((output_dir / name / "ddf.nii.gz").is_file() for name in pair_names)
+    with open(output_dir / "metrics.csv", newline="") as handle:
+        assert [row["pair"] for row in csv.DictReader(handle)] == pair_names
+    assert json.loads((output_dir / "summary.json").read_text())["dice_mean"]["n"] == len(pair_names)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_runner import BundleRunner, assert_same_weights, final_weights, read_checkpoint
+from bundle_runner import TORCHRUN, BundleRunner, assert_same_weights, final_weights, read_checkpoint
 
 from monai_unireg.data import load_learn2reg, pair_name
 from monai_unireg.networks.nets import PromptReg, load_promptreg
@@ -33,7 +32,6 @@ EVALUATE = ["configs/inference.yaml", "configs/evaluate.yaml"]
 MULTI_GPU_EVALUATE = [*EVALUATE, "configs/multi_gpu_evaluate.yaml"]
 #: A network small enough for a CPU test: 32^3 working size, base channels 4 (bottleneck 32 channels at 4^3).
 SMALL_NETWORK = {"input_size": "[32, 32, 32]", "channels": 4}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="torchrun needs torch.distributed with the Gloo backend for CPU processes",

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_runner import BundleRunner, assert_same_weights, final_weights, read_checkpoint
+from bundle_runner import (
+    TORCHRUN,
+    BundleRunner,
+    assert_merged_evaluation,
+    assert_same_weights,
+    final_weights,
+    read_checkpoint,
+)
 
 from monai_unireg.data import load_learn2reg, pair_name
 from monai_unireg.engines import SACBNET_LAMBDAS
@@ -100,8 +106,10 @@ def test_swapping_the_optimiser_a_transform_and_a_handler_by_overrides(brainsynt
     )
     overrides["train#handlers#3#tag_name"] = "objective"  # a handler's setting
     overrides["tensorboard"] = False  # a handler off
+    overrides["progress_bar"] = True  # on by default on a terminal only (captured output here is not one)
     log = run_bundle(TRAIN, **overrides)
     assert "objective: " in log and "train_loss" not in log
+    assert "[1/1] 100%|" in log  # ignite's ProgressBar
     state = read_checkpoint(output_dir)
     assert "momentum" in state["optimizer"]["param_groups"][0] and "betas" not in state["optimizer"]["param_groups"][0]
     assert not (output_dir / "tensorboard").exists()
@@ -163,9 +171,8 @@ def test_fine_tuning_at_another_size_on_a_paired_dataset(shared_data, trained, t
 )
 def test_multi_gpu_train_on_two_cpu_processes(brainsynth, tmp_path):
     output_dir = tmp_path / "distributed"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     overrides = train_overrides(brainsynth, output_dir, epochs=1, pairs_per_dataset=4, max_iterations_per_epoch=None)
-    log = run_bundle(MULTI_GPU_TRAIN, launcher=torchrun, backend="gloo", **overrides)
+    log = run_bundle(MULTI_GPU_TRAIN, launcher=TORCHRUN, backend="gloo", **overrides)
     # 4 pairs over 2 processes: 2 synchronised steps each; rank 0 alone logs the loss and writes the checkpoint
     assert log.count("Iter: 2/2 -- train_loss") == 1 and log.count("Saved checkpoint at epoch: 1") == 1
     assert sorted(path.name for path in output_dir.glob("*.pt")) == ["checkpoint_epoch=1.pt", "model.pt"]
@@ -179,17 +186,13 @@ def test_multi_gpu_train_on_two_cpu_processes(brainsynth, tmp_path):
 def test_multi_gpu_evaluate_on_two_cpu_processes(brainsynth, trained, tmp_path):
     """3 pairs over 2 processes (2 + 1): each writes its pairs' folders, rank 0 the one merged table."""
     output_dir = tmp_path / "distributed_evaluation"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     configs = [*EVALUATE, "configs/multi_gpu_evaluate.yaml"]
     subset = {"dataset#data": "$monai_unireg.engines.bundle.pair_items(@dataset_json, @section)[:3]"}
     overrides = {"dataset_json": brainsynth, "output_dir": output_dir, "weights": trained[0] / "model.pt"}
-    run_bundle(configs, launcher=torchrun, backend="gloo", **subset, **overrides, **SMALL_NETWORK)
-    pairs = load_learn2reg(brainsynth, "registration_val")[:3]
-    assert all((output_dir / pair_name(pair) / "ddf.nii.gz").is_file() for pair in pairs)
-    with open(output_dir / "metrics.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [row["pair"] for row in rows] == [pair_name(pair) for pair in pairs]
-    assert json.loads((output_dir / "summary.json").read_text())["dice_mean"]["n"] == 3
+    run_bundle(configs, launcher=TORCHRUN, backend="gloo", **subset, **overrides, **SMALL_NETWORK)
+    assert_merged_evaluation(
+        output_dir, [pair_name(pair) for pair in load_learn2reg(brainsynth, "registration_val")[:3]]
+    )
 
 
 def test_paper_defaults_and_task_files():

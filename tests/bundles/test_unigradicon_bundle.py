@@ -9,15 +9,20 @@ bundles' tests, as check_overrides is shared)."""
 from __future__ import annotations
 
 import csv
-import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_runner import BundleRunner, assert_same_weights, final_weights, read_checkpoint
+from bundle_runner import (
+    TORCHRUN,
+    BundleRunner,
+    assert_merged_evaluation,
+    assert_same_weights,
+    final_weights,
+    read_checkpoint,
+)
 
 from monai_unireg.data import load_learn2reg, pair_name
 from monai_unireg.networks.nets import UniGradICON, load_unigradicon
@@ -34,7 +39,6 @@ EVALUATE = ["configs/inference.yaml", "configs/evaluate.yaml"]
 #: A network small enough for a CPU test: 32^3 working size, three UNet levels of 4, 8, 8 channels.
 SMALL_NETWORK = {"input_size": 32, "down_channels": "[4, 8, 8]", "up_channels": "[4, 8, 8]"}
 SMALL = {"input_size": 32, "down_channels": [4, 8, 8], "up_channels": [4, 8, 8]}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="torchrun needs torch.distributed with the Gloo backend for CPU processes",
@@ -187,12 +191,9 @@ def test_multi_gpu_evaluate_on_two_cpu_processes(brainsynth, stage_one, tmp_path
     subset = {"dataset#data": "$monai_unireg.engines.bundle.pair_items(@dataset_json, @section)[:3]"}
     overrides = {"dataset_json": brainsynth, "output_dir": output_dir, "weights": stage_one[0] / "model.pt"}
     run_bundle(configs, launcher=TORCHRUN, backend="gloo", include_step2=False, **subset, **overrides, **SMALL_NETWORK)
-    pairs = load_learn2reg(brainsynth, "registration_val")[:3]
-    assert all((output_dir / pair_name(pair) / "ddf.nii.gz").is_file() for pair in pairs)
-    with open(output_dir / "metrics.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [row["pair"] for row in rows] == [pair_name(pair) for pair in pairs]
-    assert json.loads((output_dir / "summary.json").read_text())["dice_mean"]["n"] == 3
+    assert_merged_evaluation(
+        output_dir, [pair_name(pair) for pair in load_learn2reg(brainsynth, "registration_val")[:3]]
+    )
 
 
 def test_paper_defaults():

@@ -13,14 +13,13 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_runner import BundleRunner, assert_same_weights, final_weights, read_checkpoint
+from bundle_runner import TORCHRUN, BundleRunner, assert_same_weights, final_weights, read_checkpoint
 
 from monai_unireg import io
 from monai_unireg.data import load_learn2reg, pair_name
@@ -39,7 +38,6 @@ TRAIN = ["configs/train.yaml"]
 MULTI_GPU_TRAIN = ["configs/train.yaml", "configs/multi_gpu_train.yaml"]
 INFERENCE = ["configs/inference.yaml"]
 EVALUATE = ["configs/inference.yaml", "configs/evaluate.yaml"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 #: A network small enough for a CPU test: 16^3 working size, encoder channels 4, 8, 8, 8.
 SMALL_NETWORK = {"input_size": "[16, 16, 16]", "channels": "[4, 8, 8, 8]"}
 GLOO = pytest.mark.skipif(

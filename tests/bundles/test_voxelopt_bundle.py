@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_runner import BundleRunner
+from bundle_runner import TORCHRUN, BundleRunner, assert_merged_evaluation
 
 from monai_unireg import io
 from monai_unireg.data import load_learn2reg, pair_name
@@ -133,14 +133,7 @@ def test_inference_with_a_universal_model_checkpoint(tmp_path):
 )
 def test_multi_gpu_evaluate_on_two_cpu_processes(tiny_dataset, tmp_path):
     """The pairs split over 2 processes: each writes its pairs' folders, rank 0 the one merged table, in order."""
-    import sys
-
     output_dir = tmp_path / "distributed_evaluation"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     configs = [*EVALUATE, "configs/multi_gpu_evaluate.yaml"]
-    run_bundle(configs, launcher=torchrun, backend="gloo", dataset_json=tiny_dataset, output_dir=output_dir)
-    pairs = load_learn2reg(tiny_dataset, "registration_val")
-    assert all((output_dir / pair_name(pair) / "ddf.nii.gz").is_file() for pair in pairs)
-    rows, summary = read_table(output_dir)
-    assert [row["pair"] for row in rows] == [pair_name(pair) for pair in pairs]
-    assert summary["dice_mean"]["n"] == len(pairs)
+    run_bundle(configs, launcher=TORCHRUN, backend="gloo", dataset_json=tiny_dataset, output_dir=output_dir)
+    assert_merged_evaluation(output_dir, [pair_name(pair) for pair in load_learn2reg(tiny_dataset, "registration_val")])
