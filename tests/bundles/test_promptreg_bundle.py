@@ -272,7 +272,7 @@ def test_bad_overrides_are_refused(data, tmp_path):
     log = run_bundle(TRAIN, succeed=False, **train_overrides([brainsynth], tmp_path / "a", held_ot="BrainSynth"))
     assert "--held_ot is not a key of the bundle's configs" in log and "did you mean 'held_out'" in log
     with pytest.raises(Exception) as error:
-        parse(EVALUATE, datasets=two, dice_spread="variance").get_parsed_content("checks")
+        parse(EVALUATE, datasets=two, dice_spread="variance").get_parsed_content("evaluation_checks")
     assert "dice_spread must be one of" in str(error.getrepr(chain=True))
     with pytest.raises(Exception) as error:
         parse(EVALUATE, datasets=[two[0], two[0]]).get_parsed_content("dataset#data")
