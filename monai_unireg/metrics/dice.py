@@ -17,25 +17,12 @@ from monai_unireg.metrics.labels import (
     _check_label_values,
     _dice_table,
     check_label_pair,
-    label_dice,
-    label_indices,
-    label_values_tensor,
     present_labels,
     reduce_label_metric,
 )
 from monai_unireg.validation import check_option
 
-__all__ = [
-    "LabelMapMetric",
-    "LabelDiceMetric",
-    "label_dice",
-    "label_indices",
-    "check_label_pair",
-    "label_values_tensor",
-    "present_labels",
-    "reduce_label_metric",
-    "REDUCTIONS",
-]
+__all__ = ["LabelMapMetric", "LabelDiceMetric"]
 
 
 class LabelMapMetric(CumulativeIterationMetric):

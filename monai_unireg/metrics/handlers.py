@@ -51,7 +51,7 @@ class LabelDice(IgniteMetricHandler):
         labels: label values to evaluate, or ``None`` to take them from the fixed labels of the first batch.
         absent_as_zero: count a label absent from both maps as 0 instead of skipping it.
         reduction: reduction of the run's ``[N, L]`` table (default ``"mean"``: mean over pairs of the per-pair
-            mean over labels), see :func:`~monai_unireg.metrics.dice.reduce_label_metric`.
+            mean over labels), see :func:`~monai_unireg.metrics.labels.reduce_label_metric`.
         output_transform: maps ``engine.state.output`` to ``(y_pred, y)``: the warped moving labels and the
             fixed labels, ``[B, 1, *S]`` tensors or lists of ``[1, *S]``.
         save_details: store the ``[N, L]`` table in ``engine.state.metric_details[name]``.
@@ -82,7 +82,7 @@ class HD95(IgniteMetricHandler):
         percentile: percentile of each directed surface-distance set (95 for HD95).
         missing_value: value for a label present in only one map (default NaN: skipped, with a warning).
         reduction: reduction of the run's ``[N, L]`` table, see
-            :func:`~monai_unireg.metrics.dice.reduce_label_metric`.
+            :func:`~monai_unireg.metrics.labels.reduce_label_metric`.
         output_transform: maps ``engine.state.output`` to ``(y_pred, y)``: the warped moving labels and the
             fixed labels (MetaTensors carry the spacing), ``[B, 1, *S]`` or lists of ``[1, *S]``.
         save_details: store the ``[N, L]`` table in ``engine.state.metric_details[name]``.

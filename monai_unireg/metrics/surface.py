@@ -53,7 +53,7 @@ class HD95Metric(LabelMapMetric):
         percentile: percentile of each directed distance set, in [0, 100] (100: the Hausdorff distance).
         missing_value: value reported for a label present in only one of the two maps (NaN, inf or >= 0).
         reduction: default reduction of :meth:`aggregate`, see
-            :func:`~monai_unireg.metrics.dice.reduce_label_metric`.
+            :func:`~monai_unireg.metrics.labels.reduce_label_metric`.
 
     Calling the metric on ``y_pred``, ``y`` (integer label maps ``[B, 1, *spatial]``) and optionally
     ``spacing=`` (a number, one per spatial axis, or ``[B, n]`` per sample) returns the float32 ``[B, L]`` table

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from monai_unireg.metrics import LabelDiceMetric, label_dice, reduce_label_metric
-from monai_unireg.metrics.dice import label_indices
+from monai_unireg.metrics.labels import label_indices
 
 SHAPE = (24, 24, 24)
 
