@@ -64,6 +64,7 @@ __all__ = [
     "RegistrationTable",
     "gather_rows",
     "pair_items",
+    "batch_tensor",
     "prepare_pair_batch",
     "RegistrationStep",
     "EpochPairs",
@@ -295,6 +296,12 @@ def gather_rows(rows: Sequence[dict] | None) -> list[dict] | None:
     return list(rows)
 
 
+def batch_tensor(value: Any, device: torch.device | str | None = None, non_blocking: bool = False) -> torch.Tensor:
+    """A batch entry as a plain tensor (a ``MetaTensor``'s metadata dropped) on ``device``: what the ``prepare_batch``
+    functions of the registration engines hand to the network and the objective."""
+    return plain_tensor(torch.as_tensor(value)).to(device=device, non_blocking=non_blocking)
+
+
 def prepare_pair_batch(
     batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -303,15 +310,18 @@ def prepare_pair_batch(
     ``fixed_label`` when the batch has both (the objective's input, see :class:`RegistrationStep`), on ``device``.
     """
 
-    def move(value: Any) -> torch.Tensor:
-        return plain_tensor(torch.as_tensor(value)).to(device=device, non_blocking=non_blocking)
-
     for key in IMAGE_KEYS:
         if key not in batchdata:
             raise ValueError(f"a training batch needs {key!r} (the pair's images), got the keys {sorted(batchdata)}.")
-    pair = {"moving": move(batchdata["moving_image"]), "fixed": move(batchdata["fixed_image"])}
+    pair = {
+        "moving": batch_tensor(batchdata["moving_image"], device, non_blocking),
+        "fixed": batch_tensor(batchdata["fixed_image"], device, non_blocking),
+    }
     if all(key in batchdata for key in LABEL_KEYS):
-        pair.update(moving_label=move(batchdata["moving_label"]), fixed_label=move(batchdata["fixed_label"]))
+        pair.update(
+            moving_label=batch_tensor(batchdata["moving_label"], device, non_blocking),
+            fixed_label=batch_tensor(batchdata["fixed_label"], device, non_blocking),
+        )
     return torch.cat([pair["moving"], pair["fixed"]], dim=1), pair
 
 

@@ -18,7 +18,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch.nn as nn
 from monai_unireg import io, spatial
 from monai_unireg.data import pair_name
 from monai_unireg.metrics.field import jacobian_statistics
-from monai_unireg.metrics.hausdorff import label_hausdorff_distance
+from monai_unireg.metrics.hausdorff import label_hausdorff_distance, replace_one_sided
 from monai_unireg.metrics.labels import label_dice
 from monai_unireg.spatial import spacing_from_affine
 from monai_unireg.transforms.functional import detect_modality, normalise_modality
@@ -424,16 +423,8 @@ def evaluate_result(
 def _hd95(warped: torch.Tensor, fixed: torch.Tensor, values: Sequence[int], spacing: Sequence[float]) -> torch.Tensor:
     """``[L]`` HD95 in mm of one pair as ``HD95Metric(labels=values, spacing=spacing)`` gives it: a label present in
     one map only has no distance (NaN, skipped by the mean), with the metric's warning."""
-    table = label_hausdorff_distance(warped, fixed, values, spacing)[0]
-    one_sided = torch.isinf(table)
-    if bool(one_sided.any()):
-        pairs = [(0, int(values[c])) for c in torch.nonzero(one_sided).flatten().tolist()]
-        warnings.warn(
-            f"HD95Metric: labels present in only one of y_pred and y (sample, label): {pairs}; "
-            "reported as missing_value=nan.",
-            stacklevel=3,
-        )
-    return table.masked_fill(one_sided, math.nan)
+    table = label_hausdorff_distance(warped, fixed, values, spacing)
+    return replace_one_sided(table, values, stacklevel=3)[0]
 
 
 def _rounded(values: Sequence[float]) -> tuple[float, ...]:

@@ -16,7 +16,6 @@ zero-shot setting (Table 1, :func:`split_held_out`). The bundle's ``train.yaml``
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from monai_unireg.engines.bundle import gather_rows, prepare_pair_batch
 from monai_unireg.engines.defaults import MethodDefaults
 from monai_unireg.engines.pair_registration import write_table
 from monai_unireg.engines.training import Batch, LossTerms
-from monai_unireg.engines.workflows import check_datasets, write_result_table
+from monai_unireg.engines.workflows import check_datasets, mean_spread_cell, spread_summary, write_result_table
 from monai_unireg.losses import MINDSSCLoss, PromptOrthogonalityLoss, TaskSimilarityLoss, diffusion_regularisation
 from monai_unireg.networks.nets.promptreg import load_promptreg
 from monai_unireg.validation import check_bool, check_option, check_positive
@@ -244,23 +243,6 @@ def dataset_pair_items(
 SPREADS = ("std", "sem")
 
 
-def _dice_summary(scores: Sequence[float], spread: str) -> dict[str, float]:
-    """``n`` and, with scores, the ``mean`` and ``spread`` (``std`` or ``sem``) of Dice scores in %."""
-    values = 100 * np.asarray(scores, dtype=float)
-    if not values.size:
-        return {"n": 0}
-    if spread == "std":
-        deviation = float(values.std())
-    else:
-        deviation = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else 0.0
-    return {"mean": float(values.mean()), spread: deviation, "n": int(values.size)}
-
-
-def _dice_cell(summary: Mapping[str, float], spread: str) -> str:
-    """``"mean ± spread"`` with one decimal, as the paper's Table 1; ``"n/a"`` without scores."""
-    return f"{summary['mean']:.1f} ± {summary[spread]:.1f}" if summary["n"] else "n/a"
-
-
 class DatasetDiceTable:
     """Evaluator handler: when the run completes, Table 1's row of the pairs the
     :class:`~monai_unireg.engines.bundle.RegistrationWriter` registered (its rows, each with its ``"dataset"``).
@@ -313,8 +295,9 @@ class DatasetDiceTable:
         for name in self.datasets:
             own = [row for row in rows if row.get("dataset") == name]
             write_table(own, self.output_dir / name / "metrics.csv", self.output_dir / name / "summary.json")
-            results[name] = _dice_summary([r["dice_mean"] for r in own if r.get("dice_mean") is not None], self.spread)
-            cells.append(_dice_cell(results[name], self.spread))
+            scores = 100 * np.asarray([r["dice_mean"] for r in own if r.get("dice_mean") is not None], dtype=float)
+            results[name] = spread_summary(scores, self.spread)  # Dice in %
+            cells.append(mean_spread_cell(results[name], self.spread, digits=1))  # as the paper's Table 1
         counts = ", ".join(f"{name} {results[name]['n']}" for name in self.datasets)
         deviation = "standard deviation" if self.spread == "std" else "standard error"
         write_result_table(

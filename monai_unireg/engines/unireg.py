@@ -33,16 +33,16 @@ from monai.transforms import Transform
 
 from monai_unireg import io, spatial
 from monai_unireg.data import load_learn2reg, pair_name, read_learn2reg
-from monai_unireg.engines.bundle import gather_rows, prepare_pair_batch
+from monai_unireg.engines.bundle import batch_tensor, gather_rows, prepare_pair_batch
 from monai_unireg.engines.defaults import MethodDefaults
 from monai_unireg.engines.instance_optimisation import FieldOptimised
 from monai_unireg.engines.pair_registration import write_table
 from monai_unireg.engines.training import Batch, Log, LossTerms
-from monai_unireg.engines.workflows import write_result_table
+from monai_unireg.engines.workflows import mean_spread_cell, spread_summary, write_result_table
 from monai_unireg.losses import LNCCLoss, MINDSSCLoss, diffusion_regularisation, soft_dice_loss
 from monai_unireg.networks.nets import ResizedRegistration
 from monai_unireg.networks.nets.unireg import REGISTRATION_TYPES, UniReg, load_unireg
-from monai_unireg.validation import check_integer, check_option, check_positive, plain_tensor
+from monai_unireg.validation import check_integer, check_option, check_positive
 
 __all__ = [
     "DEFAULT_LAMBDAS",
@@ -483,10 +483,6 @@ def validation_label_values(pairs: Sequence[Mapping[str, Any]]) -> list[int] | N
     return values or None
 
 
-def _to(value: Any, device: torch.device | str | None, non_blocking: bool) -> torch.Tensor:
-    return plain_tensor(torch.as_tensor(value)).to(device=device, non_blocking=non_blocking)
-
-
 def _conditions(batchdata: Mapping[str, Any], device: torch.device | str | None, non_blocking: bool) -> dict:
     missing = [key for key in CONDITION_KEYS if key not in batchdata]
     if missing:
@@ -494,7 +490,7 @@ def _conditions(batchdata: Mapping[str, Any], device: torch.device | str | None,
             f"a UniReg batch needs its condition {missing} (add monai_unireg.engines.UniRegConditiond to the "
             f"preprocessing), got the keys {sorted(batchdata)}."
         )
-    return {key: _to(batchdata[key], device, non_blocking).long().view(-1) for key in CONDITION_KEYS}
+    return {key: batch_tensor(batchdata[key], device, non_blocking).long().view(-1) for key in CONDITION_KEYS}
 
 
 def prepare_unireg_batch(
@@ -511,8 +507,8 @@ def prepare_conditioned_batch(
 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict[str, torch.Tensor]]:
     """``prepare_batch`` of UniReg's ``SupervisedEvaluator``: ``(image, label, (), {"task", "reg_type"})``, so the
     inferer calls ``network(image, task=..., reg_type=...)`` with each pair's condition."""
-    image = _to(batchdata["image"], device, non_blocking)
-    label = _to(batchdata["label"], device, non_blocking) if "label" in batchdata else None
+    image = batch_tensor(batchdata["image"], device, non_blocking)
+    label = batch_tensor(batchdata["label"], device, non_blocking) if "label" in batchdata else None
     return image, label, (), _conditions(batchdata, device, non_blocking)
 
 
@@ -559,19 +555,9 @@ class UniRegRegistration(nn.Module):
 
 
 def _statistics(rows: Sequence[Mapping[str, Any]], key: str, scale: float = 1.0) -> dict[str, float]:
-    """``n`` and, with values, ``mean`` and ``std`` (over the pairs) of ``key`` in ``rows``, times ``scale``."""
-    values = scale * np.asarray([row[key] for row in rows if row.get(key) is not None], dtype=float)
-    if not values.size:
-        return {"n": 0}
-    return {"mean": float(values.mean()), "std": float(values.std()), "n": int(values.size)}
-
-
-def _cell(statistics: Mapping[str, float], spread: bool = True, digits: int = 2) -> str:
-    """``"mean ± std"`` (or the mean alone) with ``digits`` decimals (the paper's Table 2: two); ``"n/a"``."""
-    if not statistics["n"]:
-        return "n/a"
-    mean = f"{statistics['mean']:.{digits}f}"
-    return f"{mean} ± {statistics['std']:.{digits}f}" if spread else mean
+    """:func:`~monai_unireg.engines.workflows.spread_summary` (mean, std over the pairs, n) of ``key`` in ``rows``,
+    times ``scale``."""
+    return spread_summary(scale * np.asarray([row[key] for row in rows if row.get(key) is not None], dtype=float))
 
 
 class UniRegTable:
@@ -640,10 +626,10 @@ class UniRegTable:
                     task,
                     entry.reg_type,
                     str(len(mine)),
-                    _cell(result["dice_percent"]),
-                    _cell(result["hd95_mm"]),
-                    _cell(result["sdlogj"], spread=False, digits=3),
-                    _cell(result["folding_percent"], spread=False),
+                    mean_spread_cell(result["dice_percent"], digits=2),  # two decimals: the paper's Table 2
+                    mean_spread_cell(result["hd95_mm"], digits=2),
+                    mean_spread_cell(result["sdlogj"], None, digits=3),
+                    mean_spread_cell(result["folding_percent"], None, digits=2),
                 ]
             )
             if self.log is not None:

@@ -1,21 +1,47 @@
 """Pieces shared by the bundles' workflows (uniGradICON, SACB-Net, PromptReg, UniReg).
 
-:func:`write_result_table` writes an evaluation table as CSV and markdown; :func:`check_datasets` and
+:func:`write_result_table` writes an evaluation table as CSV and markdown, its cells from
+:func:`spread_summary` and :func:`mean_spread_cell`; :func:`check_datasets` and
 :func:`load_validation_pairs` check the data a workflow is given.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from monai_unireg import io
 from monai_unireg.data import load_learn2reg
 from monai_unireg.validation import check_integer
 
-__all__ = ["check_datasets", "load_validation_pairs", "write_result_table"]
+__all__ = ["check_datasets", "load_validation_pairs", "mean_spread_cell", "spread_summary", "write_result_table"]
+
+
+def spread_summary(values: Sequence[float], spread: str = "std") -> dict[str, float]:
+    """``n`` and, with values, their ``mean`` and ``spread``: ``"std"`` (population standard deviation) or ``"sem"``
+    (standard error of the mean, the sample standard deviation over ``sqrt(n)``; 0 for one value)."""
+    array = np.asarray(values, dtype=float)
+    if not array.size:
+        return {"n": 0}
+    if spread == "std":
+        deviation = float(array.std())
+    else:
+        deviation = float(array.std(ddof=1) / math.sqrt(array.size)) if array.size > 1 else 0.0
+    return {"mean": float(array.mean()), spread: deviation, "n": int(array.size)}
+
+
+def mean_spread_cell(summary: dict[str, float], spread: str | None = "std", digits: int = 1) -> str:
+    """A table cell of a :func:`spread_summary`: ``"mean ± spread"`` (``spread`` ``None``: the mean alone) with
+    ``digits`` decimals; ``"n/a"`` without values."""
+    if not summary["n"]:
+        return "n/a"
+    mean = f"{summary['mean']:.{digits}f}"
+    return mean if spread is None else f"{mean} ± {summary[spread]:.{digits}f}"
 
 
 def write_result_table(path_stem: Path, header: Sequence[str], rows: Sequence[Sequence[str]], footnote: str) -> None:

@@ -31,6 +31,8 @@ on another device are copied to the CPU and the results come back on the inputs'
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from typing import Union
 
@@ -42,7 +44,7 @@ from scipy.spatial import cKDTree
 from monai_unireg.metrics.labels import check_label_pair, label_indices, label_values_tensor
 from monai_unireg.validation import check_positive
 
-__all__ = ["label_hausdorff_distance", "SpacingLike"]
+__all__ = ["label_hausdorff_distance", "replace_one_sided", "SpacingLike"]
 
 _MAX_DIRECT_LABEL = 1 << 16
 
@@ -195,3 +197,23 @@ def label_hausdorff_distance(
     q = _check_percentile(percentile)
     values = label_values_tensor(labels, y)
     return _hausdorff_table(y_pred, y, values, _broadcast_spacing(spacing, y.shape[0], y.ndim - 2), q)
+
+
+def replace_one_sided(
+    table: torch.Tensor, labels: Sequence[int] | torch.Tensor, missing_value: float = math.nan, stacklevel: int = 2
+) -> torch.Tensor:
+    """Write ``missing_value`` over the infinite entries of a ``[B, L]`` distance ``table`` (labels present in one
+    map only), in place, with a warning naming them as ``(sample, label)``; ``missing_value`` inf leaves the table
+    as it is. ``labels``: the ``L`` label values of the columns. Returns ``table``."""
+    one_sided = torch.isinf(table)
+    if not bool(one_sided.any()) or math.isinf(missing_value):
+        return table
+    samples, columns = torch.nonzero(one_sided, as_tuple=True)
+    pairs = [(int(s), int(labels[c])) for s, c in zip(samples.tolist(), columns.tolist())]
+    warnings.warn(
+        f"HD95Metric: labels present in only one of y_pred and y (sample, label): {pairs}; "
+        f"reported as missing_value={missing_value}.",
+        stacklevel=stacklevel + 1,
+    )
+    table[one_sided] = missing_value
+    return table

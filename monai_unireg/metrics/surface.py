@@ -8,7 +8,6 @@ command line uses without importing MONAI.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 
@@ -24,6 +23,7 @@ from monai_unireg.metrics.hausdorff import (
     _check_percentile,
     _hausdorff_table,
     label_hausdorff_distance,
+    replace_one_sided,
 )
 from monai_unireg.metrics.labels import check_label_pair
 from monai_unireg.spatial import spacing_from_affine
@@ -102,19 +102,4 @@ class HD95Metric(LabelMapMetric):
         pred_ids, true_ids = check_label_pair(y_pred, y)
         labels = self._label_tensor(true_ids)
         table = _hausdorff_table(pred_ids, true_ids, labels, self._resolve_spacing(spacing, y), self.percentile)
-        self._replace_one_sided(table, labels)
-        return table
-
-    def _replace_one_sided(self, table: torch.Tensor, labels: torch.Tensor) -> None:
-        """Write ``missing_value`` over the infinite entries of ``table`` (labels in one map only), with a warning."""
-        one_sided = torch.isinf(table)
-        if not bool(one_sided.any()) or math.isinf(self.missing_value):
-            return
-        samples, columns = torch.nonzero(one_sided, as_tuple=True)
-        pairs = [(int(s), int(labels[c])) for s, c in zip(samples.tolist(), columns.tolist())]
-        warnings.warn(
-            f"HD95Metric: labels present in only one of y_pred and y (sample, label): {pairs}; "
-            f"reported as missing_value={self.missing_value}.",
-            stacklevel=3,
-        )
-        table[one_sided] = self.missing_value
+        return replace_one_sided(table, labels, self.missing_value, stacklevel=3)
