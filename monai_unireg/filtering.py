@@ -39,6 +39,27 @@ def window_matrix(kernel: torch.Tensor, size: int, padding_mode: str = "zeros") 
     return matrix.index_put_((rows, cols), weights, accumulate=True)
 
 
+#: The banded matrices of the filters run so far, by kernel, size, padding, dtype and device: an optimiser calls
+#: the same few filters at every step (the refinement: four per step), and building a matrix takes about ten
+#: small tensor operations per axis, which at a coarse level cost more than the filtering.
+_MATRICES: dict[tuple, torch.Tensor] = {}
+_MATRIX_CACHE_SIZE = 64
+
+
+def _cached_window_matrix(kernel: torch.Tensor, size: int, padding_mode: str) -> torch.Tensor:
+    """:func:`window_matrix`, kept for the next call with the same weights (at most ``_MATRIX_CACHE_SIZE``); a
+    kernel that carries a gradient is not cached."""
+    if kernel.requires_grad:
+        return window_matrix(kernel, size, padding_mode)
+    key = (tuple(kernel.tolist()), size, padding_mode, kernel.dtype, kernel.device)
+    matrix = _MATRICES.get(key)
+    if matrix is None:
+        if len(_MATRICES) >= _MATRIX_CACHE_SIZE:
+            _MATRICES.pop(next(iter(_MATRICES)))
+        matrix = _MATRICES[key] = window_matrix(kernel, size, padding_mode)
+    return matrix
+
+
 def separable_filter(
     x: torch.Tensor, kernel: torch.Tensor, spatial_dims: int, padding_mode: str = "zeros"
 ) -> torch.Tensor:
@@ -64,7 +85,7 @@ def separable_filter(
     kernel = kernel.to(device=x.device, dtype=x.dtype)
     x = x.reshape(-1, *spatial)
     for axis, size in enumerate(spatial):
-        matrix = window_matrix(kernel, size, padding_mode)
+        matrix = _cached_window_matrix(kernel, size, padding_mode)
         if axis == spatial_dims - 1:
             x = torch.matmul(x, matrix.t())
         else:

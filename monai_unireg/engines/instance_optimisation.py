@@ -21,7 +21,7 @@ from monai_unireg.validation import check_ddf, check_image_pair, check_integer, 
 #: A progress printer (``print`` or the command line's log); a type only, so the trainers need not be imported.
 Log = Callable[[str], None]
 
-__all__ = ["FieldOptimised", "adam_on_field", "optimise_field"]
+__all__ = ["FieldOptimised", "adam_descent", "adam_on_field", "optimise_field"]
 
 Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``objective(field) -> (loss, parts)``: the scalar loss and its named terms.
@@ -97,12 +97,12 @@ def adam_on_field(
     schedule: Callable[[int], float] | None = None,
     after_step: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
-    """Adam on a field: the loop shared by :func:`optimise_field` and the refinement stage
-    (:func:`~monai_unireg.engines.refinement.refine_field`).
+    """Adam on a field with the gradient of ``objective`` from autograd: :func:`adam_descent` for
+    :func:`optimise_field` (the refinement stage, :func:`~monai_unireg.engines.refinement.refine_field`, writes
+    its gradient by hand and calls :func:`adam_descent` itself).
 
     The only variable is a copy of ``initial``; whatever ``objective`` closes over (images, features) is treated as
-    constant. Deterministic on the CPU for a given thread count: Adam's update is elementwise, and the gradient of a
-    mean does not depend on the order of its sum.
+    constant.
 
     Args:
         initial: ``[B, n, *S]`` starting field (any floating tensor; it is copied, not modified).
@@ -112,6 +112,53 @@ def adam_on_field(
         learning_rate: Adam step size, in the field's units.
         on_step: ``on_step(step, loss, parts)`` with the objective before step ``step`` (``0..iterations``; the last
             call is after the last step), parts detached.
+        eps, schedule, after_step: as :func:`adam_descent`.
+
+    Returns:
+        the optimised ``[B, n, *S]`` field (no gradient) and the loss before each step and after the last
+        (``iterations + 1`` values).
+    """
+    losses: list[float] = []
+
+    def evaluate(field: torch.Tensor) -> torch.Tensor:
+        loss, parts = objective(field)
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(len(losses) - 1, losses[-1], {name: value.detach() for name, value in parts.items()})
+        return loss
+
+    def gradient(field: torch.Tensor) -> torch.Tensor:
+        variable = field.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(evaluate(variable), variable)
+        return grad
+
+    field = adam_descent(initial, gradient, iterations, learning_rate, eps, schedule, after_step)
+    with torch.enable_grad():  # the objective after the last step (objectives may need autograd to run)
+        evaluate(field.detach().requires_grad_(True))
+    return field, losses
+
+
+def adam_descent(
+    initial: torch.Tensor,
+    gradient: Callable[[torch.Tensor], torch.Tensor],
+    iterations: int,
+    learning_rate: float,
+    eps: float = 1e-8,
+    schedule: Callable[[int], float] | None = None,
+    after_step: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Adam steps on a field: the loop shared by :func:`adam_on_field` (autograd) and the refinement stage
+    (:func:`~monai_unireg.engines.refinement.refine_field`, gradients written out).
+
+    Deterministic on the CPU for a given thread count: Adam's update is elementwise.
+
+    Args:
+        initial: ``[B, n, *S]`` starting field (any floating tensor; it is copied, not modified).
+        gradient: ``gradient(field) -> [B, n, *S]``, the objective's gradient at ``field`` (called once per step,
+            without gradients recorded; it must not keep or change ``field``).
+        iterations: Adam steps (0 returns a copy of ``initial``).
+        learning_rate: Adam step size, in the field's units.
         eps: Adam's ``epsilon`` (PyTorch's default ``1e-8``): where the gradient is much smaller, a step is
             ``learning_rate * gradient / eps`` instead of about ``learning_rate``.
         schedule: ``schedule(step) -> factor``: step ``step`` (``0..iterations - 1``) uses ``learning_rate *
@@ -122,29 +169,18 @@ def adam_on_field(
             place (e.g. smooth it); ``None``: nothing.
 
     Returns:
-        the optimised ``[B, n, *S]`` field (no gradient) and the loss before each step and after the last
-        (``iterations + 1`` values).
+        the ``[B, n, *S]`` field after the last step, without gradient.
     """
     check_integer(iterations, "iterations", 0)
     check_positive(learning_rate, "learning_rate")
-    field = nn.Parameter(initial.detach().clone())
+    field = initial.detach().clone()
     optimizer = _Adam(field, eps=float(check_positive(eps, "eps")))
-    losses: list[float] = []
-    with torch.enable_grad():
-        for step in range(iterations + 1):
-            field.grad = None
-            loss, parts = objective(field)
-            losses.append(float(loss.detach()))
-            if on_step is not None:
-                on_step(step, losses[-1], {name: value.detach() for name, value in parts.items()})
-            if step == iterations:
-                break
-            loss.backward()
-            optimizer.step(learning_rate * (1.0 if schedule is None else float(schedule(step))))
+    with torch.no_grad():
+        for step in range(iterations):
+            optimizer.step(gradient(field), learning_rate * (1.0 if schedule is None else float(schedule(step))))
             if after_step is not None:
-                with torch.no_grad():
-                    after_step(field)
-    return field.detach(), losses
+                after_step(field)
+    return field
 
 
 class _Adam:
@@ -163,9 +199,9 @@ class _Adam:
         self.steps = 0
 
     @torch.no_grad()
-    def step(self, learning_rate: float) -> None:
-        """One update of the parameter from its ``.grad`` with step size ``learning_rate``."""
-        grad, (beta1, beta2) = self.parameter.grad, self.betas
+    def step(self, grad: torch.Tensor, learning_rate: float) -> None:
+        """One update of the parameter, in place, from its gradient ``grad`` with step size ``learning_rate``."""
+        beta1, beta2 = self.betas
         self.steps += 1
         self.exp_avg.lerp_(grad, 1 - beta1)
         self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

@@ -30,7 +30,6 @@ import torch.nn as nn
 from monai_unireg import io, spatial
 from monai_unireg.data import pair_name
 from monai_unireg.metrics.field import jacobian_statistics
-from monai_unireg.metrics.hausdorff import label_hausdorff_distance, replace_one_sided
 from monai_unireg.metrics.labels import label_dice
 from monai_unireg.spatial import spacing_from_affine
 from monai_unireg.transforms.functional import detect_modality, normalise_modality
@@ -422,7 +421,10 @@ def evaluate_result(
 
 def _hd95(warped: torch.Tensor, fixed: torch.Tensor, values: Sequence[int], spacing: Sequence[float]) -> torch.Tensor:
     """``[L]`` HD95 in mm of one pair as ``HD95Metric(labels=values, spacing=spacing)`` gives it: a label present in
-    one map only has no distance (NaN, skipped by the mean), with the metric's warning."""
+    one map only has no distance (NaN, skipped by the mean), with the metric's warning. Imported here: it needs
+    scipy, 0.2 s of the command's start-up when no labels are given."""
+    from monai_unireg.metrics.hausdorff import label_hausdorff_distance, replace_one_sided
+
     table = label_hausdorff_distance(warped, fixed, values, spacing)
     return replace_one_sided(table, values, stacklevel=3)[0]
 

@@ -41,9 +41,9 @@ import torch
 import torch.nn as nn
 
 from monai_unireg import spatial
-from monai_unireg.engines.instance_optimisation import adam_on_field
+from monai_unireg.engines.instance_optimisation import adam_descent
 from monai_unireg.filtering import separable_filter
-from monai_unireg.losses import diffusion_regularisation
+from monai_unireg.losses import diffusion_gradient
 from monai_unireg.losses.lncc import LNCCLoss, window_kernel
 from monai_unireg.losses.mind import MINDSSC
 from monai_unireg.networks.nets.voxelopt import VoxelOpt
@@ -143,6 +143,65 @@ def _local_normalisation(image: torch.Tensor, kernel: torch.Tensor, eps: float) 
     moments = separable_filter(torch.stack([image, image * image]), kernel, spatial_dims=3)
     mean, mean_square = moments.unbind(0)
     return (image - mean) / torch.sqrt(torch.relu(mean_square - mean * mean) + eps)
+
+
+def _normalised_difference_gradient(
+    warped: torch.Tensor, fixed_normalised: torch.Tensor, kernel: torch.Tensor, eps: float
+) -> torch.Tensor:
+    r"""The gradient with respect to ``warped`` of ``mean((n(warped) - fixed_normalised)^2)``, written out.
+
+    With the windowed moments ``mu = G w`` and ``q = G w^2 - mu^2`` (``G``: the zero-padded Gaussian filter of
+    :func:`_local_normalisation`, a symmetric matrix), ``t = (relu(q) + eps)^{-1/2}``, ``n = (w - mu) t`` and
+    ``a = 2 (n - n_f) / N`` (``N`` voxels in the batch):
+
+    .. math::
+
+        \frac{\partial L}{\partial w} = a t + G(-a t - 2 \mu b) + 2 w \, G(b), \qquad
+        b = -\tfrac{1}{2} a (w - \mu) t^3 [q > 0]
+
+    (the chain rule through ``mu`` and ``q``; tested against autograd in float64). Two filter passes forward and
+    two back, as autograd would, without its graph.
+
+    Args:
+        warped: ``[B, 1, *S]`` warped moving image.
+        fixed_normalised: ``[B, 1, *S]`` the fixed image after :func:`_local_normalisation` (same kernel, eps).
+        kernel: the window's 1D weights.
+        eps: the variance offset.
+
+    Returns:
+        ``[B, 1, *S]`` gradient.
+    """
+    mean, mean_square = separable_filter(torch.stack([warped, warped * warped]), kernel, spatial_dims=3).unbind(0)
+    variance = mean_square - mean * mean
+    scale = torch.rsqrt(torch.relu(variance) + eps)
+    centred = warped - mean
+    residual = (centred * scale - fixed_normalised).mul_(2.0 / warped.numel())
+    residual_scaled = residual * scale
+    variance_part = (residual_scaled * centred).mul_(scale.square()).mul_(-0.5).mul_(variance > 0)
+    through_mean, through_square = separable_filter(
+        torch.stack([-residual_scaled - 2.0 * mean * variance_part, variance_part]), kernel, spatial_dims=3
+    ).unbind(0)
+    return residual_scaled.add_(through_mean).add_(2.0 * warped * through_square)
+
+
+def _similarity_gradient(
+    similarity: str, lncc: LNCCLoss | None, window: torch.Tensor, eps: float
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``gradient(warped, fixed_level)``: the gradient of the level's similarity term with respect to the warped
+    moving image (or its features), ``[B, C, *S]`` (``fixed_level``: the fixed features, or for ``"nsd"`` the
+    locally normalised fixed image)."""
+    if similarity == "nsd":
+        return lambda warped, fixed_level: _normalised_difference_gradient(warped, fixed_level, window, eps)
+    if similarity == "mind":  # mean squared difference of features
+        return lambda warped, fixed_level: (warped - fixed_level).mul_(2.0 / warped.numel())
+
+    def lncc_gradient(warped: torch.Tensor, fixed_level: torch.Tensor) -> torch.Tensor:
+        variable = warped.requires_grad_(True)
+        with torch.enable_grad():
+            (gradient,) = torch.autograd.grad(lncc(variable, fixed_level), variable)
+        return gradient
+
+    return lncc_gradient
 
 
 def _smoothing(kernel: torch.Tensor) -> Callable[[torch.Tensor], None]:
@@ -267,6 +326,7 @@ def refine_field(
             lncc = LNCCLoss(sigma=lncc_sigma, eps=lncc_eps)
         window = window_kernel("gaussian", sigma=lncc_sigma)
         ddf = initial_ddf.detach().to(torch.float32).clone()
+    similarity_gradient = _similarity_gradient(similarity, lncc, window, lncc_eps)
     for done, (grid, index) in enumerate(plan, start=1):
         if steps[index]:
             with torch.no_grad():
@@ -277,34 +337,27 @@ def refine_field(
                 start = ddf if grid == shape else spatial.resize_ddf(ddf, grid)
             weight = weights[index]
 
-            def objective(
+            def gradient(
                 field: torch.Tensor,
                 moving_level: torch.Tensor = moving_level,
                 fixed_level: torch.Tensor = fixed_level,
                 weight: float = weight,
-            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-                if gradient_kernel is not None:  # identity forward, smoothed gradient backward
-                    field = field.view_as(field)
-                    field.register_hook(
-                        lambda grad: separable_filter(grad, gradient_kernel, spatial_dims=3, padding_mode="replicate")
-                    )
+            ) -> torch.Tensor:
                 # inputs checked above: the unchecked warp of the spatial module, as in its own inner loops
-                warped = spatial._warp(moving_level, field)
-                if similarity == "mind":
-                    value = (warped - fixed_level).square().mean()
-                elif similarity == "lncc":
-                    value = lncc(warped, fixed_level)
-                else:
-                    value = (_local_normalisation(warped, window, lncc_eps) - fixed_level).square().mean()
-                regularisation = diffusion_regularisation(field)
-                return value + weight * regularisation, {}
+                warped, pullback = spatial.warp_pullback(moving_level, field)
+                total = pullback(similarity_gradient(warped, fixed_level))
+                if weight:
+                    total.add_(diffusion_gradient(field), alpha=weight)
+                if gradient_kernel is None:
+                    return total
+                return separable_filter(total, gradient_kernel, spatial_dims=3, padding_mode="replicate")
 
             eps = gradient_floor / (fixed.shape[0] * math.prod(grid))
             # cosine decay to 0 over the level's steps: the field settles instead of jittering by ~learning_rate
             count_steps = steps[index]
-            refined, _ = adam_on_field(
+            refined = adam_descent(
                 start,
-                objective,
+                gradient,
                 count_steps,
                 rates[index],
                 eps=eps,

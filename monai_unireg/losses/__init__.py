@@ -20,6 +20,7 @@ _EXPORTS = {
     "PromptOrthogonalityLoss": ".prompt",
     "TaskSimilarityLoss": ".prompt",
     "diffusion_regularisation": ".regularisation",
+    "diffusion_gradient": ".regularisation",
     "soft_dice_loss": ".regularisation",
 }
 #: Submodules reachable as attributes (``package.module``), as when the package imported them all.
@@ -37,6 +38,7 @@ __all__ = [
     "SSC_EDGES",
     "TaskSimilarityLoss",
     "diffusion_regularisation",
+    "diffusion_gradient",
     "soft_dice_loss",
     "window_kernel",
 ]
