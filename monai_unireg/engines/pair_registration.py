@@ -539,7 +539,7 @@ def _write_staged(
         io.save_nifti(label.to(_label_dtype(label)), pair.affine, staging / "warped_label.nii.gz")
     io.save_ddf(result.ddf, pair.affine, staging / "ddf.nii.gz")
     if overview:
-        from monai_unireg.visualize import save_overview  # matplotlib: imported only when drawing
+        from monai_unireg.visualize import save_overview  # Pillow: imported only when drawing
 
         save_overview(
             staging / "overview.png",
