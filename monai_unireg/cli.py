@@ -660,6 +660,35 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+def _choose_openmp_wait_policy() -> None:
+    """Let OpenMP's waiting threads spin only when the cores are free (effective before torch is imported).
+
+    Spinning (libgomp's default) hands work between threads fastest, and the refinement's coarse levels are many
+    small operations: on a quiet 2-core machine ``OMP_WAIT_POLICY=PASSIVE`` made the 4x and 2x levels of the 8-bit
+    BrainVXM2mm pair 2x slower (0.15 s -> 0.34 s, 0.45 s -> 0.84 s; the full-resolution level the same). On cores
+    shared with other jobs, spinning threads take the cores from them and from each other: with 6 busy loops on 2
+    cores the same levels took 1.9 s and 8.5 s spinning (10 000 spins) against 0.74 s and 4.4 s passive, and VoxelOpt
+    was 2-4x slower (20-40x at 32^3). So: passive when other processes keep running (Linux ``/proc/loadavg``,
+    the fewest running over five looks 2 ms apart, so that a process just starting is not counted) and our
+    threads outnumber the cores, or when that cannot be read; a user's own ``OMP_WAIT_POLICY`` is kept.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        threads = min(int(os.environ.get("OMP_NUM_THREADS", "") or cores), cores)
+        others = cores
+        for look in range(5):
+            if look:
+                time.sleep(0.002)
+            with open("/proc/loadavg") as handle:
+                others = min(others, int(handle.read().split()[3].split("/")[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        threads = others = cores
+    if others + threads > cores:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 success, 2 bad input, 1 an internal error, 130 interrupted).
 
@@ -668,10 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     arguments_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in arguments_list
-    # OpenMP threads that sleep instead of spinning while they wait: on a machine whose cores are shared (other jobs,
-    # other users) spinning threads made VoxelOpt 2-4x slower on a 2 mm brain and 20-40x slower at 32^3 (README); a
-    # user's own setting (e.g. ACTIVE on dedicated cores) is kept. Only effective before torch is imported.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _choose_openmp_wait_policy()
     collecting = gc.isenabled()
     gc.disable()  # until _freeze_heap, after the imports and the network's construction
     try:

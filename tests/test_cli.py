@@ -379,3 +379,26 @@ def test_default_is_voxelopt_with_refinement_and_no_refinement_gives_the_paper_m
     arguments = ["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--out", "o", "--no-refinement"]
     assert main([*arguments, "--method", "sacbnet", "--weights", "w.pt"]) == 2
     assert "--no-refinement" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("running, threads, expected", [("1/200", "2", None), ("3/200", "2", "PASSIVE"),
+                                                         ("2/200", "1", None), ("oops", "2", "PASSIVE")])  # fmt: skip
+def test_openmp_threads_spin_only_on_free_cores(monkeypatch, running, threads, expected):
+    """Passive waiting when other processes keep running beside our threads (or when that cannot be read); a
+    user's own OMP_WAIT_POLICY is kept."""
+    import io as text_io
+
+    import monai_unireg.cli as cli
+
+    monkeypatch.setattr(
+        cli, "open", lambda *a, **k: text_io.StringIO(f"0.50 0.40 0.30 {running} 4242\n"), raising=False
+    )
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(cli.time, "sleep", lambda seconds: None)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    cli._choose_openmp_wait_policy()
+    assert cli.os.environ.get("OMP_WAIT_POLICY") == expected
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    cli._choose_openmp_wait_policy()
+    assert cli.os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

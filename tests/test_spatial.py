@@ -46,6 +46,30 @@ def test_warp_matches_monai_warp(generator, mode, padding_mode):
     torch.testing.assert_close(spatial.warp(image, ddf, mode, padding_mode), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("padding_mode", ["border", "zeros", "reflection"])
+@pytest.mark.parametrize("batch, channels, shape", [(1, 1, (9, 10, 11)), (2, 3, (7, 8, 9)), (1, 2, (13, 6, 5))])
+def test_warp_pullback_is_autograd_through_warp(generator, threads, padding_mode, batch, channels, shape):
+    """The hand-called sampler backward pass (slab layout of one pair or a batch, odd row counts) against autograd
+    through ``warp``, in float64."""
+    image = torch.rand(batch, channels, *shape, generator=generator, dtype=torch.float64)
+    ddf = torch.randn(batch, 3, *shape, generator=generator, dtype=torch.float64) * 2
+    upstream = torch.randn(batch, channels, *shape, generator=generator, dtype=torch.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        variable = ddf.clone().requires_grad_(True)
+        expected_warped = spatial.warp(image, variable, padding_mode=padding_mode)
+        (expected,) = torch.autograd.grad((expected_warped * upstream).sum(), variable)
+        warped, pullback = spatial.warp_pullback(image, ddf, padding_mode=padding_mode)
+        gradient = pullback(upstream)
+    finally:
+        torch.set_num_threads(previous)
+    assert not warped.requires_grad and not gradient.requires_grad
+    torch.testing.assert_close(warped, expected_warped.detach(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(gradient, expected, atol=1e-12, rtol=0)
+
+
 def test_warp_integer_shift_reads_moving_at_x_plus_u(generator):
     image = torch.rand(1, 1, *SHAPE, generator=generator)
     ddf = torch.zeros(1, 3, *SHAPE)

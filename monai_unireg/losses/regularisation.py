@@ -40,7 +40,6 @@ def diffusion_regularisation(ddf: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.diff(ddf, dim=axis).square().mean() for axis in (2, 3, 4)]).mean()
 
 
-
 def diffusion_gradient(ddf: torch.Tensor) -> torch.Tensor:
     r"""The gradient of :func:`diffusion_regularisation` with respect to ``ddf``, written out (no autograd), for
     optimisers that assemble their gradient by hand (:mod:`monai_unireg.engines.refinement`).

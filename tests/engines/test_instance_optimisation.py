@@ -1,4 +1,5 @@
-"""adam_on_field's Adam against torch.optim.Adam: the same values bit for bit (it avoids torch.optim's import)."""
+"""adam_on_field's Adam against torch.optim.Adam: the same values bit for bit (it avoids torch.optim's import);
+adam_descent with a written-out gradient."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from monai_unireg.engines.instance_optimisation import adam_on_field
+from monai_unireg.engines.instance_optimisation import adam_descent, adam_on_field
 
 
 def _reference(initial, objective, iterations, learning_rate, eps, schedule):
@@ -48,3 +49,21 @@ def test_adam_is_torch_optim_adam_bit_for_bit(dtype, schedule, eps) -> None:
     theirs, their_losses = _reference(initial, objective, 25, 0.05, eps, schedule)
     assert torch.equal(ours, theirs)
     assert our_losses == their_losses
+
+
+def test_adam_descent_takes_the_gradient_it_is_given() -> None:
+    """The shared loop with a written-out gradient equals adam_on_field with autograd on the same objective."""
+    generator = torch.Generator().manual_seed(4)
+    target = torch.randn(1, 3, 5, 6, 4, generator=generator, dtype=torch.float64)
+    initial = torch.zeros_like(target)
+
+    def objective(field):
+        return (field - target).square().mean(), {}
+
+    def gradient(field):
+        return (field - target) * (2.0 / field.numel())
+
+    ours = adam_descent(initial, gradient, 30, 0.1, eps=1e-8, schedule=lambda step: 1.0 - step / 30)
+    expected, _ = adam_on_field(initial, objective, 30, 0.1, eps=1e-8, schedule=lambda step: 1.0 - step / 30)
+    torch.testing.assert_close(ours, expected, atol=1e-14, rtol=0)
+    assert torch.equal(initial, torch.zeros_like(target))  # the start is copied, not moved

@@ -12,10 +12,14 @@ from monai_unireg.engines.refinement import (
     CLI_REFINEMENT,
     FieldRefinement,
     RefinedRegistration,
+    _local_normalisation,
+    _similarity_gradient,
     level_shapes,
     refine_field,
     refined_voxelopt,
 )
+from monai_unireg.losses import LNCCLoss
+from monai_unireg.losses.lncc import window_kernel
 from monai_unireg.networks.nets import VoxelOpt
 
 SIZE = 40
@@ -52,15 +56,42 @@ def endpoint_error(ddf: torch.Tensor, true_field: torch.Tensor, mask: torch.Tens
     return float((ddf - true_field).norm(dim=1)[0][mask].mean())
 
 
-@pytest.mark.parametrize("similarity, limit", [("nsd", 0.6), ("mind", 0.2)])
-def test_identity_pair_stays_still(similarity, limit):
-    """An 8-bit object in a flat background against itself: the zero field stays (nearly) zero. (LNCC is left out
-    on purpose: its ``eps`` makes it non-stationary at ``warped = fixed``, see ``refine_field``.)"""
+@pytest.mark.parametrize("settings", [FAST, CLI_REFINEMENT], ids=["fast", "command-line"])
+@pytest.mark.parametrize("similarity", ["nsd", "mind"])
+def test_identity_pair_stays_still(similarity, settings):
+    """An 8-bit object in a flat background against itself: the zero field stays zero to 0.05 voxel everywhere
+    (issue 13's criterion), with the test's short settings and the command line's. With ``gradient_floor`` 0.01
+    the command line's settings moved up to 0.30 voxel under ``"nsd"`` (18 % of the voxels by more than 0.1): see
+    ``CLI_REFINEMENT``. (LNCC is left out on purpose: its ``eps`` makes it non-stationary at ``warped = fixed``, see
+    ``refine_field``.)"""
     image, _ = quantised_object()
-    ddf = refine_field(image, image, torch.zeros(1, 3, *image.shape[2:]), similarity=similarity, **FAST)
-    norm = ddf.norm(dim=1)
+    ddf = refine_field(image, image, torch.zeros(1, 3, *image.shape[2:]), **{**settings, "similarity": similarity})
     assert ddf.shape == (1, 3, SIZE, SIZE, SIZE)
-    assert float(norm.mean()) < 0.05 and float(norm.max()) < limit  # the largest moves sit at the object's edge
+    assert float(ddf.norm(dim=1).max()) < 0.05
+
+
+def test_written_out_similarity_gradients_are_autograd():
+    """The gradients each similarity hands to the Adam loop, against autograd of its objective (float64; the
+    variance of the normalised difference is exactly 0 over the flat block, where relu's derivative is 0)."""
+    generator = torch.Generator().manual_seed(5)
+    warped = torch.rand(2, 1, 9, 10, 11, generator=generator, dtype=torch.float64)
+    warped[:, :, :4] = 0.3
+    window = window_kernel("gaussian", sigma=2.0).double()
+    fixed_normalised = _local_normalisation(torch.rand(2, 1, 9, 10, 11, generator=generator, dtype=torch.float64),
+                                            window, 1e-3)  # fmt: skip
+    features = torch.rand(2, 12, 9, 10, 11, generator=generator, dtype=torch.float64)
+    objectives = {
+        "nsd": (lambda w: (_local_normalisation(w, window, 1e-3) - fixed_normalised).square().mean(), warped,
+                fixed_normalised),
+        "mind": (lambda w: (w - features).square().mean(), features.flip(2), features),
+        "lncc": (lambda w: LNCCLoss(sigma=2.0, eps=1e-3)(w, warped.flip(3)), warped, warped.flip(3)),
+    }  # fmt: skip
+    for similarity, (objective, value, fixed_level) in objectives.items():
+        variable = value.clone().requires_grad_(True)
+        (expected,) = torch.autograd.grad(objective(variable), variable)
+        lncc = LNCCLoss(sigma=2.0, eps=1e-3) if similarity == "lncc" else None
+        gradient = _similarity_gradient(similarity, lncc, window, 1e-3)(value.clone(), fixed_level)
+        torch.testing.assert_close(gradient, expected, atol=1e-15, rtol=1e-10, msg=similarity)
 
 
 @pytest.mark.parametrize("similarity", ["nsd", "mind"])

@@ -92,6 +92,22 @@ def test_separable_filter_matches_scipy(padding_mode, scipy_mode, shape, generat
         separable_filter(x, kernel, spatial_dims, "reflect")
 
 
+def test_separable_filter_reuses_matrices_only_for_the_same_weights(generator):
+    """The banded matrices are kept between calls by weights, size, padding and dtype: another kernel of the same
+    length, another padding or dtype gives its own result, and a kernel with a gradient still receives it."""
+    x = torch.rand(2, 6, 7, 8, generator=generator, dtype=torch.float64)
+    first = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64)
+    second = torch.tensor([0.1, 0.8, 0.1], dtype=torch.float64)
+    a, b = separable_filter(x, first, 3), separable_filter(x, second, 3)
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(separable_filter(x, first, 3), a, atol=0, rtol=0)
+    assert not torch.allclose(separable_filter(x, first, 3, "replicate"), a)
+    torch.testing.assert_close(separable_filter(x.float(), first, 3), a.float(), atol=1e-6, rtol=0)
+    learnable = first.clone().requires_grad_(True)
+    separable_filter(x, learnable, 3).sum().backward()
+    assert learnable.grad is not None and float(learnable.grad.abs().sum()) > 0
+
+
 def test_window_kernel_defaults():
     gaussian = window_kernel()
     assert gaussian.shape == (21,) and torch.isclose(gaussian.sum(), torch.tensor(1.0, dtype=torch.float64))
