@@ -128,16 +128,18 @@ Method settings:
   80 Adam iterations at grid 2, inverse consistency), float32 on the CPU.
 - ``voxelopt``: the network exactly as ``monai-unireg register`` builds and feeds it: the network from
   ``monai_unireg.cli.METHODS["voxelopt"]`` for the fixed grid's shape (whatever that currently is: today VoxelOpt
-  from half resolution + refinement, the ``voxelopt-half-refined`` network), on images normalised as ``register``
+  on the pair downsampled by 2 + refinement, ``refined_voxelopt``'s defaults), on images normalised as ``register``
   does (``detect_modality``: CT by ``METHOD_DEFAULTS["voxelopt"].ct_window``, MRI by [min, 99th percentile], to its
   ``intensity_range``).
 - ``voxelopt-paper``: plain ``VoxelOpt()`` (the paper's defaults: 5 levels, MIND-SSC radius 2 / dilation 2) on the
   same normalised images; on a volume too small for 5 levels (CT, 30 slices) the deepest pyramid that fits.
-- ``voxelopt-refined``: "VoxelOpt + refinement" (ours, beyond the paper): ``engines.refinement.refined_voxelopt``,
-  i.e. the register VoxelOpt at full resolution (``finest_level=0``) followed by the continuous refinement
-  ``CLI_REFINEMENT`` (multi-resolution Adam on the field), same normalised inputs; the whole network call is timed.
-- ``voxelopt-half-refined``: the same with VoxelOpt's finest optimised level at half resolution (``finest_level=1``,
-  ``CLI_VOXELOPT``), the refinement recovering the full-resolution detail.
+- ``voxelopt-refined``: "VoxelOpt + refinement" (ours, beyond the paper): ``engines.refinement.refined_voxelopt``
+  with the register VoxelOpt settings ``CLI_VOXELOPT`` at full resolution (on the input grid, ``finest_level=0``)
+  followed by the continuous refinement ``CLI_REFINEMENT`` (multi-resolution Adam on the field), same normalised
+  inputs; the whole network call is timed.
+- ``voxelopt-half-refined``: the same with VoxelOpt's features on the input grid and its finest optimised level at
+  half resolution (``finest_level=1``, the authors' pyramid placement; the register default before it ran on the
+  downsampled pair).
 - ``identity``: zero field (the affine starting point), for reference.
 
 Targets (PASS/FAIL lines and a summary at the end for each of ``CANDIDATES`` that ran, against the same peers; N/A
@@ -366,7 +368,7 @@ def _run_refined(fixed_path: Path, moving_path: Path, meter: Meter, finest_level
 
     fixed, moving = _normalised_pair(fixed_path, moving_path)
     voxelopt = {**CLI_VOXELOPT, "finest_level": finest_level}
-    model = refined_voxelopt(tuple(fixed.shape[2:]), voxelopt=voxelopt).eval()
+    model = refined_voxelopt(tuple(fixed.shape[2:]), voxelopt=voxelopt, voxelopt_factor=1).eval()
     with meter:
         ddf = model(moving, fixed)
     return RunnerOutput(ddf.float())
@@ -960,12 +962,12 @@ from monai_unireg.engines import METHOD_DEFAULTS, register_files
 from monai_unireg.engines.refinement import CLI_VOXELOPT, refined_voxelopt
 fixed, moving, out, finest = sys.argv[1:5]
 voxelopt = {**CLI_VOXELOPT, "finest_level": int(finest)}
-register_files(lambda shape: refined_voxelopt(shape, voxelopt=voxelopt), Path(fixed), Path(moving), Path(out),
+register_files(lambda shape: refined_voxelopt(shape, voxelopt=voxelopt, voxelopt_factor=1), Path(fixed), Path(moving), Path(out),
                device="cpu", ct_window=METHOD_DEFAULTS["voxelopt"].ct_window,
                intensity_range=METHOD_DEFAULTS["voxelopt"].intensity_range, log=_log)
 """
 #: Tools ``--process`` can time (those of them in ``--methods`` are timed). ``voxelopt`` is ``monai-unireg register``
-#: itself (today VoxelOpt from half resolution + refinement, the same network as ``voxelopt-half-refined``); the
+#: itself (today VoxelOpt on the pair downsampled by 2 + refinement); the
 #: refined variants' process is ``REFINED_PROCESS``, a ``python -c`` doing what ``register`` does (``register_files``
 #: with VoxelOpt's CT window and intensity range) with the chosen start.
 PROCESS_TOOLS = ("voxelopt", "voxelopt-refined", "voxelopt-half-refined", BASELINE, GREEDY, FIREANTS)

@@ -368,12 +368,13 @@ def test_label_resampling_costs_about_what_the_image_costs(tmp_path):
 def test_default_is_voxelopt_with_refinement_and_no_refinement_gives_the_paper_method(capsys):
     """``register``'s default is VoxelOpt + our refinement; ``--no-refinement`` is VoxelOpt alone, voxelopt only."""
     from monai_unireg.cli import METHODS
-    from monai_unireg.engines.refinement import RefinedRegistration
+    from monai_unireg.engines.refinement import Downsampled, RefinedRegistration
     from monai_unireg.networks.nets import VoxelOpt
 
     refined = METHODS["voxelopt"]((48, 48, 48))
-    assert isinstance(refined, RefinedRegistration) and isinstance(refined.initial, VoxelOpt)
-    assert refined.initial.finest_level == 1  # VoxelOpt from half resolution, the refinement adds the detail
+    assert isinstance(refined, RefinedRegistration) and isinstance(refined.initial, Downsampled)
+    # VoxelOpt on the pair at half resolution, the refinement adds the detail
+    assert refined.initial.factor == 2 and isinstance(refined.initial.network, VoxelOpt)
     plain = METHODS["voxelopt"]((48, 48, 48), refinement=False)
     assert isinstance(plain, VoxelOpt) and plain.finest_level == 0
     arguments = ["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--out", "o", "--no-refinement"]

@@ -59,6 +59,8 @@ from monai_unireg.validation import (
 __all__ = [
     "CLI_REFINEMENT",
     "CLI_VOXELOPT",
+    "CLI_VOXELOPT_FACTOR",
+    "Downsampled",
     "FieldRefinement",
     "REFINEMENT_SIMILARITIES",
     "RefinedRegistration",
@@ -476,10 +478,56 @@ class RefinedRegistration(nn.Module):
                 self.refinement.progress = saved_refinement
 
 
+class Downsampled(nn.Module):
+    """A registration network run on the pair shrunk by ``factor`` (Gaussian-smoothed with sigma ``factor / 2``,
+    then resized, as every refinement level shrinks its images), its field resized back to the input grid.
+
+    ``forward(moving, fixed) -> ddf``: ``[B, 1, D, H, W]`` images -> ``[B, 3, D, H, W]`` voxels of the input grid.
+
+    Args:
+        network: ``network(moving, fixed) -> ddf`` on the small grid (e.g. :class:`VoxelOpt`).
+        factor: downsampling factor (integer >= 1; each axis becomes ``max(1, size // factor)``).
+
+    Attributes:
+        progress: the network's own ``progress`` (read and set through), when it has one.
+    """
+
+    def __init__(self, network: nn.Module, factor: int) -> None:
+        super().__init__()
+        self.network = network
+        self.factor = check_integer(factor, "factor", 1)
+
+    @property
+    def progress(self) -> Progress | None:
+        return getattr(self.network, "progress", None)
+
+    @progress.setter
+    def progress(self, value: Progress | None) -> None:
+        self.network.progress = value
+
+    def small_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The grid the network runs on for an input grid of spatial ``shape``."""
+        return tuple(max(1, int(s) // self.factor) for s in shape)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        check_image_pair(moving, fixed, 3)
+        shape = tuple(fixed.shape[2:])
+        small = self.small_shape(shape)
+        ddf = self.network(_smooth_and_resize(moving, small), _smooth_and_resize(fixed, small))
+        return ddf if small == shape else spatial.resize_ddf(ddf, shape)
+
+
 #: VoxelOpt settings of "VoxelOpt + refinement" for ``monai-unireg register`` (beside the pyramid depth from
-#: :meth:`VoxelOpt.levels_for`): the finest optimised level at half resolution (``finest_level=1``, as the authors'
-#: code places its pyramid), since the refinement recovers the full-resolution detail: see :data:`CLI_REFINEMENT`.
-CLI_VOXELOPT: dict[str, object] = {"mind_radius": 1, "mind_dilation": 1, "finest_level": 1}
+#: :meth:`VoxelOpt.levels_for`), run on the pair shrunk by :data:`CLI_VOXELOPT_FACTOR`: the refinement recovers the
+#: full-resolution detail (see :data:`CLI_REFINEMENT`).
+CLI_VOXELOPT: dict[str, object] = {"mind_radius": 1, "mind_dilation": 1}
+
+#: VoxelOpt of ``monai-unireg register`` runs on the pair downsampled by 2 (:class:`Downsampled`). Earlier it ran
+#: the authors' pyramid placement (MIND-SSC on the input grid, the finest optimised level at half resolution,
+#: ``finest_level=1``); with the features computed on the half-resolution pair instead, VoxelOpt took 0.18 s instead
+#: of about 0.45 s on the 8-bit BrainVXM2mm pair and the refined scores hardly moved (Dice / endpoint error 0.933 /
+#: 0.458 mm against 0.933 / 0.457 mm, BrainSynth 0.754 against 0.753, CT 0.905 / 1.36 mm against 0.906 / 1.29 mm).
+CLI_VOXELOPT_FACTOR = 2
 
 #: Refinement settings of "VoxelOpt + refinement" for ``monai-unireg register``, chosen on ``benchmarks/peers.py``
 #: cases (8-bit BrainVXM2mm known field, BrainSynth 0001<-0002 .. 0004<-0005, CT known field; 8-bit BrainVXM1mm held
@@ -522,12 +570,18 @@ def refined_voxelopt(
     shape: Sequence[int],
     voxelopt: dict[str, object] | None = None,
     refinement: dict[str, object] | None = None,
+    voxelopt_factor: int = CLI_VOXELOPT_FACTOR,
 ) -> RefinedRegistration:
-    """ "VoxelOpt + refinement" for a fixed grid of spatial ``shape``: :class:`VoxelOpt` with
-    ``num_levels=VoxelOpt.levels_for(shape)`` and ``voxelopt`` (default :data:`CLI_VOXELOPT`), followed by
-    :class:`FieldRefinement` with ``refinement`` (default :data:`CLI_REFINEMENT`)."""
+    """ "VoxelOpt + refinement" for a fixed grid of spatial ``shape``: :class:`VoxelOpt` with ``voxelopt``
+    (default :data:`CLI_VOXELOPT`) and ``num_levels`` from :meth:`VoxelOpt.levels_for` on the grid it optimises
+    (after ``voxelopt_factor`` and any ``finest_level`` halvings), run on the pair shrunk by ``voxelopt_factor``
+    (:class:`Downsampled`; 1: the input grid), followed by :class:`FieldRefinement` with ``refinement`` (default
+    :data:`CLI_REFINEMENT`)."""
     voxelopt = dict(CLI_VOXELOPT if voxelopt is None else voxelopt)
+    check_integer(voxelopt_factor, "voxelopt_factor", 1)
     finest = int(voxelopt.get("finest_level", 0))
-    levels = VoxelOpt.levels_for([max(1, int(s) // 2**finest) for s in shape])
-    network = VoxelOpt(**{"num_levels": levels, **voxelopt})
+    levels = VoxelOpt.levels_for([max(1, int(s) // voxelopt_factor // 2**finest) for s in shape])
+    network: nn.Module = VoxelOpt(**{"num_levels": levels, **voxelopt})
+    if voxelopt_factor > 1:
+        network = Downsampled(network, voxelopt_factor)
     return RefinedRegistration(network, FieldRefinement(**dict(CLI_REFINEMENT if refinement is None else refinement)))

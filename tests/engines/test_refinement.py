@@ -10,6 +10,8 @@ from monai_unireg import spatial
 from monai_unireg.engines.instance_optimisation import adam_on_field
 from monai_unireg.engines.refinement import (
     CLI_REFINEMENT,
+    CLI_VOXELOPT_FACTOR,
+    Downsampled,
     FieldRefinement,
     RefinedRegistration,
     _local_normalisation,
@@ -143,7 +145,31 @@ def test_refined_registration_and_progress(known):
     assert calls == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
     assert network.initial.progress is None and network.refinement.progress is None
     cli = refined_voxelopt((SIZE,) * 3)
-    assert isinstance(cli.initial, VoxelOpt) and cli.refinement.settings == CLI_REFINEMENT
+    assert isinstance(cli.initial, Downsampled) and cli.initial.factor == CLI_VOXELOPT_FACTOR == 2
+    assert isinstance(cli.initial.network, VoxelOpt) and cli.refinement.settings == CLI_REFINEMENT
+    assert cli.initial.network.num_levels == VoxelOpt.levels_for((SIZE // 2,) * 3)
+    assert isinstance(refined_voxelopt((SIZE,) * 3, voxelopt_factor=1).initial, VoxelOpt)
+
+
+def test_downsampled_network_runs_on_the_small_grid_and_reports_its_progress(known):
+    """Downsampled: the network sees the pair shrunk by the factor, its field comes back on the input grid (a
+    constant field of 1 small voxel is 2 input voxels, up to the corner-aligned grids' ratio), progress passes
+    through."""
+    seen, calls = [], []
+
+    class Shift(torch.nn.Module):
+        progress = None
+
+        def forward(self, moving, fixed):
+            seen.append(tuple(fixed.shape[2:]))
+            self.progress(1, 1)
+            return torch.ones(1, 3, *fixed.shape[2:])
+
+    network = Downsampled(Shift(), 2)
+    network.progress = lambda done, total: calls.append((done, total))
+    ddf = network(known["moving"], known["fixed"])
+    assert seen == [(SIZE // 2,) * 3] and calls == [(1, 1)] and ddf.shape == (1, 3, SIZE, SIZE, SIZE)
+    torch.testing.assert_close(ddf, torch.full_like(ddf, (SIZE - 1) / (SIZE // 2 - 1)))
 
 
 def test_adam_on_field_minimises_a_quadratic():
