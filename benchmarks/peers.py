@@ -962,8 +962,9 @@ from monai_unireg.engines import METHOD_DEFAULTS, register_files
 from monai_unireg.engines.refinement import CLI_VOXELOPT, refined_voxelopt
 fixed, moving, out, finest = sys.argv[1:5]
 voxelopt = {**CLI_VOXELOPT, "finest_level": int(finest)}
-register_files(lambda shape: refined_voxelopt(shape, voxelopt=voxelopt, voxelopt_factor=1), Path(fixed), Path(moving), Path(out),
-               device="cpu", ct_window=METHOD_DEFAULTS["voxelopt"].ct_window,
+network = lambda shape: refined_voxelopt(shape, voxelopt=voxelopt, voxelopt_factor=1)
+register_files(network, Path(fixed), Path(moving), Path(out), device="cpu",
+               ct_window=METHOD_DEFAULTS["voxelopt"].ct_window,
                intensity_range=METHOD_DEFAULTS["voxelopt"].intensity_range, log=_log)
 """
 #: Tools ``--process`` can time (those of them in ``--methods`` are timed). ``voxelopt`` is ``monai-unireg register``
