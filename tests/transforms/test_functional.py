@@ -17,12 +17,26 @@ def _image(numel: int, seed: int = 0) -> torch.Tensor:
     return (torch.randint(0, 256, (1, numel), generator=generator).float() * 9.7 - 1200.0).contiguous()
 
 
-# 1_000_000 values and fewer go through torch.quantile, more through numpy.percentile (as MONAI's percentile)
+# 1_000_000 values and fewer by order statistics (torch.kthvalue), more through numpy.percentile (as MONAI's)
 @pytest.mark.parametrize("numel", [4_096, 1_000_000, 1_000_001])
 def test_percentile_is_monais(numel: int) -> None:
     image = _image(numel)
     expected = torch.as_tensor(monai_percentile(image, 99.0), dtype=image.dtype)
     assert torch.equal(percentile(image, 99.0), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("numel", [1, 2, 7, 10_001])
+def test_percentile_of_continuous_values_is_monais_bit_for_bit(dtype, numel) -> None:
+    """Distinct values (every percentile between two order statistics), all values or per row, and NaN."""
+    generator = torch.Generator().manual_seed(numel)
+    rows = torch.randn(3, numel, generator=generator).to(dtype)
+    for q in (0.0, 1.0, 37.3, 99.0, 100.0):
+        expected = torch.as_tensor(monai_percentile(rows[:1], q), dtype=dtype)
+        assert torch.equal(percentile(rows[:1], q), expected), q
+        assert torch.equal(percentile(rows, q, dim=1), torch.as_tensor(monai_percentile(rows, q, dim=1), dtype=dtype))
+    rows[1, 0] = torch.nan
+    assert percentile(rows, 50.0, dim=1).isnan().tolist() == [False, True, False] and percentile(rows, 50.0).isnan()
 
 
 @pytest.mark.parametrize("numel", [4_096, 1_000_001])
