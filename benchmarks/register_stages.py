@@ -50,7 +50,7 @@ def parse_summary(line: str) -> dict[str, float]:
 
 def run_once(checkout: Path, arguments: list[str], threads: int, out: Path) -> dict[str, float]:
     """One process of the command from ``checkout``: its measures and stage split."""
-    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": str(threads)}
     env["MKL_NUM_THREADS"] = str(threads)
     load = os.getloadavg()[0]
     start = time.perf_counter()

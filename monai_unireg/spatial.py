@@ -320,7 +320,10 @@ def warp_pullback(
             grad_output, source, slab_grid, 0, padding, True, [False, True]
         )
         grad_grid = grad_grid.view(batch, slabs * rows, *grad_grid.shape[2:])[:, :length]
-        return torch.stack([grad_grid[..., spatial_dims - 1 - a] * scales[a] for a in range(spatial_dims)], dim=1)
+        gradient = grad_grid.new_empty((batch, spatial_dims, *grad_grid.shape[1:-1]))
+        for axis in range(spatial_dims):
+            torch.mul(grad_grid[..., spatial_dims - 1 - axis], scales[axis], out=gradient[:, axis])
+        return gradient
 
     return warped, pullback
 

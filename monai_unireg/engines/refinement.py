@@ -175,17 +175,18 @@ def _normalised_difference_gradient(
     """
     mean, mean_square = separable_filter(torch.stack([warped, warped * warped]), kernel, spatial_dims=3).unbind(0)
     variance = mean_square - mean * mean
-    deviation = torch.sqrt(torch.relu(variance) + eps)
+    deviation = torch.relu(variance).add_(eps).sqrt_()
     centred = warped - mean
     # n(w) exactly as _local_normalisation computes it, so that the residual is exactly 0 where w is the fixed image
-    residual = (centred / deviation - fixed_normalised).mul_(2.0 / warped.numel())
+    residual_scaled = (centred / deviation).sub_(fixed_normalised).mul_(2.0 / warped.numel())  # a, then a t
     scale = deviation.reciprocal_()
-    residual_scaled = residual * scale
-    variance_part = (residual_scaled * centred).mul_(scale.square()).mul_(-0.5).mul_(variance > 0)
-    through_mean, through_square = separable_filter(
-        torch.stack([-residual_scaled - 2.0 * mean * variance_part, variance_part]), kernel, spatial_dims=3
-    ).unbind(0)
-    return residual_scaled.add_(through_mean).add_(2.0 * warped * through_square)
+    residual_scaled.mul_(scale)
+    variance_part = centred.mul_(residual_scaled).mul_(scale).mul_(scale).mul_(-0.5).masked_fill_(variance <= 0, 0.0)
+    backward = torch.empty((2, *warped.shape), dtype=warped.dtype, device=warped.device)
+    torch.addcmul(residual_scaled, mean, variance_part, value=2.0, out=backward[0]).neg_()
+    backward[1].copy_(variance_part)
+    through_mean, through_square = separable_filter(backward, kernel, spatial_dims=3).unbind(0)
+    return residual_scaled.add_(through_mean).addcmul_(warped, through_square, value=2.0)
 
 
 def _similarity_gradient(
