@@ -76,11 +76,12 @@ def _voxelopt(
     shape: tuple[int, ...], weights: Path | None = None, io_iterations: int = 0, refinement: bool = True
 ) -> nn.Module:
     """The training-free default. With ``refinement`` (the default; **ours, beyond the VoxelOpt paper**): VoxelOpt on
-    MIND-SSC from half resolution followed by a continuous multi-resolution Adam refinement of its field
-    (:func:`~monai_unireg.engines.refinement.refined_voxelopt`, settings ``CLI_VOXELOPT`` / ``CLI_REFINEMENT`` with
-    their measurements). ``benchmarks/peers.py`` (2 threads, same run as ANTs SyNOnly and Greedy; issue 13's note):
-    8-bit BrainVXM2mm known field Dice 0.934 / endpoint error 0.47 mm against VoxelOpt alone 0.887 / 0.83 mm; CT
-    0.908 / 1.15 mm against 0.876 / 1.66 mm; BrainSynth (4 pairs) 0.761 against 0.683.
+    MIND-SSC run on the pair downsampled by 2, followed by a continuous Adam refinement of its field at half and full
+    resolution (:func:`~monai_unireg.engines.refinement.refined_voxelopt`, settings ``CLI_VOXELOPT`` /
+    ``CLI_REFINEMENT`` with their measurements). ``benchmarks/peers.py`` (2 threads, same run as ANTs SyNOnly,
+    Greedy and FireANTs; issue 13's note): 8-bit BrainVXM2mm known field Dice 0.933 / endpoint error 0.46 mm
+    against the paper's VoxelOpt 0.853 / 1.09 mm (Greedy 0.931 / 0.51 mm); CT 0.905 / 1.36 mm against 0.841 /
+    2.36 mm; BrainSynth (4 pairs) 0.754 against 0.665.
 
     Without (``--no-refinement``): VoxelOpt alone, the paper's settings with 5 levels (fewer for small volumes, see
     :meth:`VoxelOpt.levels_for`) and a finer MIND-SSC than the authors' code (radius 1, dilation 1 instead of 2, 2;
