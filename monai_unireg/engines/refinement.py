@@ -14,10 +14,13 @@ the field continuously, a few multi-resolution Adam steps on the displacement it
 
 per level (``sim``: by default the mean squared difference of locally normalised intensities, exactly stationary
 at ``warped = fixed`` unlike LNCC; or ``1 - LNCC``; or the mean squared difference of MIND-SSC features;
-``L_diff``: :func:`~monai_unireg.losses.diffusion_regularisation`, in the level's voxels). The Adam loop is
-:func:`~monai_unireg.engines.instance_optimisation.adam_on_field`, shared with the field instance optimisation.
-Before each step the gradient is Gaussian-smoothed (``gradient_sigma``, FireANTs' and Greedy's update smoothing),
-after it the field itself (``field_sigma``, Greedy's smoothing of the whole warp).
+``L_diff``: :func:`~monai_unireg.losses.diffusion_regularisation`, in the level's voxels; the command line's
+settings use ``lambda = 0``, see :data:`CLI_REFINEMENT`). The gradient is written out (the sampler's backward pass,
+:func:`~monai_unireg.spatial.warp_pullback`, and the chain rule through each similarity and the diffusion term, all
+tested against autograd) and the Adam loop is :func:`~monai_unireg.engines.instance_optimisation.adam_descent`,
+shared with the field instance optimisation. Before each step the gradient is Gaussian-smoothed (``gradient_sigma``,
+FireANTs' and Greedy's update smoothing), after it the field itself (``field_sigma``, Greedy's smoothing of the
+whole warp).
 
 Multi-resolution scheme, level by level (coarse to fine, ``factors`` e.g. ``(2, 1)``): the features (or images) of
 both images are smoothed and resized to the level's grid (``size // factor``, corner-aligned, as every resize in
@@ -277,8 +280,10 @@ def refine_field(
         gradient_floor: per-voxel gradient (objective per voxel, per voxel of displacement) below which Adam stops
             normalising: its ``eps`` is ``gradient_floor / (B * voxels of the level)`` (the objective is a mean).
             Adam's steps are about the learning rate wherever the gradient is not exactly zero, however small
-            (e.g. the float rounding of a warp by a zero field); below the floor a voxel moves by
-            ``learning_rate * gradient / eps``, i.e. hardly.
+            (e.g. the float rounding of a warp by a zero field, spread into flat voxels by the gradient
+            smoothing); below the floor a voxel moves by ``learning_rate * gradient / eps``, i.e. hardly. 0.03: an
+            8-bit object in a flat background against itself stays within 0.03 voxel (0.01 let it move by up to
+            0.3 voxel, see :data:`CLI_REFINEMENT`).
         field_sigma: Gaussian smoothing (standard deviation in level voxels, 0: none) of the field itself after every
             Adam step, as Greedy smooths its whole warp each iteration (``-s`` second value): removes voxel-scale
             roughness that the diffusion term cannot without pulling the field's true gradients down; repeated every
