@@ -237,21 +237,31 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding
     return _warp(image, ddf, mode, padding_mode)
 
 
-def _warp_grid(ddf: torch.Tensor, dtype: torch.dtype, extend: bool) -> tuple[torch.Tensor, list[float]]:
-    """The ``grid_sample`` grid of ``ddf [B, n, *S]`` (normalised, axes reversed), written in place,
-    ``grid[..., n - 1 - i] = linspace_i + ddf_i * 2 / (N_i - 1)``, and the scale ``2 / (N_i - 1)`` of each axis.
-    ``extend``: extended along the first axis to the slab layout of :func:`_slab_layout` (the last row repeated)."""
-    batch, spatial_dims, shape = ddf.shape[0], ddf.shape[1], ddf.shape[2:]
-    slabs, rows = _slab_layout(batch, shape[0], ddf.device) if extend else (1, shape[0])
-    grid = torch.empty(batch, slabs * rows, *shape[1:], spatial_dims, device=ddf.device, dtype=dtype)
-    scales = []
+def _grid_lines(
+    shape: Sequence[int], device: torch.device, dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[float]]:
+    """Per spatial axis ``i`` of ``shape``: the normalised coordinates ``linspace(-1, 1, N_i)`` shaped to broadcast
+    against ``[B, *S]``, and the scale ``2 / (N_i - 1)`` from voxels to normalised units."""
+    lines, scales = [], []
     for axis, size in enumerate(shape):
-        line_shape = [1] * (spatial_dims + 1)
+        line_shape = [1] * (len(shape) + 1)
         line_shape[axis + 1] = size
-        line = torch.linspace(-1.0, 1.0, size, device=ddf.device, dtype=dtype).view(line_shape)
+        lines.append(torch.linspace(-1.0, 1.0, size, device=device, dtype=dtype).view(line_shape))
         scales.append(2.0 / max(size - 1, 1))
+    return lines, scales
+
+
+def _warp_grid(ddf: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, list[float]]:
+    """The ``grid_sample`` grid of ``ddf [B, n, *S]`` (normalised, axes reversed), written in place in the slab
+    layout of :func:`_slab_layout` (extended along the first axis, the last row repeated),
+    ``grid[..., n - 1 - i] = linspace_i + ddf_i * 2 / (N_i - 1)``, and the scale ``2 / (N_i - 1)`` of each axis."""
+    batch, spatial_dims, shape = ddf.shape[0], ddf.shape[1], ddf.shape[2:]
+    slabs, rows = _slab_layout(batch, shape[0], ddf.device)
+    grid = torch.empty(batch, slabs * rows, *shape[1:], spatial_dims, device=ddf.device, dtype=dtype)
+    lines, scales = _grid_lines(shape, ddf.device, dtype)
+    for axis in range(spatial_dims):
         column = grid[:, : shape[0], ..., spatial_dims - 1 - axis]
-        torch.add(line, ddf[:, axis].to(dtype), alpha=scales[-1], out=column)
+        torch.add(lines[axis], ddf[:, axis].to(dtype), alpha=scales[axis], out=column)
     grid[:, shape[0] :] = grid[:, shape[0] - 1 : shape[0]]
     return grid, scales
 
@@ -265,17 +275,12 @@ def _warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", paddin
     compute_dtype = torch.promote_types(torch.promote_types(image.dtype, ddf.dtype), torch.float32)
     spatial_dims, shape = ddf.shape[1], ddf.shape[2:]
     if torch.jit.is_tracing() or (torch.is_grad_enabled() and ddf.requires_grad):
-        lines, scales = [], []
-        for axis, size in enumerate(shape):
-            line_shape = [1] * (spatial_dims + 1)
-            line_shape[axis + 1] = size
-            lines.append(torch.linspace(-1.0, 1.0, size, device=ddf.device, dtype=compute_dtype).view(line_shape))
-            scales.append(2.0 / max(size - 1, 1))
+        lines, scales = _grid_lines(shape, ddf.device, compute_dtype)
         components = [ddf[:, axis].to(compute_dtype) for axis in range(spatial_dims)]
         grid = torch.stack([lines[a] + components[a] * scales[a] for a in reversed(range(spatial_dims))], dim=-1)
         sampled = _grid_sample(image.to(compute_dtype), grid, mode, padding_mode)
     else:
-        grid, _ = _warp_grid(ddf, compute_dtype, extend=True)
+        grid, _ = _warp_grid(ddf, compute_dtype)
         sampled = _grid_sample(image.to(compute_dtype), grid, mode, padding_mode, length=shape[0])
     return sampled.to(image.dtype)
 
@@ -306,7 +311,7 @@ def warp_pullback(
     batch, spatial_dims, length = ddf.shape[0], ddf.shape[1], ddf.shape[2]
     padding = _GRID_SAMPLER_PADDING[padding_mode]
     with torch.no_grad():
-        grid, scales = _warp_grid(ddf.detach(), compute_dtype, extend=True)
+        grid, scales = _warp_grid(ddf.detach(), compute_dtype)
         slab_grid, slabs, rows = _to_slabs(grid, batch, length, image.device)
         source = _slab_source(image.detach().to(compute_dtype), slabs)
         sampled = F.grid_sample(source, slab_grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)

@@ -193,15 +193,19 @@ def _normalised_difference_gradient(
 
 
 def _similarity_gradient(
-    similarity: str, lncc: LNCCLoss | None, window: torch.Tensor, eps: float
+    similarity: str, lncc_sigma: float, eps: float
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``gradient(warped, fixed_level)``: the gradient of the level's similarity term with respect to the warped
     moving image (or its features), ``[B, C, *S]`` (``fixed_level``: the fixed features, or for ``"nsd"`` the
-    locally normalised fixed image)."""
+    locally normalised fixed image; ``lncc_sigma`` and ``eps``: the window and variance offset of ``"nsd"`` and
+    ``"lncc"``, see :func:`refine_field`)."""
+    window = window_kernel("gaussian", sigma=lncc_sigma)
     if similarity == "nsd":
         return lambda warped, fixed_level: _normalised_difference_gradient(warped, fixed_level, window, eps)
     if similarity == "mind":  # mean squared difference of features
         return lambda warped, fixed_level: (warped - fixed_level).mul_(2.0 / warped.numel())
+
+    lncc = LNCCLoss(sigma=lncc_sigma, eps=eps)
 
     def lncc_gradient(warped: torch.Tensor, fixed_level: torch.Tensor) -> torch.Tensor:
         variable = warped.requires_grad_(True)
@@ -330,13 +334,11 @@ def refine_field(
         if similarity == "mind":
             descriptor = MINDSSC(radius=mind_radius, dilation=mind_dilation)
             moving_source, fixed_source = descriptor(moving32), descriptor(fixed32)
-            lncc = None
         else:
             moving_source, fixed_source = moving32, fixed32
-            lncc = LNCCLoss(sigma=lncc_sigma, eps=lncc_eps)
         window = window_kernel("gaussian", sigma=lncc_sigma)
         ddf = initial_ddf.detach().to(torch.float32).clone()
-    similarity_gradient = _similarity_gradient(similarity, lncc, window, lncc_eps)
+    similarity_gradient = _similarity_gradient(similarity, lncc_sigma, lncc_eps)
     for done, (grid, index) in enumerate(plan, start=1):
         if steps[index]:
             with torch.no_grad():
