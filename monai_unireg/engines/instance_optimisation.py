@@ -184,31 +184,43 @@ def adam_descent(
 
 
 class _Adam:
-    """Adam (Kingma and Ba, ICLR 2015) on one tensor with ``torch.optim.Adam``'s arithmetic (its single-tensor path,
-    which it takes for CPU tensors: the same operations in the same order, bit-identical,
-    ``tests/engines/test_instance_optimisation.py``), betas (0.9, 0.999), no weight decay.
+    """Adam (Kingma and Ba, ICLR 2015) on one tensor, ``torch.optim.Adam(fused=True)``'s kernel called directly
+    (``torch._fused_adam_``: the same values bit for bit, ``tests/engines/test_instance_optimisation.py``), betas
+    (0.9, 0.999), no weight decay.
 
     Not ``torch.optim.Adam`` itself: constructing any ``torch.optim`` optimiser imports ``torch._dynamo``, 0.9 s of
-    the command line's start (``python -X importtime``) for a loop of four elementwise updates.
+    the command line's start (``python -X importtime``) for one elementwise update. The fused kernel reads and
+    writes each state tensor once per step: 0.9 ms instead of 4.2 ms for the single-tensor arithmetic (seven
+    elementwise passes) on a ``[1, 3, 80, 96, 112]`` field with 2 threads, 70 ms of the command line's 20
+    full-resolution refinement steps on a 2 mm brain.
     """
 
     def __init__(self, parameter: torch.Tensor, eps: float = 1e-8, betas: tuple[float, float] = (0.9, 0.999)) -> None:
         self.parameter, self.eps, self.betas = parameter, eps, betas
         self.exp_avg = torch.zeros_like(parameter, memory_format=torch.preserve_format)
         self.exp_avg_sq = torch.zeros_like(parameter, memory_format=torch.preserve_format)
-        self.steps = 0
+        self.steps = torch.zeros((), dtype=torch.float32, device=parameter.device)
 
     @torch.no_grad()
     def step(self, grad: torch.Tensor, learning_rate: float) -> None:
         """One update of the parameter, in place, from its gradient ``grad`` with step size ``learning_rate``."""
         beta1, beta2 = self.betas
-        self.steps += 1
-        self.exp_avg.lerp_(grad, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step = float(self.steps)
-        step_size = learning_rate / (1 - beta1**step)
-        denom = (self.exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(self.eps)
-        self.parameter.addcdiv_(self.exp_avg, denom, value=-step_size)
+        self.steps.add_(1)
+        torch._fused_adam_(
+            [self.parameter],
+            [grad],
+            [self.exp_avg],
+            [self.exp_avg_sq],
+            [],
+            [self.steps],
+            lr=learning_rate,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=0.0,
+            eps=self.eps,
+            amsgrad=False,
+            maximize=False,
+        )
 
 
 class FieldOptimised(nn.Module):

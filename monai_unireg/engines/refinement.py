@@ -16,7 +16,7 @@ per level (``sim``: by default the mean squared difference of locally normalised
 at ``warped = fixed`` unlike LNCC; or ``1 - LNCC``; or the mean squared difference of MIND-SSC features;
 ``L_diff``: :func:`~monai_unireg.losses.diffusion_regularisation`, in the level's voxels; the command line's
 settings use ``lambda = 0``, see :data:`CLI_REFINEMENT`). The gradient is written out (the sampler's backward pass,
-:func:`~monai_unireg.spatial.warp_pullback`, and the chain rule through each similarity and the diffusion term, all
+:func:`~monai_unireg.spatial.pullback_sampler`, and the chain rule through each similarity and the diffusion term, all
 tested against autograd) and the Adam loop is :func:`~monai_unireg.engines.instance_optimisation.adam_descent`,
 shared with the field instance optimisation. Before each step the gradient is Gaussian-smoothed (``gradient_sigma``,
 FireANTs' and Greedy's update smoothing), after it the field itself (``field_sigma``, Greedy's smoothing of the
@@ -348,15 +348,17 @@ def refine_field(
                     fixed_level = _local_normalisation(fixed_level, window, lncc_eps)
                 start = ddf if grid == shape else spatial.resize_ddf(ddf, grid)
             weight = weights[index]
+            warp_pullback = spatial.pullback_sampler(moving_level)
 
             def gradient(
                 field: torch.Tensor,
                 moving_level: torch.Tensor = moving_level,
                 fixed_level: torch.Tensor = fixed_level,
                 weight: float = weight,
+                warp_pullback: Callable = warp_pullback,
             ) -> torch.Tensor:
                 # inputs checked above: the unchecked warp of the spatial module, as in its own inner loops
-                warped, pullback = spatial.warp_pullback(moving_level, field)
+                warped, pullback = warp_pullback(field)
                 total = pullback(similarity_gradient(warped, fixed_level))
                 if weight:
                     total.add_(diffusion_gradient(field), alpha=weight)
