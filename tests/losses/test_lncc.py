@@ -92,6 +92,20 @@ def test_separable_filter_matches_scipy(padding_mode, scipy_mode, shape, generat
         separable_filter(x, kernel, spatial_dims, "reflect")
 
 
+@pytest.mark.parametrize("padding_mode, scipy_mode", [("zeros", "constant"), ("replicate", "nearest")])
+def test_separable_filter_by_band_blocks_matches_scipy_and_the_full_band(padding_mode, scipy_mode, generator):
+    """Axes long enough for the blocked products (first and last), and the full band matrices that autograd uses."""
+    kernel = torch.tensor([0.05, 0.1, 0.1, 0.15, 0.2, 0.15, 0.1, 0.1, 0.05], dtype=torch.float64)
+    x = torch.rand(2, 41, 7, 83, generator=generator, dtype=torch.float64)
+    got = separable_filter(x, kernel, 3, padding_mode)
+    expected = x.numpy()
+    for axis in (1, 2, 3):
+        expected = ndimage.correlate1d(expected, kernel.numpy(), axis=axis, mode=scipy_mode)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-12)
+    full_band = separable_filter(x.clone().requires_grad_(True), kernel, 3, padding_mode)
+    torch.testing.assert_close(got, full_band.detach(), atol=1e-12, rtol=0)
+
+
 def test_separable_filter_reuses_matrices_only_for_the_same_weights(generator):
     """The banded matrices are kept between calls by weights, size, padding and dtype: another kernel of the same
     length, another padding or dtype gives its own result, and a kernel with a gradient still receives it."""
