@@ -141,6 +141,8 @@ def _into_slabs(values: torch.Tensor, slabs: int, rows: int) -> torch.Tensor:
     if slabs == 1:
         return values
     batch, channels, length, rest = values.shape[0], values.shape[1], values.shape[2], values.shape[3:]
+    if batch * channels == 1 and length == slabs * rows and values.is_contiguous():  # the slabs follow each other
+        return values.view(slabs, 1, rows, *rest)
     padded = values.new_zeros((batch, channels, slabs * rows, *rest))
     padded[:, :, :length] = values
     return padded.view(batch, channels, slabs, rows, *rest).movedim(2, 1).reshape(batch * slabs, channels, rows, *rest)
@@ -390,8 +392,10 @@ def pullback_sampler(
             )
             grad_grid = grad_grid.view(batch, length, height, width, 2)[:, :depth]
             gradient = grad_grid.new_empty((batch, 3, depth, height, width))
-            along_z = difference.mul_(upstream).sum(dim=1).view(batch, length, height, width)
-            gradient[:, 0] = along_z[:, :depth]
+            along_z = difference.mul_(upstream)
+            if channels > 1:
+                along_z = along_z.sum(dim=1, keepdim=True)
+            gradient[:, 0] = along_z.view(batch, length, height, width)[:, :depth]
             torch.mul(grad_grid[..., 1], row_scale, out=gradient[:, 1])
             torch.mul(grad_grid[..., 0], column_scale, out=gradient[:, 2])
             return gradient

@@ -48,7 +48,8 @@ def test_warp_matches_monai_warp(generator, mode, padding_mode):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(
-    "batch, channels, shape", [(1, 1, (9, 10, 11)), (2, 3, (7, 8, 9)), (1, 2, (13, 6, 5)), (1, 1, (1, 4, 5))]
+    "batch, channels, shape",
+    [(1, 1, (9, 10, 11)), (1, 1, (12, 7, 6)), (2, 3, (7, 8, 9)), (1, 2, (13, 6, 5)), (1, 1, (1, 4, 5))],
 )
 def test_pullback_sampler_is_autograd_through_warp(generator, threads, batch, channels, shape):
     """The hand-called sampler backward pass (slab layout of one pair or a batch, odd row counts) against autograd

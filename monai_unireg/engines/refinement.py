@@ -176,7 +176,10 @@ def _normalised_difference_gradient(
     Returns:
         ``[B, 1, *S]`` gradient.
     """
-    mean, mean_square = separable_filter(torch.stack([warped, warped * warped]), kernel, spatial_dims=3).unbind(0)
+    moments = torch.empty((2, *warped.shape), dtype=warped.dtype, device=warped.device)
+    moments[0].copy_(warped)
+    torch.mul(warped, warped, out=moments[1])
+    mean, mean_square = separable_filter(moments, kernel, spatial_dims=3).unbind(0)
     variance = mean_square - mean * mean
     deviation = torch.relu(variance).add_(eps).sqrt_()
     centred = warped - mean
