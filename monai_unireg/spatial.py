@@ -321,7 +321,7 @@ def pullback_sampler(
 
     .. math::
 
-        w = (1 - t) \, b_k(y, x) + t \, b_{k+1}(y, x), \qquad rac{\partial w}{\partial z} = b_{k+1} - b_k,
+        w = (1 - t) \, b_k(y, x) + t \, b_{k+1}(y, x), \qquad \frac{\partial w}{\partial z} = b_{k+1} - b_k,
 
     where ``b_k`` interpolates slice ``k`` bilinearly. Both slices are read by one 2D ``grid_sample`` of the tiled
     source of :func:`_tiled_slices` (built once here), the derivatives in ``y`` and ``x`` come from the 2D
