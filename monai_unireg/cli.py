@@ -770,8 +770,9 @@ def run() -> None:
     then exit without the interpreter's teardown.
 
     Every result is written, closed and moved into place by then; what the teardown would do (destroying some
-    300 000 objects of torch, numpy and matplotlib one by one) took 0.35-0.4 s of each run on the 8-bit BrainVXM2mm
-    pair (``benchmarks/register_stages.py``, ``exit``). Standard output and error are flushed first.
+    300 000 objects of torch, numpy and matplotlib, then a dependency, one by one) took 0.35-0.4 s of each run on the
+    8-bit BrainVXM2mm pair (``benchmarks/register_stages.py``, ``exit``). Standard output and error are flushed
+    first.
     """
     _reuse_freed_memory()
     status = main()

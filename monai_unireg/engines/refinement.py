@@ -554,11 +554,15 @@ CLI_VOXELOPT_FACTOR = 2
 #: sigma 0.45: 0.934 / 0.47 mm, BrainSynth 0.761 with folding up to 2.7 %, CT 0.908 / 1.15 mm) moved the
 #: inter-subject pairs by more than it could follow smoothly; without it (2/1, 30/20 steps, same settings) 0.933 /
 #: 0.49 mm, BrainSynth 0.769 with at most 0.45 % folding. The step counts are the time target's (issue 13: the whole
-#: command at most Greedy's process): each full-resolution step costs about 75 ms at 80x96x112 on 2 threads, and the
-#: 2x level hardly matters (30/30/20 and 50/50/20 with the 4x level: the same scores); 16 full-resolution steps gave
-#: 0.50 mm, 20 0.46 mm, 25 steps (lambda 0.3) 0.48 mm. Chosen: no diffusion, field sigma 0.5, gradient sigma 1.7,
-#: rate 0.3, 30 + 20 steps: 0.935 / 0.46 mm, BrainSynth 0.759 (folding <= 0.51 %), CT 0.908 / 1.26 mm, and on the
-#: held-out 8-bit BrainVXM1mm at full resolution (``max_voxels`` 8 M: 160x192x224 is 6.9 M voxels) 0.967 / 0.20 mm.
+#: command at most Greedy's process): each full-resolution step cost about 75 ms at 80x96x112 on 2 threads (45 ms
+#: since the 2D sampler of :func:`~monai_unireg.spatial.pullback_sampler`, the fused Adam and the blocked filters),
+#: and the 2x level hardly matters (30/30/20 and 50/50/20 with the 4x level: the same scores); 16 full-resolution
+#: steps gave 0.50 mm, 20 0.46 mm, 25 steps (lambda 0.3) 0.48 mm. Moving steps to the 2x level (6 ms a step) does
+#: not pay: 40 + 16, 50 + 14, 60 + 12 steps gave 0.930 / 0.49 mm, 0.928 / 0.51 mm, 0.928 / 0.52 mm (CT 1.42-1.50 mm,
+#: Greedy's 1.40 mm), and 20 + 20 or 25 + 20 scored within 0.001 of 30 + 20. Chosen: no diffusion, field sigma 0.5,
+#: gradient sigma 1.7, rate 0.3, 30 + 20 steps: 0.935 / 0.46 mm, BrainSynth 0.759 (folding <= 0.51 %), CT 0.908 /
+#: 1.26 mm, and on the held-out 8-bit BrainVXM1mm at full resolution (``max_voxels`` 8 M: 160x192x224 is 6.9 M
+#: voxels) 0.967 / 0.20 mm.
 #: ``gradient_floor`` 0.03 (was 0.01): an 8-bit object in a flat background against itself (40^3) moved by up to
 #: 0.30 voxel (18 % of the voxels by more than 0.1) at 0.01, by at most 0.006 at 0.03 (0.02 at 64^3); the gradient
 #: smoothing spreads the edges' rounding-level gradients into flat voxels, whose Adam steps are normalised to the
