@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -39,25 +40,32 @@ def window_matrix(kernel: torch.Tensor, size: int, padding_mode: str = "zeros") 
     return matrix.index_put_((rows, cols), weights, accumulate=True)
 
 
-#: The banded matrices of the filters run so far, by kernel, size, padding, dtype and device: an optimiser calls
-#: the same few filters at every step (the refinement: four per step), and building a matrix takes about ten
-#: small tensor operations per axis, which at a coarse level cost more than the filtering.
-_MATRICES: dict[tuple, torch.Tensor] = {}
-_MATRIX_CACHE_SIZE = 64
+#: The banded matrices (and their blocks, :func:`_band_blocks`) of the filters run so far, by kernel, size,
+#: padding, dtype and device: an optimiser calls the same few filters at every step (the refinement: four per step),
+#: and building a matrix takes about ten small tensor operations per axis, which at a coarse level cost more than the
+#: filtering.
+_FILTER_PARTS: dict[tuple, object] = {}
+_FILTER_CACHE_SIZE = 64
+
+
+def _cached(key: tuple, build: Callable[[], object]) -> object:
+    """``build()``, kept in :data:`_FILTER_PARTS` under ``key`` for the next call (the oldest of
+    ``_FILTER_CACHE_SIZE`` dropped first)."""
+    part = _FILTER_PARTS.get(key)
+    if part is None:
+        if len(_FILTER_PARTS) >= _FILTER_CACHE_SIZE:
+            _FILTER_PARTS.pop(next(iter(_FILTER_PARTS)))
+        part = _FILTER_PARTS[key] = build()
+    return part
 
 
 def _cached_window_matrix(kernel: torch.Tensor, size: int, padding_mode: str) -> torch.Tensor:
-    """:func:`window_matrix`, kept for the next call with the same weights (at most ``_MATRIX_CACHE_SIZE``); a
-    kernel that carries a gradient is not cached."""
+    """:func:`window_matrix`, kept for the next call with the same weights; a kernel that carries a gradient is not
+    cached."""
     if kernel.requires_grad:
         return window_matrix(kernel, size, padding_mode)
-    key = (tuple(kernel.tolist()), size, padding_mode, kernel.dtype, kernel.device)
-    matrix = _MATRICES.get(key)
-    if matrix is None:
-        if len(_MATRICES) >= _MATRIX_CACHE_SIZE:
-            _MATRICES.pop(next(iter(_MATRICES)))
-        matrix = _MATRICES[key] = window_matrix(kernel, size, padding_mode)
-    return matrix
+    key = ("matrix", tuple(kernel.tolist()), size, padding_mode, kernel.dtype, kernel.device)
+    return _cached(key, lambda: window_matrix(kernel, size, padding_mode))
 
 
 #: Rows of output per block of :func:`_band_blocks`, for the last axis (``x @ T^T``, rows of ``x`` contiguous) and the
@@ -81,9 +89,6 @@ def _band_blocks(matrix: torch.Tensor, half_width: int, block: int) -> list[tupl
     return blocks
 
 
-_BLOCKS: dict[tuple, list[tuple[slice, slice, torch.Tensor]]] = {}
-
-
 def _cached_band_blocks(
     kernel: torch.Tensor, size: int, padding_mode: str, block: int
 ) -> list[tuple[slice, slice, torch.Tensor]] | None:
@@ -92,13 +97,8 @@ def _cached_band_blocks(
     half_width = kernel.shape[0] // 2
     if block + 2 * half_width >= 0.75 * size:
         return None
-    key = (tuple(kernel.tolist()), size, padding_mode, block, kernel.dtype, kernel.device)
-    blocks = _BLOCKS.get(key)
-    if blocks is None:
-        if len(_BLOCKS) >= _MATRIX_CACHE_SIZE:
-            _BLOCKS.pop(next(iter(_BLOCKS)))
-        blocks = _BLOCKS[key] = _band_blocks(_cached_window_matrix(kernel, size, padding_mode), half_width, block)
-    return blocks
+    key = ("blocks", tuple(kernel.tolist()), size, padding_mode, block, kernel.dtype, kernel.device)
+    return _cached(key, lambda: _band_blocks(_cached_window_matrix(kernel, size, padding_mode), half_width, block))
 
 
 def separable_filter(

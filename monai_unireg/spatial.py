@@ -64,8 +64,6 @@ __all__ = [
 INTERPOLATION_MODES = ("bilinear", "nearest")
 PADDING_MODES = ("border", "zeros", "reflection")
 NORMALIZED_RANGES = ("[-1,1]", "[0,1]")
-#: ``padding_mode`` as the ATen sampler kernels number it.
-_GRID_SAMPLER_PADDING = {"zeros": 0, "border": 1, "reflection": 2}
 
 
 def identity_grid(
@@ -99,17 +97,6 @@ def _slab_layout(batch: int, length: int, device: torch.device) -> tuple[int, in
     """``(slabs, rows)``: how :func:`_grid_sample` cuts an output of ``length`` rows into equal slabs (see there)."""
     slabs = min(torch.get_num_threads() // batch, length) if device.type == "cpu" else 1
     return (1, length) if slabs < 2 else (slabs, -(-length // slabs))
-
-
-def _to_slabs(grid: torch.Tensor, batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
-    """``grid [B, L', *rest, n]`` (``L' >= length`` rows) cut into the slab layout of :func:`_slab_layout`:
-    ``[B * slabs, rows, *rest, n]`` (the last row repeated to fill the slabs), with ``slabs`` and ``rows``."""
-    slabs, rows = _slab_layout(batch, length, device)
-    if slabs == 1:
-        return grid[:, :length], 1, length
-    if grid.shape[1] < rows * slabs:  # repeat the last row so that the slabs are equal
-        grid = torch.cat([grid, grid[:, -1:].expand(-1, rows * slabs - grid.shape[1], *grid.shape[2:])], dim=1)
-    return grid[:, : rows * slabs].reshape(batch * slabs, rows, *grid.shape[2:]), slabs, rows
 
 
 def _slab_source(image: torch.Tensor, slabs: int) -> torch.Tensor:
@@ -171,10 +158,13 @@ def _grid_sample(
     length = grid.shape[1] if length is None else length
     if torch.jit.is_tracing():  # one plain call: the slab layout depends on the thread count and on Python ints
         return F.grid_sample(image, grid[:, :length], mode=mode, padding_mode=padding_mode, align_corners=True)
-    slab_grid, slabs, rows = _to_slabs(grid, batch, length, image.device)
-    sampled = F.grid_sample(
-        _slab_source(image, slabs), slab_grid, mode=mode, padding_mode=padding_mode, align_corners=True
-    )
+    slabs, rows = _slab_layout(batch, length, image.device)
+    if slabs == 1:
+        return F.grid_sample(image, grid[:, :length], mode=mode, padding_mode=padding_mode, align_corners=True)
+    if grid.shape[1] < rows * slabs:  # repeat the last row so that the slabs are equal
+        grid = torch.cat([grid, grid[:, -1:].expand(-1, rows * slabs - grid.shape[1], *grid.shape[2:])], dim=1)
+    grid = grid[:, : rows * slabs].reshape(batch * slabs, rows, *grid.shape[2:])
+    sampled = F.grid_sample(_slab_source(image, slabs), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     return _from_slabs(sampled, batch, slabs, rows, length)
 
 
@@ -240,51 +230,33 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding
     return _warp(image, ddf, mode, padding_mode)
 
 
-def _grid_lines(
-    shape: Sequence[int], device: torch.device, dtype: torch.dtype
-) -> tuple[list[torch.Tensor], list[float]]:
-    """Per spatial axis ``i`` of ``shape``: the normalised coordinates ``linspace(-1, 1, N_i)`` shaped to broadcast
-    against ``[B, *S]``, and the scale ``2 / (N_i - 1)`` from voxels to normalised units."""
-    lines, scales = [], []
-    for axis, size in enumerate(shape):
-        line_shape = [1] * (len(shape) + 1)
-        line_shape[axis + 1] = size
-        lines.append(torch.linspace(-1.0, 1.0, size, device=device, dtype=dtype).view(line_shape))
-        scales.append(2.0 / max(size - 1, 1))
-    return lines, scales
-
-
-def _warp_grid(ddf: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, list[float]]:
-    """The ``grid_sample`` grid of ``ddf [B, n, *S]`` (normalised, axes reversed), written in place in the slab
-    layout of :func:`_slab_layout` (extended along the first axis, the last row repeated),
-    ``grid[..., n - 1 - i] = linspace_i + ddf_i * 2 / (N_i - 1)``, and the scale ``2 / (N_i - 1)`` of each axis."""
-    batch, spatial_dims, shape = ddf.shape[0], ddf.shape[1], ddf.shape[2:]
-    slabs, rows = _slab_layout(batch, shape[0], ddf.device)
-    grid = torch.empty(batch, slabs * rows, *shape[1:], spatial_dims, device=ddf.device, dtype=dtype)
-    lines, scales = _grid_lines(shape, ddf.device, dtype)
-    for axis in range(spatial_dims):
-        column = grid[:, : shape[0], ..., spatial_dims - 1 - axis]
-        torch.add(lines[axis], ddf[:, axis].to(dtype), alpha=scales[axis], out=column)
-    grid[:, shape[0] :] = grid[:, shape[0] - 1 : shape[0]]
-    return grid, scales
-
-
 def _warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border") -> torch.Tensor:
     """:func:`warp` without argument checks, for internal loops whose inputs are already checked.
 
-    Without autograd the grid is written in place in the slab layout of :func:`_grid_sample` (no intermediate
-    volumes, :func:`_warp_grid`). This is the inner step of every integration and composition.
+    The ``grid_sample`` grid (normalised, axes reversed) is built from the components,
+    ``grid[..., n - 1 - i] = linspace_i + ddf_i * 2 / (N_i - 1)``; without autograd it is written in place in the
+    slab layout of :func:`_grid_sample` (no intermediate volumes). This is the inner step of every integration and
+    composition.
     """
     compute_dtype = torch.promote_types(torch.promote_types(image.dtype, ddf.dtype), torch.float32)
-    spatial_dims, shape = ddf.shape[1], ddf.shape[2:]
+    batch, spatial_dims, shape = ddf.shape[0], ddf.shape[1], ddf.shape[2:]
+    lines, scales = [], []
+    for axis, size in enumerate(shape):
+        line_shape = [1] * (spatial_dims + 1)
+        line_shape[axis + 1] = size
+        lines.append(torch.linspace(-1.0, 1.0, size, device=ddf.device, dtype=compute_dtype).view(line_shape))
+        scales.append(2.0 / max(size - 1, 1))
+    components = [ddf[:, axis].to(compute_dtype) for axis in range(spatial_dims)]
     if torch.jit.is_tracing() or (torch.is_grad_enabled() and ddf.requires_grad):
-        lines, scales = _grid_lines(shape, ddf.device, compute_dtype)
-        components = [ddf[:, axis].to(compute_dtype) for axis in range(spatial_dims)]
         grid = torch.stack([lines[a] + components[a] * scales[a] for a in reversed(range(spatial_dims))], dim=-1)
-        sampled = _grid_sample(image.to(compute_dtype), grid, mode, padding_mode)
     else:
-        grid, _ = _warp_grid(ddf, compute_dtype)
-        sampled = _grid_sample(image.to(compute_dtype), grid, mode, padding_mode, length=shape[0])
+        slabs, rows = _slab_layout(batch, shape[0], image.device)
+        grid = torch.empty(batch, slabs * rows, *shape[1:], spatial_dims, device=ddf.device, dtype=compute_dtype)
+        for axis in range(spatial_dims):
+            column = grid[:, : shape[0], ..., spatial_dims - 1 - axis]
+            torch.add(lines[axis], components[axis], alpha=scales[axis], out=column)
+        grid[:, shape[0] :] = grid[:, shape[0] - 1 : shape[0]]
+    sampled = _grid_sample(image.to(compute_dtype), grid, mode, padding_mode, length=shape[0])
     return sampled.to(image.dtype)
 
 
@@ -301,7 +273,7 @@ def _tiled_slices(image: torch.Tensor) -> torch.Tensor:
     tiles = torch.cat([padded[:, :, :-1], padded[:, :, 1:]], dim=1)
     rows = (depth + 1) * (height + 2)
     # zero rows up to 2^p + 1 in all: the normalised coordinate of a whole row, 2 r / 2^p - 1, is then exact in
-    # floating point (and so is grid_sample's way back), so that a zero field reads every voxel exactly
+    # floating point (and so is grid_sample's way back), so that a whole row is read without rounding
     padded_rows = 2 ** math.ceil(math.log2(max(rows - 1, 1))) + 1
     return F.pad(tiles.reshape(batch, 2 * channels, rows, width), (0, 0, 0, padded_rows - rows))
 
@@ -386,7 +358,7 @@ def pullback_sampler(
                 source,
                 slab_grid,
                 0,  # bilinear
-                _GRID_SAMPLER_PADDING["border"],
+                1,  # border padding
                 True,  # align_corners
                 [False, True],
             )

@@ -355,12 +355,10 @@ def refine_field(
 
             def gradient(
                 field: torch.Tensor,
-                moving_level: torch.Tensor = moving_level,
                 fixed_level: torch.Tensor = fixed_level,
                 weight: float = weight,
                 warp_pullback: Callable = warp_pullback,
             ) -> torch.Tensor:
-                # inputs checked above: the unchecked warp of the spatial module, as in its own inner loops
                 warped, pullback = warp_pullback(field)
                 total = pullback(similarity_gradient(warped, fixed_level))
                 if weight:
